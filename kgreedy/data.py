@@ -1,0 +1,404 @@
+"""Input pipelines (tf.data) for the sources `digits`, `tfds` and `image_folder`.
+
+Pipelines yield raw pixel values on the dataset's own scale (0..16 for digits,
+0..255 for photos) as float32; normalisation lives in the model (`Standardize`),
+so the exported SavedModel takes the same raw values. `eval_transform` is the one
+definition of the eval-time resize/crop, shared by the eval pipeline and export.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+import urllib.parse
+
+import numpy as np
+import tensorflow as tf
+
+from kgreedy.errors import DataError
+from kgreedy.files import write_json
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_STATS_SAMPLE = 2048  # images read to measure mean/std when the recipe gives none
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the model and export need to know of a dataset; saved as dataset.json.
+
+    Attributes:
+        image_shape: (size, size, channels) of the model input.
+        num_classes: number of classes.
+        class_names: one name per class id.
+        eval_resize: `none` (inputs already have image_shape), `resize` (to
+            image_shape) or `resize_crop` (shorter side to size / crop_fraction,
+            then a centre crop).
+        crop_fraction: see eval_resize.
+        num_train: training examples, when known.
+        num_eval: evaluation examples, when known.
+        mean: per-channel mean of raw train pixels (None until measured).
+        std: per-channel std of raw train pixels (None until measured).
+    """
+
+    image_shape: tuple
+    num_classes: int
+    class_names: tuple
+    eval_resize: str = "none"
+    crop_fraction: float = 0.875
+    num_train: int = None
+    num_eval: int = None
+    mean: tuple = None
+    std: tuple = None
+
+    def to_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """Train and eval pipelines of (images float32 [B,H,W,C], labels int32 [B])."""
+
+    train: tf.data.Dataset  # shuffled per iteration, full batches only
+    eval: tf.data.Dataset   # in order, last batch may be partial
+    steps_per_epoch: int
+    spec: DatasetSpec
+
+
+def _eval_resize_kind(config, native_size):
+    if config.augment == "imagenet":
+        return "resize_crop"
+    if native_size is not None and native_size == (config.image_size or native_size):
+        return "none"
+    return "resize"
+
+
+# ---------------------------------------------------------------- describe ----
+
+def describe(config):
+    """The dataset's shape, classes and eval resizing, without reading pixels.
+
+    Args:
+        config: a `DataConfig`.
+
+    Returns:
+        A `DatasetSpec` whose mean/std are None.
+
+    Raises:
+        DataError: the data cannot be found or used, in seconds.
+    """
+    if config.source == "digits":
+        size = config.image_size or 8
+        return DatasetSpec((size, size, config.channels or 1), 10,
+                           tuple(str(i) for i in range(10)),
+                           _eval_resize_kind(config, 8), config.eval_crop_fraction)
+    if config.source == "tfds":
+        return _describe_tfds(config)
+    return _describe_folder(config)
+
+
+def _tfds_builder(config):
+    import tensorflow_datasets as tfds  # slow import: only when used
+
+    data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
+    try:
+        return tfds.builder(config.name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError("data.name", "not a TFDS dataset known to this tensorflow-datasets",
+                        config.name) from None
+
+
+def _describe_tfds(config):
+    builder = _tfds_builder(config)
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise DataError("data.name", "is not an image classification dataset with "
+                        "'image' and 'label' features", config.name)
+    h, w, c = features["image"].shape
+    native = h if (h is not None and h == w) else None
+    size = config.image_size or native
+    if size is None:
+        raise DataError("data.image_size", f"{config.name} images have no fixed square "
+                        "size; set data.image_size", None)
+    splits = builder.info.splits
+    counts = {}
+    for key in ("train_split", "eval_split"):
+        split = getattr(config, key)
+        if builder.is_prepared():
+            try:
+                counts[key] = splits[split].num_examples
+            except (KeyError, ValueError):
+                raise DataError(f"data.{key}", f"no such split in {config.name}; "
+                                f"available: {', '.join(splits.keys())}", split) from None
+    label = features["label"]
+    return DatasetSpec((size, size, config.channels or c or 3), label.num_classes,
+                       tuple(label.names), _eval_resize_kind(config, native),
+                       config.eval_crop_fraction, counts.get("train_split"),
+                       counts.get("eval_split"))
+
+
+def _list_folder(root, split):
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError("data.data_dir", f"image_folder needs a {split}/ folder with one "
+                        f"sub-folder per class; {folder} does not exist", root)
+    classes = sorted(d for d in os.listdir(folder)
+                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+    files = {c: sorted(os.path.join(folder, c, f)
+                       for f in os.listdir(os.path.join(folder, c))
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+             for c in classes}
+    return classes, files
+
+
+def _describe_folder(config):
+    root = os.path.expanduser(config.data_dir)
+    if not os.path.isdir(root):
+        raise DataError("data.data_dir", "image_folder root does not exist", root)
+    classes, train_files = _list_folder(root, "train")
+    if len(classes) < 2:
+        raise DataError("data.data_dir", f"{root}/train needs at least two class "
+                        "sub-folders", classes)
+    empty = [c for c in classes if not train_files[c]]
+    if empty:
+        raise DataError("data.data_dir", f"class folders without .png/.jpg images in "
+                        f"{root}/train", empty)
+    eval_classes, eval_files = _list_folder(root, "eval")
+    unknown = sorted(set(eval_classes) - set(classes))
+    if unknown:
+        raise DataError("data.data_dir", f"{root}/eval has classes that train/ lacks",
+                        unknown)
+    size = config.image_size
+    return DatasetSpec((size, size, config.channels or 3), len(classes), tuple(classes),
+                       _eval_resize_kind(config, None), config.eval_crop_fraction,
+                       sum(map(len, train_files.values())),
+                       sum(map(len, eval_files.values())))
+
+
+# ------------------------------------------------------------- transforms ----
+
+def eval_transform(images, spec):
+    """Eval-time resize/crop of raw images ([H,W,C] or [N,H,W,C]) to the model input.
+
+    Used by the eval pipeline and by the exported serving signatures, so both see
+    exactly the same pixels.
+    """
+    size = spec.image_shape[0]
+    images = tf.cast(images, tf.float32)
+    if spec.eval_resize == "none":
+        return images
+    if spec.eval_resize == "resize":
+        return tf.image.resize(images, (size, size))
+    shape = tf.shape(images)
+    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
+    scale = (size / spec.crop_fraction) / tf.minimum(h, w)
+    new_h = tf.cast(tf.round(h * scale), tf.int32)
+    new_w = tf.cast(tf.round(w * scale), tf.int32)
+    images = tf.image.resize(images, tf.stack([new_h, new_w]))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return images[..., top:top + size, left:left + size, :]
+
+
+def _match_channels(image, channels):
+    have = image.shape[-1]
+    if have == channels:
+        return image
+    if channels == 1:
+        return tf.image.rgb_to_grayscale(image)
+    return tf.image.grayscale_to_rgb(image)
+
+
+def decode_image(data, channels):
+    """Decodes PNG or JPEG bytes to float32 [H, W, channels] on the 0..255 scale."""
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels])
+    return tf.cast(image, tf.float32)
+
+
+def _train_transform(config, spec):
+    size = spec.image_shape[0]
+    if config.augment == "cifar":
+        def fn(image):
+            image = eval_transform(image, spec)
+            image = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
+            image = tf.image.random_crop(image, (size, size, spec.image_shape[2]))
+            return tf.image.random_flip_left_right(image)
+    elif config.augment == "imagenet":
+        def fn(image):
+            begin, box, _ = tf.image.sample_distorted_bounding_box(
+                tf.shape(image), tf.zeros([0, 0, 4]), min_object_covered=0.0,
+                aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+                max_attempts=10, use_image_if_no_bounding_boxes=True)
+            image = tf.slice(image, begin, box)
+            image = tf.image.resize(image, (size, size))
+            return tf.image.random_flip_left_right(image)
+    else:
+        def fn(image):
+            return eval_transform(image, spec)
+    return fn
+
+
+# ------------------------------------------------------------------- load ----
+
+def _measure_stats(images):
+    """Per-channel mean/std of raw pixels over a sample (an array or a dataset)."""
+    if isinstance(images, np.ndarray):
+        x = images.reshape(-1, images.shape[-1]).astype(np.float64)
+        return tuple(x.mean(0).tolist()), tuple(np.maximum(x.std(0), 1e-6).tolist())
+    count, total, total_sq = 0, 0.0, 0.0
+    for batch in images:
+        x = batch.numpy().reshape(-1, batch.shape[-1]).astype(np.float64)
+        count += len(x)
+        total = total + x.sum(0)
+        total_sq = total_sq + (x * x).sum(0)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
+    return tuple(mean.tolist()), tuple(np.maximum(std, 1e-6).tolist())
+
+
+def _with_stats(config, spec, sample):
+    mean, std = config.mean, config.std
+    if mean is None or std is None:
+        measured_mean, measured_std = _measure_stats(sample())
+        mean = mean if mean is not None else measured_mean
+        std = std if std is not None else measured_std
+    channels = spec.image_shape[2]
+    mean = tuple(mean) * (channels if len(mean) == 1 else 1)
+    std = tuple(std) * (channels if len(std) == 1 else 1)
+    return dataclasses.replace(spec, mean=mean, std=std)
+
+
+def _digits_arrays(config, seed):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[..., None]
+    return train_test_split(images, digits.target.astype(np.int32),
+                            test_size=config.eval_fraction, stratify=digits.target,
+                            random_state=seed)
+
+
+def _tfds_sources(config, spec):
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(config)
+    if not builder.is_prepared():
+        where = builder.data_dir
+        if not config.download:
+            raise DataError(
+                "data.data_dir", f"TFDS dataset {config.name} is not prepared in {where}; "
+                "prepare it once with `python -c \"import tensorflow_datasets as tfds; "
+                f"tfds.builder('{config.name}', data_dir=DIR).download_and_prepare()\"` "
+                "and pass --set data.data_dir=DIR, or set data.download true when online",
+                config.data_dir)
+        _check_online(config.name, builder.info.homepage)
+        builder.download_and_prepare()
+        spec = _describe_tfds(config)
+
+    def split(name):
+        ds = builder.as_dataset(split=name, as_supervised=True,
+                                read_config=tfds.ReadConfig(try_autocache=False))
+        return ds.map(lambda image, label: (_match_channels(tf.cast(image, tf.float32),
+                                                            spec.image_shape[2]),
+                                            tf.cast(label, tf.int32)),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+    return split(config.train_split), split(config.eval_split), spec
+
+
+def _check_online(name, homepage, timeout=5.0):
+    """Fails in seconds instead of letting TFDS retry downloads for minutes."""
+    host = urllib.parse.urlparse(homepage or "").hostname
+    if not host:
+        return  # nothing to probe: let TFDS try
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        raise DataError("data.download", f"cannot download {name}: no network "
+                        "connection; prepare the dataset elsewhere and pass "
+                        "--set data.data_dir=DIR", True) from None
+
+
+def _folder_sources(config, spec):
+    root = os.path.expanduser(config.data_dir)
+    classes = list(spec.class_names)
+    channels = spec.image_shape[2]
+
+    def split(name):
+        _, files = _list_folder(root, name)
+        paths, labels = [], []
+        for c, names in files.items():
+            paths += names
+            labels += [classes.index(c)] * len(names)
+        if not paths:
+            raise DataError("data.data_dir", f"no .png/.jpg images in {root}/{name}", root)
+        ds = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, np.int32)))
+        return ds.map(lambda p, y: (decode_image(tf.io.read_file(p), channels), y),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+    return split("train"), split("eval"), spec
+
+
+def load(config, spec, *, batch_size, eval_batch_size=None, seed=0):
+    """Builds the train and eval pipelines and measures normalisation statistics.
+
+    Args:
+        config: a `DataConfig`.
+        spec: `describe(config)`.
+        batch_size: global train batch; partial batches are dropped.
+        eval_batch_size: global eval batch (default: batch_size).
+        seed: seeds the digits split and the shuffle order.
+
+    Returns:
+        `Datasets`, with `spec.mean`/`spec.std` filled in.
+
+    Raises:
+        DataError: the data cannot be read.
+    """
+    eval_batch_size = eval_batch_size or batch_size
+    if config.source == "digits":
+        x_train, x_eval, y_train, y_eval = _digits_arrays(config, seed)
+        spec = dataclasses.replace(spec, num_train=len(x_train), num_eval=len(x_eval))
+        spec = _with_stats(config, spec, lambda: x_train)
+        train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        evals = tf.data.Dataset.from_tensor_slices((x_eval, y_eval))
+    else:
+        sources = _tfds_sources if config.source == "tfds" else _folder_sources
+        train, evals, spec = sources(config, spec)
+        sample = lambda: train.take(_STATS_SAMPLE).map(  # noqa: E731
+            lambda x, y: eval_transform(x, spec)).batch(256)
+        spec = _with_stats(config, spec, sample)
+        # Decoded images stay in memory when they are few and small (digits, CIFAR):
+        # decoding dominates otherwise. Large sets stream from disk every epoch.
+        if (spec.num_train or 0) * np.prod(spec.image_shape) * 4 < 2 ** 30 \
+                and spec.eval_resize == "none":
+            train, evals = train.cache(), evals.cache()
+    if spec.num_train is not None and spec.num_train < batch_size:
+        raise DataError("train.batch_size", f"larger than the {spec.num_train} training "
+                        "examples", batch_size)
+    augment = _train_transform(config, spec)
+    train = (train.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+             .map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+             .batch(batch_size, drop_remainder=True)
+             .prefetch(tf.data.AUTOTUNE))
+    evals = (evals.map(lambda x, y: (eval_transform(x, spec), y),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+             .batch(eval_batch_size)
+             .prefetch(tf.data.AUTOTUNE))
+    steps = spec.num_train // batch_size if spec.num_train else None
+    return Datasets(train, evals, steps, spec)
+
+
+def save_spec(spec, path):
+    """Writes dataset.json atomically."""
+    write_json(path, spec.to_dict())
+
+
+def load_spec(path):
+    with open(path, encoding="utf-8") as f:
+        return DatasetSpec.from_dict(json.load(f))

@@ -1,0 +1,32 @@
+"""Atomic writes: a temp file in the same directory, then a rename."""
+
+import json
+import os
+import tempfile
+
+
+def write_text(path, text):
+    """Writes `text` to `path` so readers see the old file or the new one, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    """Atomically writes `obj` as indented JSON."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path, obj):
+    """Appends one JSON line; a line is written by one write call and flushed."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()

@@ -1,0 +1,139 @@
+"""The greedy network: a trunk of blocks with one auxiliary head per stage.
+
+Models know nothing of training. `GreedyNet` owns the layers; the engine decides
+which are frozen, and `deployed_model` assembles what is exported.
+"""
+
+import keras
+
+from kgreedy.heads import make_head
+from kgreedy.layers import ConvBlock, Standardize
+
+
+def head_widths(recipe):
+    """Width of each stage's head: aux.width, doubled at every downsampling so far."""
+    widths, width = [], recipe.aux.width
+    for block in recipe.model.blocks:
+        if block.downsample != "none" and recipe.aux.grow_with_downsample:
+            width *= 2
+        widths.append(width)
+    return widths
+
+
+class GreedyNet:
+    """A trunk of `ConvBlock`s (`stage{j}_block`) and heads (`stage{j}_head`).
+
+    Stage j (1-based) is block j with head j on top of blocks 1..j-1. Every layer is
+    built at construction, so weights exist before a checkpoint is restored.
+
+    Args:
+        recipe: a validated `Recipe`.
+        image_shape: (height, width, channels) of the model input.
+        num_classes: classes of the task.
+        mean: per-channel mean of raw pixels (the `standardize` layer).
+        std: per-channel std of raw pixels.
+    """
+
+    def __init__(self, recipe, image_shape, num_classes, mean, std):
+        self.recipe = recipe
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+        batch_norm = recipe.model.batch_norm
+        self.standardize = Standardize(mean, std, name="standardize")
+        self.blocks = [ConvBlock(b.width, b.downsample, batch_norm, name=f"stage{j}_block")
+                       for j, b in enumerate(recipe.model.blocks, start=1)]
+        self.heads = [make_head("conv", num_classes=num_classes, k=recipe.aux.k,
+                                width=width, pool_size=recipe.aux.pool_size,
+                                batch_norm=batch_norm, name=f"stage{j}_head")
+                      for j, width in enumerate(head_widths(recipe), start=1)]
+        shape = (None, *self.image_shape)
+        self.stage_shapes = []
+        for block, head in zip(self.blocks, self.heads):
+            block.build(shape)
+            shape = block.compute_output_shape(shape)
+            head.build(shape)
+            self.stage_shapes.append(shape[1:])
+
+    @property
+    def num_stages(self):
+        return len(self.blocks)
+
+    def features(self, images, stop, training=False):
+        """Raw images through `standardize` and blocks 1..stop."""
+        x = self.standardize(images)
+        for block in self.blocks[:stop]:
+            x = block(x, training=training)
+        return x
+
+    def stage_logits(self, features, stage, training):
+        """Block `stage` and its head on the output of blocks 1..stage-1."""
+        return self.heads[stage - 1](self.blocks[stage - 1](features, training=training),
+                                     training=training)
+
+    def stage_variables(self, stage):
+        """The weights a greedy stage trains: block `stage` and its head."""
+        return (self.blocks[stage - 1].trainable_weights
+                + self.heads[stage - 1].trainable_weights)
+
+    def set_trainable_stage(self, stage, end_to_end=False):
+        """Freezes every block but `stage` (all blocks up to it when end_to_end)."""
+        for j, (block, head) in enumerate(zip(self.blocks, self.heads), start=1):
+            block.trainable = j == stage or (end_to_end and j < stage)
+            head.trainable = j == stage
+
+    def checkpoint_objects(self, stage):
+        """What a stage's checkpoint holds: blocks and heads 1..stage."""
+        return {"blocks": self.blocks[:stage], "heads": self.heads[:stage]}
+
+    def deployed_model(self, stage=None):
+        """Keras model of blocks 1..stage and head `stage` (default: the last).
+
+        Its input is raw pixels of `image_shape`; its output is logits.
+        """
+        stage = stage or self.num_stages
+        inputs = keras.Input(self.image_shape, name="images")
+        logits = self.heads[stage - 1](self.features(inputs, stage), training=False)
+        return keras.Model(inputs, logits, name=f"{self.recipe.name}_stage{stage}")
+
+    def backbone(self, stage=None):
+        """Keras model of the trunk up to `stage` with every stage's output."""
+        stage = stage or self.num_stages
+        inputs = keras.Input(self.image_shape, name="images")
+        x, outputs = self.standardize(inputs), {}
+        for j, block in enumerate(self.blocks[:stage], start=1):
+            x = block(x, training=False)
+            outputs[f"stage{j}"] = x
+        return keras.Model(inputs, outputs, name=f"{self.recipe.name}_backbone")
+
+
+def count_params(weights):
+    """Number of scalars in a list of weights."""
+    total = 0
+    for w in weights:
+        n = 1
+        for d in w.shape:
+            n *= int(d)
+        total += n
+    return total
+
+
+def parameter_table(net):
+    """Per stage: output shape, trainable and frozen parameter counts.
+
+    `trainable` counts what stage j's optimizer updates (block j and head j, BN
+    moving statistics excluded); `frozen` counts every weight of blocks 1..j-1;
+    `deployed` counts every weight of the model exported after that stage.
+    """
+    rows = []
+    for j in range(1, net.num_stages + 1):
+        prefix = [w for b in net.blocks[:j - 1] for w in b.weights]
+        own = net.blocks[j - 1].weights + net.heads[j - 1].weights
+        rows.append({
+            "stage": j,
+            "output_shape": list(net.stage_shapes[j - 1]),
+            "trainable_params": count_params(
+                net.blocks[j - 1].trainable_weights + net.heads[j - 1].trainable_weights),
+            "frozen_params": count_params(prefix),
+            "deployed_params": count_params(prefix + own),
+        })
+    return rows

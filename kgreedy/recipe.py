@@ -1,0 +1,426 @@
+"""Recipes: strict JSON loading into frozen dataclasses, `--set` overrides, validation.
+
+A recipe is one JSON object. Every key is declared below with its type, default and
+allowed range; an unknown key, a wrong type or a value out of range raises
+`RecipeError` naming the JSON path (`model.blocks[2].downsample`) and the received
+value, before anything is written to disk.
+"""
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+
+from kgreedy.errors import KgreedyError, RecipeError
+
+SOURCES = ("digits", "tfds", "image_folder")
+AUGMENTS = ("none", "cifar", "imagenet")
+DOWNSAMPLES = ("none", "psi", "maxpool", "avgpool", "stride")
+OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_DECAY_TYPES = ("l2", "decoupled")
+SCHEDULES = ("constant", "step", "cosine")
+MODES = ("greedy", "end_to_end")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _key(default=dataclasses.MISSING, *, choices=None, low=None, high=None,
+         open_low=False, open_high=False, pattern=None, doc=""):
+    """Declares a recipe key with its default and allowed values."""
+    meta = dict(choices=choices, low=low, high=high, open_low=open_low,
+                open_high=open_high, pattern=pattern, doc=doc)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are augmented (`data.*`)."""
+
+    source: str = _key("digits", choices=SOURCES,
+                       doc="digits (embedded), tfds or image_folder")
+    name: typing.Optional[str] = _key(None, doc="TFDS dataset name, e.g. cifar10")
+    data_dir: typing.Optional[str] = _key(
+        None, doc="TFDS data_dir, or the image_folder root holding train/ and eval/")
+    train_split: str = _key("train", doc="TFDS split to train on")
+    eval_split: str = _key("test", doc="TFDS split to evaluate on")
+    eval_fraction: float = _key(0.2, low=0.0, high=1.0, open_low=True, open_high=True,
+                                doc="digits only: stratified held-out fraction")
+    image_size: typing.Optional[int] = _key(
+        None, low=1, doc="side of the square model input; default: the dataset's own")
+    channels: typing.Optional[int] = _key(
+        None, choices=(1, 3), doc="image channels; default: the dataset's own (3 for folders)")
+    augment: str = _key("none", choices=AUGMENTS, doc="training augmentation")
+    eval_crop_fraction: float = _key(0.875, low=0.0, high=1.0, open_low=True,
+                                     doc="imagenet augment: eval centre crop / resize side")
+    mean: typing.Optional[typing.Tuple[float, ...]] = _key(
+        None, doc="per-channel mean on the raw scale; default: measured on train data")
+    std: typing.Optional[typing.Tuple[float, ...]] = _key(
+        None, doc="per-channel std on the raw scale; default: measured on train data")
+    shuffle_buffer: int = _key(10000, low=1, doc="tf.data shuffle buffer (examples)")
+    download: bool = _key(False, doc="tfds: download and prepare when missing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """One trunk block (`model.blocks[i]`): [downsample] -> conv3x3 -> [BN] -> ReLU."""
+
+    width: int = _key(low=1, doc="output channels of the block's conv")
+    downsample: str = _key("none", choices=DOWNSAMPLES, doc="downsampling before the conv")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The trunk (`model.*`)."""
+
+    blocks: typing.Tuple[BlockConfig, ...] = _key(doc="the trunk, one block per stage")
+    batch_norm: bool = _key(True, doc="BN after every conv (blocks and heads)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxConfig:
+    """The auxiliary problem (`aux.*`), DESIGN.md section 1."""
+
+    k: int = _key(2, low=1, doc="hidden layers of the auxiliary problem, block included")
+    width: int = _key(128, low=1, doc="width of the head's k-1 conv layers at input resolution")
+    grow_with_downsample: bool = _key(
+        True, doc="double the head width at every downsampling, as the official code does")
+    pool_size: int = _key(2, low=1, doc="the head averages the map to pool_size x pool_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """A fresh optimizer is built from this at every stage (`train.optimizer.*`)."""
+
+    name: str = _key("sgd", choices=OPTIMIZERS)
+    learning_rate: float = _key(0.1, low=0.0, open_low=True)
+    momentum: float = _key(0.9, low=0.0, high=1.0, open_high=True, doc="sgd only")
+    nesterov: bool = _key(False, doc="sgd only")
+    beta_1: float = _key(0.9, low=0.0, high=1.0, open_high=True, doc="adamw only")
+    beta_2: float = _key(0.999, low=0.0, high=1.0, open_high=True, doc="adamw only")
+    weight_decay: float = _key(5e-4, low=0.0)
+    weight_decay_type: str = _key(
+        "l2", choices=WEIGHT_DECAY_TYPES,
+        doc="l2: added to the gradient before momentum (PyTorch, the paper); "
+            "decoupled: w -= lr*wd*w (Keras, AdamW)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Per-stage learning-rate schedule (`train.lr_schedule.*`)."""
+
+    name: str = _key("step", choices=SCHEDULES)
+    decay_every_epochs: int = _key(15, low=1, doc="step: epochs between decays")
+    decay_factor: float = _key(0.2, low=0.0, high=1.0, open_low=True, doc="step: multiplier")
+    warmup_epochs: int = _key(0, low=0, doc="linear warm-up at the start of each stage")
+    final_fraction: float = _key(0.0, low=0.0, high=1.0, doc="cosine: final lr / initial lr")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop (`train.*`)."""
+
+    mode: str = _key("greedy", choices=MODES)
+    epochs_per_stage: int = _key(10, low=1)
+    batch_size: int = _key(128, low=1, doc="global batch size")
+    eval_batch_size: typing.Optional[int] = _key(None, low=1, doc="default: batch_size")
+    steps_per_epoch: typing.Optional[int] = _key(
+        None, low=1, doc="cap on steps per epoch (default: one pass over the train split)")
+    steps_per_execution: int = _key(
+        8, low=1, doc="train steps run per tf.function call (fewer host round trips)")
+    optimizer: OptimizerConfig = _key(OptimizerConfig())
+    lr_schedule: ScheduleConfig = _key(ScheduleConfig())
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributeConfig:
+    """The tf.distribute strategy (`distribute.*`)."""
+
+    strategy: str = _key("auto", choices=STRATEGIES)
+    devices: typing.Optional[typing.Tuple[str, ...]] = _key(None, doc="mirrored only")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """The SavedModel written after training (`export.*`)."""
+
+    enabled: bool = _key(True, doc="export after training")
+    model_name: typing.Optional[str] = _key(None, pattern=_NAME_RE,
+                                            doc="default: the recipe name")
+    version: typing.Optional[int] = _key(None, low=1, doc="default: next free version")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A whole recipe. Build with `load_recipe` or `recipe_from_dict`."""
+
+    name: str = _key(pattern=_NAME_RE, doc="run name; also the default export model name")
+    description: str = _key("", doc="free text: what the recipe reproduces, assumptions")
+    seed: int = _key(0, low=0)
+    data: DataConfig = _key(DataConfig())
+    model: ModelConfig = _key(doc="the trunk")
+    aux: AuxConfig = _key(AuxConfig())
+    train: TrainConfig = _key(TrainConfig())
+    distribute: DistributeConfig = _key(DistributeConfig())
+    export: ExportConfig = _key(ExportConfig())
+
+    @property
+    def model_name(self):
+        return self.export.model_name or self.name
+
+    def to_dict(self):
+        """Plain JSON-ready dict; `recipe_from_dict(r.to_dict()) == r`."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value):
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def _type_name(tp):
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number",
+                "bool": "true or false"}.get(tp.__name__, f"an object ({tp.__name__})")
+    return str(tp)
+
+
+def _convert(tp, value, path):
+    """Converts a JSON value to the declared type `tp`, or raises RecipeError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise RecipeError(path, "expected a list", value)
+        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(path, "expected an object", value)
+        return _build(tp, value, path)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise RecipeError(path, f"expected {_type_name(tp)}", value)
+    return value
+
+
+def _check_range(meta, value, path):
+    if value is None:
+        return
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise RecipeError(path, f"must be one of {allowed}", value)
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta["open_low"] and value == low)):
+        raise RecipeError(path, f"must be {'>' if meta['open_low'] else '>='} {low}", value)
+    if high is not None and (value > high or (meta["open_high"] and value == high)):
+        raise RecipeError(path, f"must be {'<' if meta['open_high'] else '<='} {high}", value)
+    if meta.get("pattern") is not None and not meta["pattern"].match(value):
+        raise RecipeError(path, "must be letters, digits, '_', '.' or '-' "
+                          "and start with a letter or digit", value)
+
+
+def _build(cls, raw, path):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise RecipeError(_join(path, key), "unknown key; known keys are "
+                              + ", ".join(known), raw[key])
+    kwargs = {}
+    for name, f in known.items():
+        key_path = _join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(key_path, "is required")
+            continue
+        value = _convert(hints[name], raw[name], key_path)
+        _check_range(f.metadata, value, key_path)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(recipe):
+    """Checks that span several keys."""
+    if not recipe.model.blocks:
+        raise RecipeError("model.blocks", "needs at least one block", [])
+    data = recipe.data
+    if data.source == "tfds" and not data.name:
+        raise RecipeError("data.name", "is required when data.source is 'tfds'", data.name)
+    if data.source == "image_folder":
+        if not data.data_dir:
+            raise RecipeError("data.data_dir", "is required when data.source is "
+                              "'image_folder' (the root holding train/ and eval/)", None)
+        if data.image_size is None:
+            raise RecipeError("data.image_size", "is required when data.source is "
+                              "'image_folder' (images are resized to it)", None)
+    for key in ("mean", "std"):
+        stats = getattr(data, key)
+        if stats is not None and len(stats) not in (1, data.channels or len(stats)):
+            raise RecipeError(f"data.{key}", "needs one value per channel", list(stats))
+    if data.std is not None and any(s <= 0 for s in data.std):
+        raise RecipeError("data.std", "values must be > 0", list(data.std))
+    if data.augment == "imagenet" and data.image_size is None:
+        raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
+    if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
+        raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
+                          list(recipe.distribute.devices))
+
+
+def recipe_from_dict(raw):
+    """Builds and validates a `Recipe` from a parsed JSON object."""
+    if not isinstance(raw, dict):
+        raise RecipeError("", "a recipe must be a JSON object", raw)
+    recipe = _build(Recipe, raw, "")
+    _validate(recipe)
+    return recipe
+
+
+def parse_override(text):
+    """Splits `KEY=VALUE`; the value is parsed as JSON, else taken as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise KgreedyError("--set", "expected KEY=VALUE with a dotted KEY", text)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key, value
+
+
+def apply_overrides(raw, overrides):
+    """Returns a copy of `raw` with each `KEY=VALUE` in `overrides` applied.
+
+    KEY is a dotted path; list items are addressed by index (`model.blocks.0.width`).
+    Missing objects along the path are created, so a key the recipe left at its
+    default can be set; unknown keys are caught by validation afterwards.
+    """
+    raw = json.loads(json.dumps(raw))
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise KgreedyError("--set", f"{where}: no list item {part!r} "
+                                       f"(the list has {len(node)} items)", text)
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise KgreedyError("--set", f"{where}: cannot descend into a "
+                                   f"{type(node).__name__}", text)
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def load_recipe(path, overrides=()):
+    """Reads a recipe file, applies `--set` overrides, and validates it.
+
+    Args:
+        path: a JSON recipe file.
+        overrides: `KEY=VALUE` strings, applied in order.
+
+    Returns:
+        A frozen `Recipe`.
+
+    Raises:
+        KgreedyError: the file is missing or not JSON, or an override is malformed.
+        RecipeError: a key is unknown, of the wrong type or out of range.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise KgreedyError(str(path), "recipe file not found") from None
+    except IsADirectoryError:
+        raise KgreedyError(str(path), "recipe path is a directory, not a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise KgreedyError(str(path), f"not valid JSON: {e.msg} at line {e.lineno} "
+                           f"column {e.colno}") from None
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def check_against_data(recipe, image_size, num_replicas=1):
+    """Checks what needs the data's image size and the replica count.
+
+    Args:
+        recipe: a validated `Recipe`.
+        image_size: the side of the model input.
+        num_replicas: replicas of the distribution strategy.
+
+    Raises:
+        RecipeError: the image is too small for the downsamplings and the head's
+            pooling, or the global batch does not split over the replicas.
+    """
+    size = image_size
+    for i, block in enumerate(recipe.model.blocks):
+        if block.downsample != "none":
+            if size < 2 or (block.downsample == "psi" and size % 2):
+                raise RecipeError(
+                    f"model.blocks[{i}].downsample",
+                    f"the feature map is {size}x{size} before this block, too small for "
+                    f"another downsampling (image_size {image_size}, "
+                    f"{sum(b.downsample != 'none' for b in recipe.model.blocks)} "
+                    "downsamplings)", block.downsample)
+            size //= 2
+        if size < recipe.aux.pool_size:
+            raise RecipeError(
+                f"model.blocks[{i}].downsample",
+                f"the feature map is {size}x{size} after this block, smaller than "
+                f"aux.pool_size {recipe.aux.pool_size}: image_size {image_size} is too "
+                "small for the number of downsamplings", block.downsample)
+    for key in ("batch_size", "eval_batch_size"):
+        value = getattr(recipe.train, key)
+        if value is not None and value % num_replicas:
+            raise RecipeError(f"train.{key}", f"must be divisible by the {num_replicas} "
+                              "replicas of the distribution strategy", value)
+
+
+def describe_keys(cls=Recipe, prefix=""):
+    """Yields (path, type, default, doc) for every key, for the README reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            yield from describe_keys(tp, path)
+            continue
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            yield (path, "list of objects", "required", f.metadata.get("doc", ""))
+            yield from describe_keys(typing.get_args(tp)[0], path + "[]")
+            continue
+        default = "required" if f.default is dataclasses.MISSING else json.dumps(f.default)
+        choices = f.metadata.get("choices")
+        doc = f.metadata.get("doc", "")
+        if choices:
+            doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, choices))
+        yield (path, getattr(tp, "__name__", str(tp).replace("typing.", "")), default, doc)
