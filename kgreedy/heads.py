@@ -2,7 +2,7 @@
 
 import keras
 
-from kgreedy.layers import ConvBlock
+from kgreedy.layers import ConvBlock, batch_norm_layer
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")
@@ -35,7 +35,7 @@ class AuxHead(keras.layers.Layer):
         self.convs = [ConvBlock(width, "none", batch_norm, name=f"conv{i + 1}")
                       for i in range(k - 1)]
         self.pool = keras.layers.AdaptiveAveragePooling2D(pool_size, name="pool")
-        self.bn = keras.layers.BatchNormalization(name="bn") if batch_norm else None
+        self.bn = batch_norm_layer() if batch_norm else None
         self.flatten = keras.layers.Flatten(name="flatten")
         self.dense = keras.layers.Dense(num_classes, name="dense")
 

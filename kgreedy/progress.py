@@ -1,0 +1,56 @@
+"""What a person sees while training: a live line on a terminal, one line per epoch
+in a log file."""
+
+import sys
+
+
+class Progress:
+    """Prints training progress.
+
+    On a terminal the current epoch's line is rewritten in place (stage, epoch, step,
+    loss, accuracy, images/s); otherwise only finished epochs and stages are printed,
+    one line each, so a log file stays readable.
+
+    Args:
+        stream: where to print (default: stdout).
+        live: rewrite a live line; default: whether `stream` is a terminal.
+    """
+
+    def __init__(self, stream=None, live=None):
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
+        self._width = 0
+
+    def _print(self, text, final=True):
+        if self.live:
+            pad = " " * max(self._width - len(text), 0)
+            self.stream.write("\r" + text + pad + ("\n" if final else ""))
+            self._width = 0 if final else len(text)
+        elif final:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text):
+        self._print(text)
+
+    def stage_start(self, stage, num_stages, row, epochs, steps):
+        self._print(f"stage {stage}/{num_stages}: output {'x'.join(map(str, row['output_shape']))}"
+                    f", {row['trainable_params']:,} trainable and {row['frozen_params']:,} "
+                    f"frozen parameters; {epochs} epochs of {steps} steps")
+
+    def step(self, stage, epoch, epochs, step, steps, loss, accuracy, images_per_second):
+        if self.live:
+            self._print(f"  stage {stage} epoch {epoch}/{epochs} step {step}/{steps} "
+                        f"loss {loss:.4f} acc {accuracy:.4f} {images_per_second:,.0f} img/s",
+                        final=False)
+
+    def epoch_end(self, record, epochs, steps):
+        self._print(f"  stage {record['stage']} epoch {record['epoch']}/{epochs} "
+                    f"step {steps}/{steps} loss {record['train_loss']:.4f} "
+                    f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
+                    f"acc {record['val_accuracy']:.4f} | lr {record['learning_rate']:.3g} "
+                    f"{record['images_per_second']:,.0f} img/s {record['seconds']:.1f}s")
+
+    def stage_end(self, entry):
+        self._print(f"stage {entry['stage']} done: val acc {entry['val_accuracy']:.4f} "
+                    f"train acc {entry['train_accuracy']:.4f} in {entry['seconds']:.1f}s")

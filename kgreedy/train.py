@@ -1,0 +1,109 @@
+"""`python -m kgreedy.train RECIPE.json [--output DIR] [--set KEY=VALUE ...] [--resume]
+[--dry-run]`: parses, validates everything that can be checked cheaply, and calls
+the engine. Nothing is written before the recipe and the data are known good."""
+
+import json
+import os
+import shutil
+
+import keras
+
+from kgreedy import cli, data, distribute
+from kgreedy.errors import KgreedyError
+from kgreedy.files import write_json
+from kgreedy.greedy import GreedyTrainer
+from kgreedy.network import GreedyNet, parameter_table
+from kgreedy.recipe import check_against_data, load_recipe
+from kgreedy.rundir import RunDir
+
+
+def parse_args(argv):
+    parser = cli.ArgumentParser(
+        prog="python -m kgreedy.train",
+        description="Greedy layer-wise training of a CNN from a JSON recipe.")
+    parser.add_argument("recipe", help="recipe JSON file (see README: recipe reference)")
+    parser.add_argument("--output", help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key by dotted path; VALUE is JSON or a "
+                             "string (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its last checkpoint")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print per-stage shapes and parameter counts")
+    return parser.parse_args(argv)
+
+
+def print_dry_run(recipe, spec):
+    channels = spec.image_shape[2]
+    net = GreedyNet(recipe, spec.image_shape, spec.num_classes,
+                    [0.0] * channels, [1.0] * channels)
+    rows = parameter_table(net)
+    print(f"recipe {recipe.name}: {recipe.train.mode}, {len(rows)} stages, k={recipe.aux.k}, "
+          f"input {'x'.join(map(str, spec.image_shape))}, {spec.num_classes} classes")
+    print(f"{'stage':>5}  {'output':>12}  {'trainable':>12}  {'frozen':>12}  {'deployed':>12}")
+    for r in rows:
+        print(f"{r['stage']:>5}  {'x'.join(map(str, r['output_shape'])):>12}  "
+              f"{r['trainable_params']:>12,}  {r['frozen_params']:>12,}  "
+              f"{r['deployed_params']:>12,}")
+    print(f"deployed model (trunk + stage {len(rows)} head): "
+          f"{rows[-1]['deployed_params']:,} parameters")
+
+
+def prepare_output(path, resume):
+    """Checks the run directory before any work; creates nothing."""
+    exists = os.path.isdir(path)
+    if os.path.exists(path) and not exists:
+        raise KgreedyError("--output", "exists and is not a directory", path)
+    if resume and not (exists and os.path.isfile(os.path.join(path, "recipe.json"))):
+        raise KgreedyError("--resume", "needs an existing run directory with recipe.json",
+                           path)
+    if not resume and exists and os.listdir(path):
+        raise KgreedyError("--output", "is not empty; pass --resume to continue that run "
+                           "or choose another directory", path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.set)
+    spec = data.describe(recipe.data)
+    strategy = distribute.make_strategy(recipe.distribute)
+    check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
+    if args.dry_run:
+        print_dry_run(recipe, spec)
+        return cli.EXIT_OK
+    output = args.output or os.path.join("runs", recipe.name)
+    prepare_output(output, args.resume)
+    if args.resume:
+        _check_same_recipe(output, recipe)
+
+    keras.utils.set_random_seed(recipe.seed)
+    datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
+                         eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
+    created = not os.path.isdir(output)
+    os.makedirs(output, exist_ok=True)
+    run = RunDir(output)
+    try:
+        write_json(run.recipe, recipe.to_dict())
+        data.save_spec(datasets.spec, run.dataset)
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    summary = GreedyTrainer(recipe, datasets, run, strategy).fit(resume=args.resume)
+    final = summary["final"]
+    print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
+          f"summary {run.summary}")
+    return cli.EXIT_OK
+
+
+def _check_same_recipe(output, recipe):
+    with open(os.path.join(output, "recipe.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved != recipe.to_dict():
+        raise KgreedyError("--resume", f"the recipe differs from the one in "
+                           f"{output}/recipe.json; resume with the same recipe and --set "
+                           "values", recipe.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
