@@ -10,7 +10,8 @@ import time
 
 import tensorflow as tf
 
-from kgreedy import export
+from kgreedy import data, export
+from kgreedy.files import write_json
 from kgreedy.network import GreedyNet, parameter_table
 from kgreedy.progress import Progress
 from kgreedy.records import RunRecords
@@ -61,6 +62,9 @@ class GreedyTrainer:
 
     def fit(self, resume=False):
         """Trains every stage not yet done, then exports. Returns the summary dict."""
+        if not resume:
+            write_json(self.run.recipe, self.recipe.to_dict())
+            data.save_spec(self.datasets.spec, self.run.dataset)
         records = RunRecords(self.run, self._existing_summary() if resume else None)
         done = [s for s in records.completed_stages() if s in self.stages()]
         if done:

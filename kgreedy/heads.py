@@ -32,12 +32,19 @@ class AuxHead(keras.layers.Layer):
         self.width = width
         self.pool_size = pool_size
         self.batch_norm = batch_norm
-        self.convs = [ConvBlock(width, "none", batch_norm, name=f"conv{i + 1}")
-                      for i in range(k - 1)]
+        # One attribute per conv, not a list: TensorFlow checkpoints track a Keras
+        # layer's sublayers through its attributes, and a plain list is skipped.
+        for i in range(1, k):
+            setattr(self, f"conv{i}", ConvBlock(width, "none", batch_norm, name=f"conv{i}"))
         self.pool = keras.layers.AdaptiveAveragePooling2D(pool_size, name="pool")
         self.bn = batch_norm_layer() if batch_norm else None
         self.flatten = keras.layers.Flatten(name="flatten")
         self.dense = keras.layers.Dense(num_classes, name="dense")
+
+    @property
+    def convs(self):
+        """The k-1 conv3x3-BN-ReLU layers, in order."""
+        return [getattr(self, f"conv{i}") for i in range(1, self.k)]
 
     def build(self, input_shape):
         n, _, _, channels = input_shape

@@ -41,7 +41,7 @@ class DataConfig:
     """Where the images come from and how they are augmented (`data.*`)."""
 
     source: str = _key("digits", choices=SOURCES,
-                       doc="digits (embedded), tfds or image_folder")
+                       doc="where images come from; digits is embedded (scikit-learn)")
     name: typing.Optional[str] = _key(None, doc="TFDS dataset name, e.g. cifar10")
     data_dir: typing.Optional[str] = _key(
         None, doc="TFDS data_dir, or the image_folder root holding train/ and eval/")
@@ -95,13 +95,14 @@ class AuxConfig:
 class OptimizerConfig:
     """A fresh optimizer is built from this at every stage (`train.optimizer.*`)."""
 
-    name: str = _key("sgd", choices=OPTIMIZERS)
-    learning_rate: float = _key(0.1, low=0.0, open_low=True)
+    name: str = _key("sgd", choices=OPTIMIZERS, doc="a new one at every stage")
+    learning_rate: float = _key(0.1, low=0.0, open_low=True,
+                                doc="initial rate of every stage")
     momentum: float = _key(0.9, low=0.0, high=1.0, open_high=True, doc="sgd only")
     nesterov: bool = _key(False, doc="sgd only")
     beta_1: float = _key(0.9, low=0.0, high=1.0, open_high=True, doc="adamw only")
     beta_2: float = _key(0.999, low=0.0, high=1.0, open_high=True, doc="adamw only")
-    weight_decay: float = _key(5e-4, low=0.0)
+    weight_decay: float = _key(5e-4, low=0.0, doc="see weight_decay_type")
     weight_decay_type: str = _key(
         "l2", choices=WEIGHT_DECAY_TYPES,
         doc="l2: added to the gradient before momentum (PyTorch, the paper); "
@@ -112,7 +113,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Per-stage learning-rate schedule (`train.lr_schedule.*`)."""
 
-    name: str = _key("step", choices=SCHEDULES)
+    name: str = _key("step", choices=SCHEDULES, doc="restarts at every stage")
     decay_every_epochs: int = _key(15, low=1, doc="step: epochs between decays")
     decay_factor: float = _key(0.2, low=0.0, high=1.0, open_low=True, doc="step: multiplier")
     warmup_epochs: int = _key(0, low=0, doc="linear warm-up at the start of each stage")
@@ -123,8 +124,10 @@ class ScheduleConfig:
 class TrainConfig:
     """The training loop (`train.*`)."""
 
-    mode: str = _key("greedy", choices=MODES)
-    epochs_per_stage: int = _key(10, low=1)
+    mode: str = _key("greedy", choices=MODES,
+                     doc="greedy: stage by stage; end_to_end: the deployed network "
+                         "(all blocks + last head) trained jointly, as a baseline")
+    epochs_per_stage: int = _key(10, low=1, doc="epochs of each stage (end_to_end: in all)")
     batch_size: int = _key(128, low=1, doc="global batch size")
     eval_batch_size: typing.Optional[int] = _key(None, low=1, doc="default: batch_size")
     steps_per_epoch: typing.Optional[int] = _key(
@@ -139,7 +142,8 @@ class TrainConfig:
 class DistributeConfig:
     """The tf.distribute strategy (`distribute.*`)."""
 
-    strategy: str = _key("auto", choices=STRATEGIES)
+    strategy: str = _key("auto", choices=STRATEGIES,
+                         doc="auto: mirrored over several local GPUs, else default")
     devices: typing.Optional[typing.Tuple[str, ...]] = _key(None, doc="mirrored only")
 
 
@@ -159,7 +163,7 @@ class Recipe:
 
     name: str = _key(pattern=_NAME_RE, doc="run name; also the default export model name")
     description: str = _key("", doc="free text: what the recipe reproduces, assumptions")
-    seed: int = _key(0, low=0)
+    seed: int = _key(0, low=0, doc="seeds weights, the digits split and the shuffle order")
     data: DataConfig = _key(DataConfig())
     model: ModelConfig = _key(doc="the trunk")
     aux: AuxConfig = _key(AuxConfig())
@@ -423,4 +427,17 @@ def describe_keys(cls=Recipe, prefix=""):
         doc = f.metadata.get("doc", "")
         if choices:
             doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, choices))
-        yield (path, getattr(tp, "__name__", str(tp).replace("typing.", "")), default, doc)
+        yield (path, _json_type(tp), default, doc)
+
+
+def _json_type(tp):
+    """A type as a JSON user reads it: `integer or null`, `list of numbers`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_json_type(args[0])} or null"
+    if origin is tuple:
+        item = _json_type(typing.get_args(tp)[0])
+        return "list of " + {"integer": "integers", "number": "numbers",
+                             "string": "strings"}.get(item, item)
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))

@@ -4,13 +4,11 @@ the engine. Nothing is written before the recipe and the data are known good."""
 
 import json
 import os
-import shutil
 
 import keras
 
 from kgreedy import cli, data, distribute
 from kgreedy.errors import KgreedyError
-from kgreedy.files import write_json
 from kgreedy.greedy import GreedyTrainer
 from kgreedy.network import GreedyNet, parameter_table
 from kgreedy.recipe import check_against_data, load_recipe
@@ -79,16 +77,8 @@ def main(argv=None):
     keras.utils.set_random_seed(recipe.seed)
     datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
                          eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
-    created = not os.path.isdir(output)
     os.makedirs(output, exist_ok=True)
     run = RunDir(output)
-    try:
-        write_json(run.recipe, recipe.to_dict())
-        data.save_spec(datasets.spec, run.dataset)
-    except BaseException:
-        if created:
-            shutil.rmtree(output, ignore_errors=True)
-        raise
     summary = GreedyTrainer(recipe, datasets, run, strategy).fit(resume=args.resume)
     final = summary["final"]
     print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "

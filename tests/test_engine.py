@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import data
+from kgreedy import data, rundir
 from kgreedy.greedy import GreedyTrainer
 from kgreedy.optim import StageSchedule, l2_penalty, make_optimizer
 from kgreedy.progress import Progress
@@ -121,6 +121,24 @@ def test_run_directory_records(greedy_run):
     # Not a terminal: one line per epoch, no carriage returns.
     assert "\r" not in log
     assert log.count(" epoch ") == 6
+
+
+def test_checkpoints_restore_every_weight(greedy_run):
+    trainer, _, _, run_dir, _ = greedy_run
+    for stage in (2, 3):
+        _, _, restored, got = rundir.load_trained(run_dir, stage)
+        assert got == stage
+        if stage == 3:  # the live net is at its final state
+            live = {w.path: w.numpy() for layer in trainer.net.blocks + trainer.net.heads
+                    for w in layer.weights}
+            for layer in restored.blocks + restored.heads:
+                for w in layer.weights:
+                    np.testing.assert_array_equal(w.numpy(), live[w.path], err_msg=w.path)
+        else:  # stage 2's own head and block, as they were at its end
+            snap = greedy_run[2].weights[2]
+            for layer in restored.blocks[:2] + restored.heads[:2]:
+                for w in layer.weights:
+                    np.testing.assert_array_equal(w.numpy(), snap[w.path], err_msg=w.path)
 
 
 def test_end_to_end_trains_every_block_with_the_last_head(tmp_path):
