@@ -278,6 +278,8 @@ def _digits_arrays(config, seed):
 
     digits = load_digits()
     images = digits.images.astype(np.float32)[..., None]
+    if (config.channels or 1) == 3:  # grey to RGB, as the other sources do
+        images = np.repeat(images, 3, axis=-1)
     return train_test_split(images, digits.target.astype(np.int32),
                             test_size=config.eval_fraction, stratify=digits.target,
                             random_state=seed)
