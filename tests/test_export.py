@@ -1,0 +1,350 @@
+"""Tests of kgreedy.export: serving signatures, versions, atomicity and the CLI."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kgreedy import cli, data, export, rundir
+from kgreedy.errors import KgreedyError
+from kgreedy.network import GreedyNet
+from kgreedy.recipe import recipe_from_dict
+
+RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
+          "aux": {"k": 2, "width": 8}}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# `import tensorflow` itself imports keras when it is installed (TF's __init__
+# eagerly imports keras.src.optimizers and swallows ImportError), so "a process that
+# imports neither kgreedy nor keras" can only be had by making them unimportable.
+# The finder below does that, as in a serving image without them.
+CLEAN_LOADER = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, json, sys
+
+    class _Refuse(importlib.abc.Loader):
+        def create_module(self, spec):
+            raise ImportError(spec.name + " is blocked in this process")
+        def exec_module(self, module):
+            pass
+
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("keras", "tf_keras", "kgreedy"):
+                return importlib.machinery.ModuleSpec(name, _Refuse())
+            return None
+
+    sys.meta_path.insert(0, _Block())
+    import numpy as np
+    import tensorflow as tf
+
+    model_dir, images_path, out_path = sys.argv[1:4]
+    loaded = tf.saved_model.load(model_dir)
+    x = np.load(images_path)
+    pngs = tf.stack([tf.io.encode_png(tf.cast(image, tf.uint8)) for image in x])
+    results = {}
+    for name, kwargs in [("serving_default", {"images": tf.constant(x)}),
+                         ("serve_encoded", {"image_bytes": pngs})]:
+        out = loaded.signatures[name](**kwargs)
+        results[name] = {k: {"dtype": v.dtype.name, "shape": v.shape.as_list(),
+                             "value": [s.decode() for s in v.numpy()]
+                             if v.dtype == tf.string else v.numpy().tolist()}
+                         for k, v in out.items()}
+    results["modules"] = sorted(m for m in ("keras", "kgreedy", "tf_keras")
+                                if m in sys.modules)
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+""")
+
+
+def _tree(root):
+    """Every path below root (for 'nothing was created or changed')."""
+    found = set()
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            found.add((os.path.relpath(path, root), os.path.getsize(path)
+                       if os.path.isfile(path) else None))
+    return found
+
+
+def _tmp_dirs(root):
+    return [name for name in os.listdir(root) if name.startswith(".tmp-")]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny 2-stage net, briefly trained so predictions and BN statistics are not
+    those of a fresh initialisation; and the digits eval images."""
+    keras.utils.set_random_seed(0)
+    recipe = recipe_from_dict(RECIPE)
+    spec = data.describe(recipe.data)
+    datasets = data.load(recipe.data, spec, batch_size=64)
+    spec = datasets.spec
+    net = GreedyNet(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    for stage in (1, 2):
+        model = net.deployed_model(stage)
+        model.compile(keras.optimizers.Adam(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(datasets.train, epochs=2, verbose=0, shuffle=False)  # data shuffles
+    x = np.concatenate([images.numpy() for images, _ in datasets.eval])
+    return recipe, spec, net, x
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """One export of the last stage, shared by the signature tests."""
+    _, spec, net, _ = trained
+    root = str(tmp_path_factory.mktemp("export"))
+    path = export.export_saved_model(net, spec, root)
+    return path, tf.saved_model.load(path)
+
+
+def _probabilities(model, x):
+    return tf.nn.softmax(model(x, training=False)).numpy()
+
+
+# ------------------------------------------------------------- signatures ----
+
+def test_export_runs_without_keras_and_matches_keras_model(trained, exported, tmp_path):
+    _, spec, net, x = trained
+    path, _ = exported
+    assert (x == np.round(x)).all() and x.min() >= 0 and x.max() <= 16  # PNG is lossless
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "load.py"
+    script.write_text(CLEAN_LOADER)
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(script), path, str(tmp_path / "x.npy"),
+                           str(out)], env=ENV, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["modules"] == []
+
+    want_probs = _probabilities(net.deployed_model(), x)
+    want_ids = np.argmax(net.deployed_model()(x), axis=-1)
+    assert len(set(want_ids.tolist())) >= 5  # the comparison says something
+    n = len(x)
+    for name in ("serving_default", "serve_encoded"):
+        got = results[name]
+        assert {k: (v["dtype"], v["shape"]) for k, v in got.items()} == {
+            "probabilities": ("float32", [n, 10]), "class_ids": ("int64", [n]),
+            "class_names": ("string", [n])}, name
+        np.testing.assert_array_equal(got["class_ids"]["value"], want_ids, err_msg=name)
+        np.testing.assert_allclose(got["probabilities"]["value"], want_probs, atol=1e-5,
+                                   err_msg=name)
+        assert got["class_names"]["value"] == [spec.class_names[i] for i in want_ids]
+
+
+def test_signature_specs(exported):
+    path, loaded = exported
+    assert set(loaded.signatures) == {"serving_default", "serve_encoded"}
+    default = loaded.signatures["serving_default"]
+    assert default.structured_input_signature == (
+        (), {"images": tf.TensorSpec([None, 8, 8, 1], tf.float32, name="images")})
+    encoded = loaded.signatures["serve_encoded"]
+    assert encoded.structured_input_signature == (
+        (), {"image_bytes": tf.TensorSpec([None], tf.string, name="image_bytes")})
+    for fn in (default, encoded):
+        outputs = {k: (v.dtype, v.shape.as_list()) for k, v in fn.structured_outputs.items()}
+        assert outputs == {"probabilities": (tf.float32, [None, 10]),
+                           "class_ids": (tf.int64, [None]),
+                           "class_names": (tf.string, [None])}
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def test_serve_encoded_rejects_wrong_size(exported):
+    _, loaded = exported
+    fn = loaded.signatures["serve_encoded"]
+    good = tf.io.encode_png(tf.zeros([8, 8, 1], tf.uint8))
+    assert fn(image_bytes=tf.stack([good]))["class_ids"].shape == [1]
+    bad = tf.io.encode_png(tf.zeros([9, 8, 1], tf.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be 8x8 pixels"):
+        fn(image_bytes=tf.stack([good, bad]))
+
+
+def test_serving_default_rejects_wrong_size(exported):
+    _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not compatible"):
+        loaded.signatures["serving_default"](images=tf.zeros([1, 9, 8, 1]))
+
+
+@pytest.mark.parametrize("eval_resize", ["resize", "resize_crop"])
+def test_resizing_spec_takes_any_size(trained, tmp_path, eval_resize):
+    _, spec, net, x = trained
+    spec = dataclasses.replace(spec, eval_resize=eval_resize)
+    loaded = tf.saved_model.load(export.export_saved_model(net, spec, str(tmp_path)))
+    default = loaded.signatures["serving_default"]
+    assert default.structured_input_signature[1]["images"].shape.as_list() == [
+        None, None, None, 1]
+    big = np.repeat(np.repeat(x[:16], 2, axis=1), 2, axis=2)  # 16x16, integer values
+    want = _probabilities(net.deployed_model(), data.eval_transform(big, spec))
+    if eval_resize == "resize":  # the shared transform is what we think it is
+        np.testing.assert_allclose(data.eval_transform(big, spec),
+                                   tf.image.resize(big, (8, 8)))
+    np.testing.assert_allclose(default(images=tf.constant(big))["probabilities"], want,
+                               atol=1e-5)
+    pngs = tf.stack([tf.io.encode_png(tf.cast(image, tf.uint8)) for image in big])
+    np.testing.assert_allclose(
+        loaded.signatures["serve_encoded"](image_bytes=pngs)["probabilities"], want,
+        atol=1e-5)
+
+
+def test_stage_export_matches_that_stage(trained, tmp_path):
+    _, spec, net, x = trained
+    loaded = tf.saved_model.load(export.export_saved_model(net, spec, str(tmp_path),
+                                                           stage=1))
+    got = loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"]
+    np.testing.assert_allclose(got, _probabilities(net.deployed_model(1), x), atol=1e-5)
+    # Stage 1 and stage 2 really differ, so the comparison tells them apart.
+    assert np.abs(_probabilities(net.deployed_model(2), x) - got).max() > 1e-2
+
+
+@pytest.mark.parametrize("stage", [0, 3, "1"])
+def test_bad_stage_is_rejected(trained, tmp_path, stage):
+    _, spec, net, _ = trained
+    root = tmp_path / "models"
+    with pytest.raises(KgreedyError, match="--stage"):
+        export.export_saved_model(net, spec, str(root), stage=stage)
+    assert not root.exists()
+
+
+# --------------------------------------------------------------- versions ----
+
+def test_versions_count_up_and_are_never_overwritten(trained, tmp_path):
+    _, spec, net, _ = trained
+    root = tmp_path / "a" / "b"  # parents are created
+    assert export.export_saved_model(net, spec, str(root)) == str(root / "1")
+    assert export.export_saved_model(net, spec, str(root)) == str(root / "2")
+    assert export.existing_versions(str(root)) == [1, 2]
+    before = _tree(root)
+    marker = root / "1" / "saved_model.pb"
+    mtime = marker.stat().st_mtime_ns
+    with pytest.raises(KgreedyError) as info:
+        export.export_saved_model(net, spec, str(root), version=1)
+    assert str(info.value).startswith(
+        f"--version: version 1 already exists in {root}; exported versions are never "
+        "overwritten")
+    assert _tree(root) == before and marker.stat().st_mtime_ns == mtime
+    assert _tmp_dirs(root) == []
+
+
+def test_next_version_ignores_non_versions(trained, tmp_path):
+    _, spec, net, _ = trained
+    for name in ("3", "10", ".tmp-40-abc", "abc", "0"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "77").write_text("a file, not a version")
+    assert export.existing_versions(str(tmp_path)) == [3, 10]
+    assert export.export_saved_model(net, spec, str(tmp_path)) == str(tmp_path / "11")
+    assert export.export_saved_model(net, spec, str(tmp_path), version=5) == str(
+        tmp_path / "5")
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "2", 1.0])
+def test_bad_version_is_rejected(trained, tmp_path, version):
+    _, spec, net, _ = trained
+    with pytest.raises(KgreedyError, match="--version: must be a positive integer"):
+        export.export_saved_model(net, spec, str(tmp_path / "models"), version=version)
+    assert not (tmp_path / "models").exists()
+
+
+class _Broken:
+    """Stands in for the ExportArchive: writes part of a model, then fails."""
+
+    def write_out(self, path, **kwargs):
+        with open(os.path.join(path, "saved_model.pb"), "w") as f:
+            f.write("half")
+        raise RuntimeError("disk full")
+
+
+def test_failed_write_leaves_nothing(trained, tmp_path, monkeypatch):
+    _, spec, net, _ = trained
+    monkeypatch.setattr(export, "_build_archive", lambda model, spec: _Broken())
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export_saved_model(net, spec, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_rename_leaves_nothing(trained, tmp_path, monkeypatch):
+    _, spec, net, _ = trained
+    export.export_saved_model(net, spec, str(tmp_path))
+    before = _tree(tmp_path)
+
+    def rename(src, dst):
+        assert os.path.isfile(os.path.join(src, "saved_model.pb"))  # written whole first
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(export.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        export.export_saved_model(net, spec, str(tmp_path))
+    assert _tree(tmp_path) == before and _tmp_dirs(tmp_path) == []
+
+
+# -------------------------------------------------------------------- CLI ----
+
+@pytest.fixture(scope="module")
+def run_dir(trained, tmp_path_factory):
+    """A run directory as the training engine writes it, with both stages saved."""
+    recipe, spec, net, _ = trained
+    root = str(tmp_path_factory.mktemp("run"))
+    run = rundir.RunDir(root)
+    with open(run.recipe, "w", encoding="utf-8") as f:
+        json.dump(recipe.to_dict(), f)
+    data.save_spec(spec, run.dataset)
+    for stage in (1, 2):
+        tf.train.CheckpointManager(rundir.stage_checkpoint(net, stage),
+                                   run.checkpoints(stage), max_to_keep=2).save()
+    return root
+
+
+def test_cli_exports_restored_weights(trained, run_dir):
+    _, _, net, x = trained
+    proc = subprocess.run([sys.executable, "-m", "kgreedy.export", run_dir, "--stage", "2"],
+                          env=ENV, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version_dir = os.path.join(run_dir, "export", "t", "1")
+    assert proc.stdout.strip().splitlines()[-1] == version_dir
+    assert os.path.isfile(os.path.join(version_dir, "saved_model.pb"))
+    loaded = tf.saved_model.load(version_dir)
+    got = loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"]
+    np.testing.assert_allclose(got, _probabilities(net.deployed_model(2), x), atol=1e-5)
+
+
+def test_cli_stage_and_version_in_process(trained, run_dir, capsys):
+    _, _, net, x = trained
+    assert cli.run(export.main, [run_dir, "--stage", "1", "--version", "7"]) == 0
+    version_dir = os.path.join(run_dir, "export", "t", "7")
+    assert capsys.readouterr().out.strip() == version_dir
+    loaded = tf.saved_model.load(version_dir)
+    got = loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"]
+    np.testing.assert_allclose(got, _probabilities(net.deployed_model(1), x), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--version", "0"], "--version"),
+    (["--version", "x"], "--version"),
+    (["--version", "-3"], "--version"),
+    (["--stage", "9"], "--stage"),
+    (["--stage", "x"], "--stage"),
+    (None, "RUN_DIR"),
+])
+def test_cli_bad_input_exits_2_and_creates_nothing(run_dir, tmp_path, capsys, args, needle):
+    if args is None:
+        argv = [str(tmp_path / "missing")]
+    else:
+        argv = [run_dir, *args]
+    before = _tree(run_dir)
+    with pytest.raises(SystemExit) as info:
+        cli.run(export.main, argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("kgreedy: error:"), err
+    assert needle in err
+    assert _tree(run_dir) == before
+    assert not (tmp_path / "missing").exists()
