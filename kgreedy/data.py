@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import urllib.parse
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -19,6 +20,10 @@ from kgreedy.errors import DataError
 from kgreedy.files import write_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# tf.distribute reads dataset options while tracing the input function and warns
+# that graph-mode options may be stale; ours are set in that same function.
+warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options",
+                        category=UserWarning)
 _STATS_SAMPLE = 2048  # images read to measure mean/std when the recipe gives none
 
 
@@ -59,14 +64,99 @@ class DatasetSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-@dataclasses.dataclass(frozen=True)
 class Datasets:
-    """Train and eval pipelines of (images float32 [B,H,W,C], labels int32 [B])."""
+    """Train and eval pipelines of (images float32 [B,H,W,C], labels int32 [B]).
 
-    train: tf.data.Dataset  # shuffled per iteration, full batches only
-    eval: tf.data.Dataset   # in order, last batch may be partial
-    steps_per_epoch: int
-    spec: DatasetSpec
+    The train order and augmentation are pure functions of (seed, epoch, position):
+    every epoch has its own shuffle seed and every example its own stateless
+    augmentation seed. So an epoch can be rebuilt and entered at any step (resume),
+    and one global batch holds the same examples whatever the replica count.
+
+    Args:
+        train_source: decoded train examples (image, label) in a fixed order.
+        eval_source: decoded eval examples in a fixed order.
+        spec: the `DatasetSpec`, normalisation statistics included.
+        config: the recipe's `DataConfig`.
+        batch_size: global train batch.
+        eval_batch_size: global eval batch.
+        seed: the recipe seed.
+    """
+
+    def __init__(self, train_source, eval_source, spec, config, batch_size,
+                 eval_batch_size, seed):
+        self.train_source = train_source
+        self.eval_source = eval_source
+        self.spec = spec
+        self.config = config
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
+        self._augment = _train_transform(config, spec)
+
+    def train_for(self, epoch=0, skip_steps=0, input_context=None):
+        """The train pipeline of one epoch (0-based), full batches only.
+
+        Args:
+            epoch: selects the shuffle order and augmentation draws.
+            skip_steps: global steps of this epoch already trained (resume).
+            input_context: a `tf.distribute.InputContext`: the pipeline then yields
+                per-replica batches of this worker's shard of the examples.
+        """
+        batch, pipelines, pipeline_id = self.batch_size, 1, 0
+        ds = self.train_source
+        if input_context is not None:
+            batch = input_context.get_per_replica_batch_size(self.batch_size)
+            pipelines, pipeline_id = (input_context.num_input_pipelines,
+                                      input_context.input_pipeline_id)
+            ds = ds.shard(pipelines, pipeline_id)
+        epoch_seed = self.seed * 1_000_003 + epoch
+        ds = (ds.shuffle(self.config.shuffle_buffer, seed=epoch_seed,
+                         reshuffle_each_iteration=False)
+              .enumerate()
+              .skip(skip_steps * (self.batch_size // pipelines)))
+        augment, base = self._augment, pipeline_id * 2 ** 32
+
+        def transform(index, example):
+            image, label = example
+            return augment(image, tf.stack([tf.constant(epoch_seed, tf.int64),
+                                            index + base])), label
+
+        ds = (ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+              .batch(batch, drop_remainder=True))
+        return _with_options(ds).prefetch(tf.data.AUTOTUNE)
+
+    def eval_for(self, input_context=None):
+        """The eval pipeline, in order; the last batch may be partial."""
+        batch, ds = self.eval_batch_size, self.eval_source
+        if input_context is not None:
+            batch = input_context.get_per_replica_batch_size(self.eval_batch_size)
+            ds = ds.shard(input_context.num_input_pipelines,
+                          input_context.input_pipeline_id)
+        spec = self.spec
+        ds = (ds.map(lambda x, y: (eval_transform(x, spec), y),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+              .batch(batch))
+        return _with_options(ds).prefetch(tf.data.AUTOTUNE)
+
+    @property
+    def train(self):
+        """Epoch 0 in global batches (tools and tests; training uses `train_for`)."""
+        return self.train_for(0)
+
+    @property
+    def eval(self):
+        """The eval pipeline in global batches."""
+        return self.eval_for()
+
+
+def _with_options(ds):
+    options = tf.data.Options()
+    # Sharding is done explicitly per input pipeline (one per worker); tf.distribute
+    # must not shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.deterministic = True
+    return ds.with_options(options)
 
 
 def _eval_resize_kind(config, native_size):
@@ -220,24 +310,33 @@ def decode_image(data, channels):
 
 
 def _train_transform(config, spec):
+    """`fn(image, seed)`: the training transform; `seed` is an int64 [2] tensor.
+
+    Stateless random ops only, so a draw depends on the seed alone and not on how
+    many examples went before (resume, sharding, parallel map order).
+    """
     size = spec.image_shape[0]
     if config.augment == "cifar":
-        def fn(image):
+        def fn(image, seed):
+            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
             image = eval_transform(image, spec)
             image = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
-            image = tf.image.random_crop(image, (size, size, spec.image_shape[2]))
-            return tf.image.random_flip_left_right(image)
+            image = tf.image.stateless_random_crop(image, (size, size, spec.image_shape[2]),
+                                                   seed=crop_seed)
+            return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     elif config.augment == "imagenet":
-        def fn(image):
-            begin, box, _ = tf.image.sample_distorted_bounding_box(
-                tf.shape(image), tf.zeros([0, 0, 4]), min_object_covered=0.0,
+        def fn(image, seed):
+            box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(image), tf.zeros([0, 0, 4]), seed=box_seed, min_object_covered=0.0,
                 aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
                 max_attempts=10, use_image_if_no_bounding_boxes=True)
             image = tf.slice(image, begin, box)
             image = tf.image.resize(image, (size, size))
-            return tf.image.random_flip_left_right(image)
+            return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     else:
-        def fn(image):
+        def fn(image, seed):
+            del seed  # no augmentation
             return eval_transform(image, spec)
     return fn
 
@@ -354,7 +453,7 @@ def load(config, spec, *, batch_size, eval_batch_size=None, seed=0):
         spec: `describe(config)`.
         batch_size: global train batch; partial batches are dropped.
         eval_batch_size: global eval batch (default: batch_size).
-        seed: seeds the digits split and the shuffle order.
+        seed: seeds the digits split, the shuffle order and the augmentation.
 
     Returns:
         `Datasets`, with `spec.mean`/`spec.std` filled in.
@@ -383,17 +482,7 @@ def load(config, spec, *, batch_size, eval_batch_size=None, seed=0):
     if spec.num_train is not None and spec.num_train < batch_size:
         raise DataError("train.batch_size", f"larger than the {spec.num_train} training "
                         "examples", batch_size)
-    augment = _train_transform(config, spec)
-    train = (train.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-             .map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-             .batch(batch_size, drop_remainder=True)
-             .prefetch(tf.data.AUTOTUNE))
-    evals = (evals.map(lambda x, y: (eval_transform(x, spec), y),
-                       num_parallel_calls=tf.data.AUTOTUNE)
-             .batch(eval_batch_size)
-             .prefetch(tf.data.AUTOTUNE))
-    steps = spec.num_train // batch_size if spec.num_train else None
-    return Datasets(train, evals, steps, spec)
+    return Datasets(train, evals, spec, config, batch_size, eval_batch_size, seed)
 
 
 def save_spec(spec, path):
