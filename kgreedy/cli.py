@@ -3,11 +3,12 @@
 import argparse
 import sys
 
-from kgreedy.errors import KgreedyError
+from kgreedy.errors import KgreedyError, Preempted, TrainingStopped
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # anything unexpected; the traceback is printed
 EXIT_USAGE = 2    # bad usage, recipe or data configuration: one line on stderr
+EXIT_PREEMPTED = Preempted.exit_status  # 75: SIGTERM, checkpoint written; rerun with --resume
 
 
 def fail(message):
@@ -24,11 +25,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main, argv=None):
-    """Runs `main(argv)`, turning `KgreedyError` into one line and exit status 2."""
+    """Runs `main(argv)`, turning `KgreedyError` into one line and exit status 2, and
+    `TrainingStopped` (non-finite loss, preemption) into one line and its status."""
     try:
         return main(argv)
     except KgreedyError as e:
         fail(str(e))
+    except TrainingStopped as e:
+        print(f"kgreedy: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("kgreedy: interrupted", file=sys.stderr)
         return 130

@@ -37,3 +37,29 @@ class RecipeError(KgreedyError):
 
 class DataError(KgreedyError):
     """The data configuration cannot be used (missing files, unprepared dataset)."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped before the end, with a checkpoint to continue from.
+
+    The command-line front ends print `kgreedy: <message>` on one line and exit with
+    `exit_status`.
+    """
+
+    exit_status = 1
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A train step's loss was NaN or infinite; nothing after it was saved."""
+
+    exit_status = 1
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM arrived: the steps in flight finished and a checkpoint was written.
+
+    Exit status 75 (EX_TEMPFAIL, "try again later"): a scheduler that restarts on
+    this status should rerun the same command with `--resume`.
+    """
+
+    exit_status = 75

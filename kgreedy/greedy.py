@@ -6,11 +6,16 @@ gets ready-made `Datasets`.
 """
 
 import os
+import signal
+import threading
 import time
 
 import tensorflow as tf
 
 from kgreedy import data, export
+from kgreedy.checkpoints import restore_latest_good
+from kgreedy.distribute import WorkerInfo
+from kgreedy.errors import NonFiniteLoss, Preempted
 from kgreedy.files import write_json
 from kgreedy.network import GreedyNet, parameter_table
 from kgreedy.progress import Progress
@@ -22,6 +27,13 @@ from kgreedy.stage import StageLoop
 class GreedyTrainer:
     """Trains a recipe stage by stage (or end to end) and exports the result.
 
+    Checkpoints: `checkpoints/stage{j}` keeps the last two of stage j, written at
+    every epoch end, every `train.checkpoint_every_steps` steps and on SIGTERM;
+    each holds blocks and heads 1..j, the optimizer (step counter and slots, hence
+    the learning-rate position), the epoch counter and the epoch's metric sums.
+    With the data order a function of (seed, epoch, step), that is all a resume
+    needs to continue exactly where the run stopped.
+
     Args:
         recipe: a validated `Recipe`.
         datasets: `kgreedy.data.Datasets` (spec with normalisation statistics).
@@ -30,26 +42,34 @@ class GreedyTrainer:
         progress: a `Progress` (default: stdout).
         callbacks: objects with optional `on_stage_end(trainer, stage, loop)`; for
             tests and tools that need to look between stages.
+        source: the `RunDir` to resume from (default: `run`). A non-chief worker
+            writes to a temporary directory but resumes from the chief's.
     """
 
-    def __init__(self, recipe, datasets, run, strategy, progress=None, callbacks=()):
+    def __init__(self, recipe, datasets, run, strategy, progress=None, callbacks=(),
+                 source=None):
         self.recipe = recipe
         self.datasets = datasets
         self.run = run
+        self.source = source or run
         self.strategy = strategy
         self.progress = progress or Progress()
         self.callbacks = list(callbacks)
+        self.worker = WorkerInfo(strategy)
         spec = datasets.spec
         with strategy.scope():
             self.net = GreedyNet(recipe, spec.image_shape, spec.num_classes,
                                  spec.mean, spec.std)
         self.table = parameter_table(self.net)
-        steps = datasets.steps_per_epoch
+        # Each worker reads its own shard, so an epoch is as long as the smallest
+        # shard allows.
+        workers, batch = self.worker.num_workers, recipe.train.batch_size
+        steps = (spec.num_train // workers) // (batch // workers)
         if recipe.train.steps_per_epoch:
             steps = min(steps, recipe.train.steps_per_epoch)
         self.steps_per_epoch = steps
-        self.train_data = strategy.experimental_distribute_dataset(datasets.train)
-        self.eval_data = strategy.experimental_distribute_dataset(datasets.eval)
+        self.eval_data = strategy.distribute_datasets_from_function(datasets.eval_for)
+        self._stop_requested = False
 
     @property
     def end_to_end(self):
@@ -61,71 +81,151 @@ class GreedyTrainer:
         return [num] if self.end_to_end else list(range(1, num + 1))
 
     def fit(self, resume=False):
-        """Trains every stage not yet done, then exports. Returns the summary dict."""
+        """Trains every stage not yet done, then exports. Returns the summary dict.
+
+        Raises:
+            NonFiniteLoss: a loss was NaN/inf; the last good checkpoint is kept.
+            Preempted: SIGTERM arrived; a checkpoint of the current step was written.
+        """
         if not resume:
             write_json(self.run.recipe, self.recipe.to_dict())
             data.save_spec(self.datasets.spec, self.run.dataset)
         records = RunRecords(self.run, self._existing_summary() if resume else None)
-        done = [s for s in records.completed_stages() if s in self.stages()]
+        done = {s for s in records.completed_stages() if s in self.stages()}
         if done:
-            self._restore_stage(done[-1])
-            self.progress.message(f"resuming after stage {done[-1]}")
+            self._restore_stage(max(done))
+            self.progress.message(f"resuming after stage {max(done)}")
+        previous_handler = self._catch_sigterm()
         try:
             for stage in self.stages():
                 if stage not in done:
                     self._fit_stage(stage, records, resume)
             final = self._finish(records)
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             records.close()
         return {**records.summary, "final": final}
 
+    # ------------------------------------------------------------ helpers ----
+
+    def _catch_sigterm(self):
+        # Python runs signal handlers between bytecodes, so the handler only sets a
+        # flag; the loop sees it after the steps in flight and checkpoints.
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            del signum, frame
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _stop_agreed(self):
+        """Whether any worker got SIGTERM; every worker must agree on when to stop,
+        or the others would wait forever in the next collective."""
+        if self.worker.num_workers == 1:
+            return self._stop_requested
+        flag = tf.constant(1.0 if self._stop_requested else 0.0)
+        total = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            self.strategy.run(lambda: flag), axis=None)
+        return float(total) > 0
+
     def _existing_summary(self):
-        if os.path.isfile(self.run.summary):
-            return self.run.read_json(self.run.summary)
+        if os.path.isfile(self.source.summary):
+            return self.source.read_json(self.source.summary)
         return None
 
     def _restore_stage(self, stage):
-        latest = tf.train.latest_checkpoint(self.run.checkpoints(stage))
-        stage_checkpoint(self.net, stage).restore(latest).expect_partial()
+        restore_latest_good(stage_checkpoint(self.net, stage),
+                            self.source.checkpoints(stage), self.progress.warning)
+
+    def _check_finite(self, loop, stage):
+        bad = int(loop.first_bad_step.numpy())
+        if bad:
+            epoch_of_bad = (bad - 1) // self.steps_per_epoch + 1
+            step_in_epoch = (bad - 1) % self.steps_per_epoch + 1
+            last = tf.train.latest_checkpoint(self.run.checkpoints(stage))
+            raise NonFiniteLoss(
+                f"stage {stage}, epoch {epoch_of_bad}, step {step_in_epoch}: the loss is "
+                f"not finite (NaN or inf); stopped without saving; last good checkpoint: "
+                f"{last or 'none in this stage'}; lower train.optimizer.learning_rate or "
+                "check the data")
+
+    def _train_data(self, stage, epoch, start_step):
+        data_epoch = (stage - 1) * self.recipe.train.epochs_per_stage + epoch - 1
+        return self.strategy.distribute_datasets_from_function(
+            lambda context: self.datasets.train_for(data_epoch, start_step, context))
+
+    # -------------------------------------------------------------- stage ----
 
     def _fit_stage(self, stage, records, resume):
         epochs = self.recipe.train.epochs_per_stage
-        loop = StageLoop(self.net, stage, self.recipe.train, self.strategy,
-                         self.steps_per_epoch, end_to_end=self.end_to_end)
+        steps = self.steps_per_epoch
+        loop = StageLoop(self.net, stage, self.recipe.train, self.strategy, steps,
+                         end_to_end=self.end_to_end)
         with self.strategy.scope():
             epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        checkpoint = stage_checkpoint(self.net, stage, loop.optimizer, epoch_var)
+        checkpoint = stage_checkpoint(self.net, stage, epoch=epoch_var, **loop.state())
         manager = tf.train.CheckpointManager(checkpoint, self.run.checkpoints(stage),
                                              max_to_keep=2)
-        if resume and manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint)
-            self.progress.message(f"stage {stage}: resuming after epoch {int(epoch_var)}")
+        if resume:
+            restored = restore_latest_good(checkpoint, self.source.checkpoints(stage),
+                                           self.progress.warning)
+            if restored:
+                records.rewind(stage, int(epoch_var.numpy()))
+                self.progress.message(f"stage {stage}: resuming at epoch "
+                                      f"{int(epoch_var.numpy()) + 1}, step "
+                                      f"{loop.step - int(epoch_var.numpy()) * steps} of {steps}")
         row = self.table[stage - 1]
         if self.end_to_end:
             row = {**row, "trainable_params": row["deployed_params"], "frozen_params": 0}
-        self.progress.stage_start(stage, self.net.num_stages, row, epochs,
-                                  self.steps_per_epoch)
+        self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)
         stage_start = time.perf_counter()
-        record = None
-        for epoch in range(int(epoch_var) + 1, epochs + 1):
+        every = self.recipe.train.checkpoint_every_steps
+        for epoch in range(int(epoch_var.numpy()) + 1, epochs + 1):
             learning_rate = loop.learning_rate
+            start_step = loop.step - (epoch - 1) * steps
+            last_shown = [time.perf_counter()]
 
-            def show(step, loss, acc, ips, epoch=epoch):
-                self.progress.step(stage, epoch, epochs, step, self.steps_per_epoch,
-                                   loss, acc, ips)
+            def after_chunk(done, images_per_second, epoch=epoch, last_shown=last_shown):
+                # Reading metrics is a collective across workers: only a single
+                # worker shows live progress.
+                now = time.perf_counter()
+                if self.worker.num_workers == 1 and self.progress.live \
+                        and now - last_shown[0] >= 0.5:
+                    loss, acc = loop.metrics()
+                    self.progress.step(stage, epoch, epochs, done, steps, loss, acc,
+                                       images_per_second)
+                    last_shown[0] = now
+                stop = self._stop_agreed()
+                if stop or (every and done % every == 0 and done < steps):
+                    self._check_finite(loop, stage)
+                    manager.save(checkpoint_number=loop.step)
+                if stop:
+                    raise Preempted(f"preempted (SIGTERM): checkpoint written at stage "
+                                    f"{stage}, epoch {epoch}, step {done} of {steps} in "
+                                    f"{self.run.checkpoints(stage)}; rerun with --resume "
+                                    "to continue")
+                return False
 
-            result = loop.train_epoch(self.train_data, on_progress=show)
+            result = loop.train_epoch(self._train_data(stage, epoch, start_step),
+                                      start_step, after_chunk, align=every)
+            self._check_finite(loop, stage)
+            result.pop("completed")
             result.update(loop.evaluate(self.eval_data))
             record = {"stage": stage, "epoch": epoch, **result,
                       "learning_rate": learning_rate}
-            global_epoch = (stage - 1) * epochs + epoch
-            records.epoch(record, global_epoch)
+            # Record first, then checkpoint: a kill in between repeats the epoch, and
+            # the resume rewinds metrics.jsonl to the checkpoint.
+            records.epoch(record, (stage - 1) * epochs + epoch)
             epoch_var.assign(epoch)
-            manager.save(checkpoint_number=epoch)
-            self.progress.epoch_end(record, epochs, self.steps_per_epoch)
-        if record is None:  # resumed after the last epoch of this stage
-            record = {**loop.evaluate(self.eval_data), "train_loss": None,
-                      "train_accuracy": None}
+            manager.save(checkpoint_number=loop.step)
+            self.progress.epoch_end(record, epochs, steps)
+        last = [r for r in records.epochs() if r["stage"] == stage]
+        record = last[-1] if last else {**loop.evaluate(self.eval_data),
+                                        "train_loss": None, "train_accuracy": None}
         entry = {"stage": stage, "val_accuracy": record["val_accuracy"],
                  "val_loss": record["val_loss"],
                  "train_accuracy": record["train_accuracy"],

@@ -20,10 +20,12 @@ class AuxHead(keras.layers.Layer):
         width: channels of the k-1 conv layers.
         pool_size: side of the pooled map.
         batch_norm: BN after each conv and after the pool.
+        sync_batch_norm: BN statistics over all replicas (see `batch_norm_layer`).
         **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_head`).
     """
 
-    def __init__(self, num_classes, k=2, width=128, pool_size=2, batch_norm=True, **kwargs):
+    def __init__(self, num_classes, k=2, width=128, pool_size=2, batch_norm=True,
+                 sync_batch_norm=False, **kwargs):
         super().__init__(**kwargs)
         if k < 1:
             raise ValueError(f"`k` must be >= 1. Received: k={k!r}")
@@ -32,12 +34,14 @@ class AuxHead(keras.layers.Layer):
         self.width = width
         self.pool_size = pool_size
         self.batch_norm = batch_norm
+        self.sync_batch_norm = sync_batch_norm
         # One attribute per conv, not a list: TensorFlow checkpoints track a Keras
         # layer's sublayers through its attributes, and a plain list is skipped.
         for i in range(1, k):
-            setattr(self, f"conv{i}", ConvBlock(width, "none", batch_norm, name=f"conv{i}"))
+            setattr(self, f"conv{i}", ConvBlock(width, "none", batch_norm, sync_batch_norm,
+                                                     name=f"conv{i}"))
         self.pool = keras.layers.AdaptiveAveragePooling2D(pool_size, name="pool")
-        self.bn = batch_norm_layer() if batch_norm else None
+        self.bn = batch_norm_layer(synchronized=sync_batch_norm) if batch_norm else None
         self.flatten = keras.layers.Flatten(name="flatten")
         self.dense = keras.layers.Dense(num_classes, name="dense")
 
@@ -72,7 +76,7 @@ class AuxHead(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "k": self.k,
                 "width": self.width, "pool_size": self.pool_size,
-                "batch_norm": self.batch_norm}
+                "batch_norm": self.batch_norm, "sync_batch_norm": self.sync_batch_norm}
 
 
 HEADS = {"conv": AuxHead}

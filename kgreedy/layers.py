@@ -6,13 +6,16 @@ import tensorflow as tf
 from kgreedy.recipe import DOWNSAMPLES
 
 
-def batch_norm_layer(name="bn"):
+def batch_norm_layer(name="bn", synchronized=False):
     """BatchNormalization with PyTorch's defaults, as in the paper's code.
 
     PyTorch's momentum 0.1 is Keras' momentum 0.9 (Keras' 0.99 default adapts the
     moving statistics ten times slower, which hurts short greedy stages).
+    `synchronized` computes batch statistics over all replicas of a
+    tf.distribute strategy instead of per replica.
     """
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5,
+                                           synchronized=synchronized, name=name)
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")
@@ -61,10 +64,12 @@ class ConvBlock(keras.layers.Layer):
         downsample: `none`, `psi` (space-to-depth), `maxpool`, `avgpool` (2x2,
             stride 2) or `stride` (the conv itself has stride 2).
         batch_norm: BN after the conv; without it the conv has a bias.
+        sync_batch_norm: BN statistics over all replicas (see `batch_norm_layer`).
         **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_block`).
     """
 
-    def __init__(self, width, downsample="none", batch_norm=True, **kwargs):
+    def __init__(self, width, downsample="none", batch_norm=True, sync_batch_norm=False,
+                 **kwargs):
         super().__init__(**kwargs)
         if downsample not in DOWNSAMPLES:
             raise ValueError(f"`downsample` must be one of {DOWNSAMPLES}. Received: "
@@ -72,6 +77,7 @@ class ConvBlock(keras.layers.Layer):
         self.width = width
         self.downsample = downsample
         self.batch_norm = batch_norm
+        self.sync_batch_norm = sync_batch_norm
         self.pool = {
             "psi": lambda: InvertibleDownsampling(2, name="psi"),
             "maxpool": lambda: keras.layers.MaxPooling2D(2, name="maxpool"),
@@ -80,7 +86,7 @@ class ConvBlock(keras.layers.Layer):
         self.conv = keras.layers.Conv2D(
             width, 3, strides=2 if downsample == "stride" else 1, padding="same",
             use_bias=not batch_norm, kernel_initializer="he_normal", name="conv")
-        self.bn = batch_norm_layer() if batch_norm else None
+        self.bn = batch_norm_layer(synchronized=sync_batch_norm) if batch_norm else None
         self.relu = keras.layers.ReLU(name="relu")
 
     def build(self, input_shape):
@@ -108,7 +114,8 @@ class ConvBlock(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width,
-                "downsample": self.downsample, "batch_norm": self.batch_norm}
+                "downsample": self.downsample, "batch_norm": self.batch_norm,
+                "sync_batch_norm": self.sync_batch_norm}
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")

@@ -38,13 +38,15 @@ class GreedyNet:
         self.recipe = recipe
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
-        batch_norm = recipe.model.batch_norm
+        batch_norm, sync = recipe.model.batch_norm, recipe.model.sync_batch_norm
         self.standardize = Standardize(mean, std, name="standardize")
-        self.blocks = [ConvBlock(b.width, b.downsample, batch_norm, name=f"stage{j}_block")
+        self.blocks = [ConvBlock(b.width, b.downsample, batch_norm, sync,
+                                 name=f"stage{j}_block")
                        for j, b in enumerate(recipe.model.blocks, start=1)]
         self.heads = [make_head("conv", num_classes=num_classes, k=recipe.aux.k,
                                 width=width, pool_size=recipe.aux.pool_size,
-                                batch_norm=batch_norm, name=f"stage{j}_head")
+                                batch_norm=batch_norm, sync_batch_norm=sync,
+                                name=f"stage{j}_head")
                       for j, width in enumerate(head_widths(recipe), start=1)]
         shape = (None, *self.image_shape)
         self.stage_shapes = []

@@ -33,6 +33,12 @@ class Progress:
     def message(self, text):
         self._print(text)
 
+    def warning(self, text):
+        """A warning on stderr (checkpoint fallbacks, stale locks)."""
+        if self.live and self._width:
+            self._print("", final=True)
+        print(f"kgreedy: warning: {text}", file=sys.stderr, flush=True)
+
     def stage_start(self, stage, num_stages, row, epochs, steps):
         self._print(f"stage {stage}/{num_stages}: output {'x'.join(map(str, row['output_shape']))}"
                     f", {row['trainable_params']:,} trainable and {row['frozen_params']:,} "
@@ -52,5 +58,7 @@ class Progress:
                     f"{record['images_per_second']:,.0f} img/s {record['seconds']:.1f}s")
 
     def stage_end(self, entry):
+        train = entry["train_accuracy"]
+        train = "n/a" if train is None else f"{train:.4f}"
         self._print(f"stage {entry['stage']} done: val acc {entry['val_accuracy']:.4f} "
-                    f"train acc {entry['train_accuracy']:.4f} in {entry['seconds']:.1f}s")
+                    f"train acc {train} in {entry['seconds']:.1f}s")

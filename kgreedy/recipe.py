@@ -78,6 +78,8 @@ class ModelConfig:
 
     blocks: typing.Tuple[BlockConfig, ...] = _key(doc="the trunk, one block per stage")
     batch_norm: bool = _key(True, doc="BN after every conv (blocks and heads)")
+    sync_batch_norm: bool = _key(
+        False, doc="BN batch statistics over all replicas (several devices/workers)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +136,10 @@ class TrainConfig:
         None, low=1, doc="cap on steps per epoch (default: one pass over the train split)")
     steps_per_execution: int = _key(
         8, low=1, doc="train steps run per tf.function call (fewer host round trips)")
+    checkpoint_every_steps: typing.Optional[int] = _key(
+        None, low=1, doc="also checkpoint mid-epoch every N steps (default: per epoch)")
+    deterministic: bool = _key(
+        False, doc="op determinism: a resumed run ends bitwise equal to an unbroken one")
     optimizer: OptimizerConfig = _key(OptimizerConfig())
     lr_schedule: ScheduleConfig = _key(ScheduleConfig())
 
@@ -144,7 +150,10 @@ class DistributeConfig:
 
     strategy: str = _key("auto", choices=STRATEGIES,
                          doc="auto: mirrored over several local GPUs, else default")
-    devices: typing.Optional[typing.Tuple[str, ...]] = _key(None, doc="mirrored only")
+    devices: typing.Optional[typing.Tuple[str, ...]] = _key(
+        None, doc="mirrored only: device names, e.g. [\"/gpu:0\", \"/gpu:1\"]")
+    logical_cpus: int = _key(
+        1, low=1, doc="split the CPU into N logical devices (mirrored without GPUs)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,10 +1,11 @@
 """What a run leaves behind: metrics.jsonl, TensorBoard scalars, summary.json."""
 
+import json
 import os
 
 import tensorflow as tf
 
-from kgreedy.files import append_jsonl, write_json
+from kgreedy.files import append_jsonl, write_json, write_text
 
 _SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
             "learning_rate", "images_per_second")
@@ -42,6 +43,23 @@ class RunRecords:
                                   step=record["epoch"])
                 tf.summary.scalar(f"all/{key}", record[key], step=global_epoch)
         self.writer.flush()
+
+    def epochs(self):
+        """The epoch records in metrics.jsonl, in order."""
+        if not os.path.isfile(self.run.metrics):
+            return []
+        with open(self.run.metrics, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def rewind(self, stage, epoch):
+        """Drops epoch records after (stage, epoch): the checkpoint a run resumes from.
+
+        A run killed between writing an epoch's record and its checkpoint repeats
+        that epoch; without this its record would appear twice.
+        """
+        kept = [r for r in self.epochs() if (r["stage"], r["epoch"]) <= (stage, epoch)]
+        if os.path.isfile(self.run.metrics):
+            write_text(self.run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def completed_stages(self):
         return [entry["stage"] for entry in self.summary["stages"]]

@@ -57,15 +57,10 @@ class RunDir:
             return json.load(f)
 
 
-def stage_checkpoint(net, stage, optimizer=None, epoch=None):
-    """The `tf.train.Checkpoint` of one stage: blocks and heads 1..stage, and the
-    optimizer and epoch counter while it trains."""
-    extra = {}
-    if optimizer is not None:
-        extra["optimizer"] = optimizer
-    if epoch is not None:
-        extra["epoch"] = epoch
-    return tf.train.Checkpoint(**net.checkpoint_objects(stage), **extra)
+def stage_checkpoint(net, stage, **training_state):
+    """The `tf.train.Checkpoint` of one stage: blocks and heads 1..stage, plus
+    `training_state` (optimizer, epoch counter, metric sums) while it trains."""
+    return tf.train.Checkpoint(**net.checkpoint_objects(stage), **training_state)
 
 
 def load_trained(run_dir, stage=None):
@@ -104,5 +99,8 @@ def load_trained(run_dir, stage=None):
         raise KgreedyError("--stage", f"stage {stage} has no checkpoint in "
                            f"{run.checkpoints(stage)}; stages with checkpoints: {done}", stage)
     net = GreedyNet(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
-    stage_checkpoint(net, stage).restore(latest).expect_partial()
+    # The file also holds the optimizer and counters, which a trained net does not
+    # need; every weight of the net must be found in it, though.
+    stage_checkpoint(net, stage).restore(latest).expect_partial() \
+        .assert_existing_objects_matched()
     return recipe, spec, net, stage

@@ -55,8 +55,12 @@ class StageLoop:
             # Build the slots now, in scope, before the first traced step
             # (keras-team/keras#23085).
             self.optimizer.build(self.variables)
-            self._sums = {k: _sum_variable(f"stage{stage}_{k}")
-                          for k in ("loss", "correct", "count")}
+            self.sums = {k: _sum_variable(f"stage{stage}_{k}")
+                         for k in ("loss", "correct", "count")}
+            # The stage step (1-based) whose loss was first not finite; 0 while all
+            # are. Set from the all-reduced loss, so every replica and worker agrees.
+            self.first_bad_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                              name=f"stage{stage}_first_bad_step")
         self._train_steps = tf.function(self._train_steps_fn)
         self._evaluate = tf.function(self._evaluate_fn)
 
@@ -69,9 +73,9 @@ class StageLoop:
 
     def _accumulate(self, labels, logits, per_example_loss):
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
-        self._sums["loss"].assign_add(tf.reduce_sum(per_example_loss))
-        self._sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
-        self._sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
+        self.sums["loss"].assign_add(tf.reduce_sum(per_example_loss))
+        self.sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
+        self.sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
 
     def _train_step(self, images, labels):
         with tf.GradientTape() as tape:
@@ -87,17 +91,31 @@ class StageLoop:
         grads = tape.gradient(loss, self.variables)
         self.optimizer.apply_gradients(zip(grads, self.variables))
         self._accumulate(labels, logits, per_example)
+        return loss
 
     def _train_steps_fn(self, iterator, num_steps):
         for _ in tf.range(num_steps):
             images, labels = next(iterator)
-            self.strategy.run(self._train_step, args=(images, labels))
+            losses = self.strategy.run(self._train_step, args=(images, labels))
+            loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+            bad = tf.logical_and(self.first_bad_step == 0,
+                                 tf.logical_not(tf.math.is_finite(loss)))
+            self.first_bad_step.assign(
+                tf.where(bad, tf.cast(self.optimizer.iterations, tf.int64),
+                         self.first_bad_step))
 
     def _eval_step(self, images, labels):
-        logits = self._logits(images, training=False)
-        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels, tf.cast(logits, tf.float32))
-        self._accumulate(labels, logits, per_example)
+        def evaluate():
+            logits = self._logits(images, training=False)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels, tf.cast(logits, tf.float32))
+            self._accumulate(labels, logits, per_example)
+            return tf.constant(True)
+
+        # When the last eval batch does not fill every replica, the others get an
+        # empty batch; TF 2.21's CPU conv returns a wrongly shaped result for a
+        # batch of 0, so such a batch is skipped (it adds nothing to the sums).
+        tf.cond(tf.size(labels) > 0, evaluate, lambda: tf.constant(False))
 
     def _evaluate_fn(self, dataset):
         for images, labels in dataset:
@@ -105,58 +123,82 @@ class StageLoop:
 
     # --------------------------------------------------------------- host ----
 
-    def _reset(self):
-        for v in self._sums.values():
+    def reset_metrics(self):
+        """Zeroes the train/eval sums (at the start of an epoch or an evaluation)."""
+        for v in self.sums.values():
             v.assign(0.0)
 
-    def _read(self):
-        count = max(float(self._sums["count"].read_value()), 1.0)
-        return (float(self._sums["loss"].read_value()) / count,
-                float(self._sums["correct"].read_value()) / count)
+    def metrics(self):
+        """(mean loss, accuracy) over the examples since the last reset.
+
+        Reading syncs with the device (and, across workers, is a collective every
+        worker must join), so callers read only when someone looks.
+        """
+        count = max(float(self.sums["count"].read_value()), 1.0)
+        return (float(self.sums["loss"].read_value()) / count,
+                float(self.sums["correct"].read_value()) / count)
+
+    @property
+    def step(self):
+        """Train steps of this stage done so far (the optimizer's step counter)."""
+        return int(self.optimizer.iterations.numpy())
 
     @property
     def learning_rate(self):
         """The rate the next step will use."""
         return float(self.schedule(self.optimizer.iterations))
 
-    def train_epoch(self, dataset, on_progress=None, progress_every=0.5):
-        """Runs one epoch of `steps_per_epoch` steps over a distributed dataset.
+    def state(self):
+        """What a checkpoint must hold to continue this stage mid-epoch."""
+        return {"optimizer": self.optimizer, "first_bad_step": self.first_bad_step,
+                **{f"train_{k}": v for k, v in self.sums.items()}}
+
+    def train_epoch(self, dataset, start_step=0, after_chunk=None, align=None):
+        """Runs the steps of one epoch from `start_step` over a distributed dataset.
+
+        The steps run in chunks of `train.steps_per_execution` traced steps.
 
         Args:
-            dataset: a distributed train dataset of full global batches.
-            on_progress: called as `on_progress(step, loss, accuracy, images_per_s)`
-                at most every `progress_every` seconds (reading the metrics syncs
-                with the device, so it is only done when someone looks).
-            progress_every: seconds between progress calls.
+            dataset: a distributed train dataset of full global batches, already
+                positioned at `start_step`.
+            start_step: steps of this epoch done before (a mid-epoch resume); the
+                metric sums are kept then, so the epoch's figures cover all its steps.
+            after_chunk: called as `after_chunk(done, images_per_s)` after every
+                chunk; returning True ends the epoch early (preemption).
+            align: chunks end at multiples of this many steps (checkpoint steps).
 
         Returns:
-            dict with train_loss, train_accuracy, images_per_second, seconds.
+            dict with train_loss, train_accuracy, images_per_second, seconds, and
+            `completed` (False when after_chunk stopped the epoch).
         """
-        self._reset()
+        if start_step == 0:
+            self.reset_metrics()
         iterator = iter(dataset)
         chunk = self.train.steps_per_execution
-        start = last = time.perf_counter()
-        done = 0
+        start = time.perf_counter()
+        done = start_step
+        completed = True
         while done < self.steps_per_epoch:
             n = min(chunk, self.steps_per_epoch - done)
+            if align:
+                n = min(n, align - done % align)
             self._train_steps(iterator, tf.constant(n))
             done += n
-            now = time.perf_counter()
-            if on_progress is not None and now - last >= progress_every:
-                loss, acc = self._read()
-                on_progress(done, loss, acc, done * self.global_batch / (now - start))
-                last = now
-        loss, acc = self._read()  # also waits for the last step to finish
+            if after_chunk is not None and after_chunk(
+                    done, (done - start_step) * self.global_batch
+                    / max(time.perf_counter() - start, 1e-9)):
+                completed = done >= self.steps_per_epoch
+                break
+        loss, acc = self.metrics()  # also waits for the last step to finish
         seconds = time.perf_counter() - start
         return {"train_loss": loss, "train_accuracy": acc,
-                "images_per_second": done * self.global_batch / seconds,
-                "seconds": seconds}
+                "images_per_second": (done - start_step) * self.global_batch / seconds,
+                "seconds": seconds, "completed": completed}
 
     def evaluate(self, dataset):
         """Loss and accuracy of this stage's head over a distributed eval dataset."""
-        self._reset()
+        self.reset_metrics()
         self._evaluate(dataset)
-        loss, acc = self._read()
+        loss, acc = self.metrics()
         return {"val_loss": loss, "val_accuracy": acc,
-                "val_examples": int(self._sums["count"].read_value())}
-
+                "val_examples": int(self.sums["count"].read_value())}

@@ -1,18 +1,28 @@
 """`python -m kgreedy.train RECIPE.json [--output DIR] [--set KEY=VALUE ...] [--resume]
 [--dry-run]`: parses, validates everything that can be checked cheaply, and calls
-the engine. Nothing is written before the recipe and the data are known good."""
+the engine. Nothing is written before the recipe and the data are known good.
+
+Exit status: 0 done; 1 failure (a non-finite loss among them); 2 bad usage, recipe
+or data, or a run directory in use; 75 preempted by SIGTERM after writing a
+checkpoint (rerun the same command with --resume).
+"""
 
 import json
 import os
+import shutil
+import tempfile
 
 import keras
+import tensorflow as tf
 
 from kgreedy import cli, data, distribute
 from kgreedy.errors import KgreedyError
 from kgreedy.greedy import GreedyTrainer
 from kgreedy.network import GreedyNet, parameter_table
+from kgreedy.progress import Progress
 from kgreedy.recipe import check_against_data, load_recipe
 from kgreedy.rundir import RunDir
+from kgreedy.runlock import RunLock
 
 
 def parse_args(argv):
@@ -63,6 +73,10 @@ def prepare_output(path, resume):
 def main(argv=None):
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)
+    # Both must happen before TensorFlow runs its first op.
+    distribute.configure_devices(recipe.distribute)
+    if recipe.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     spec = data.describe(recipe.data)
     strategy = distribute.make_strategy(recipe.distribute)
     check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
@@ -70,16 +84,33 @@ def main(argv=None):
         print_dry_run(recipe, spec)
         return cli.EXIT_OK
     output = args.output or os.path.join("runs", recipe.name)
-    prepare_output(output, args.resume)
-    if args.resume:
-        _check_same_recipe(output, recipe)
+    worker = distribute.WorkerInfo(strategy)
+    if worker.is_chief:
+        prepare_output(output, args.resume)
+        if args.resume:
+            _check_same_recipe(output, recipe)
 
     keras.utils.set_random_seed(recipe.seed)
     datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
                          eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
+    progress = Progress()
+    if not worker.is_chief:
+        # TensorFlow's multi-worker pattern: every worker saves (saving can involve
+        # collectives), but only the chief into the real run directory.
+        scratch = tempfile.mkdtemp(prefix=f"kgreedy-{worker.task.replace(':', '-')}-")
+        try:
+            GreedyTrainer(recipe, datasets, RunDir(scratch), strategy, progress,
+                          source=RunDir(output)).fit(resume=args.resume)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return cli.EXIT_OK
     os.makedirs(output, exist_ok=True)
     run = RunDir(output)
-    summary = GreedyTrainer(recipe, datasets, run, strategy).fit(resume=args.resume)
+    with RunLock(output) as lock:
+        if lock.warning:
+            progress.warning(lock.warning)
+        summary = GreedyTrainer(recipe, datasets, run, strategy, progress).fit(
+            resume=args.resume)
     final = summary["final"]
     print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
           f"summary {run.summary}")
