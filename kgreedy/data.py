@@ -366,6 +366,10 @@ def _with_stats(config, spec, sample):
         mean = mean if mean is not None else measured_mean
         std = std if std is not None else measured_std
     channels = spec.image_shape[2]
+    for key, stats in (("mean", mean), ("std", std)):
+        if len(stats) not in (1, channels):
+            raise DataError(f"data.{key}", f"needs 1 or {channels} values (one per channel "
+                            "of the model input)", list(stats))
     mean = tuple(mean) * (channels if len(mean) == 1 else 1)
     std = tuple(std) * (channels if len(std) == 1 else 1)
     return dataclasses.replace(spec, mean=mean, std=std)

@@ -297,6 +297,11 @@ def _validate(recipe):
         raise RecipeError("data.std", "values must be > 0", list(data.std))
     if data.augment == "imagenet" and data.image_size is None:
         raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
+    if recipe.distribute.logical_cpus > 1 and recipe.distribute.strategy not in ("auto",
+                                                                               "mirrored"):
+        raise RecipeError("distribute.logical_cpus", "only applies to strategies 'auto' and "
+                          f"'mirrored', not {recipe.distribute.strategy!r}",
+                          recipe.distribute.logical_cpus)
     if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
         raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
                           list(recipe.distribute.devices))

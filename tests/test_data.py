@@ -142,6 +142,12 @@ def test_digits_given_mean_and_std_are_used_not_measured():
     assert datasets.spec.mean == (2.0,) and datasets.spec.std == (4.0,)
 
 
+def test_mean_with_the_wrong_number_of_channels_is_an_error():
+    config = data_config(source="digits", channels=3, mean=[1.0, 2.0], std=[4.0])
+    with pytest.raises(DataError, match=r"data.mean: needs 1 or 3 values .*received \[1.0, 2.0\]"):
+        data.load(config, data.describe(config), batch_size=32)
+
+
 # ----------------------------------------------------------- image_folder ----
 
 CAT_COLOURS = [(200, 10 + 20 * i, 30) for i in range(6)]   # red-ish: R > B

@@ -91,6 +91,9 @@ def test_global_batch_must_split_over_the_replicas():
 def test_logical_cpus_is_validated():
     with pytest.raises(RecipeError, match=r"distribute.logical_cpus.*received 0"):
         recipe(distribute={"logical_cpus": 0})
+    with pytest.raises(RecipeError, match=r"distribute.logical_cpus: only applies to "
+                                          r"strategies 'auto' and 'mirrored'.*received 2"):
+        recipe(distribute={"strategy": "multi_worker", "logical_cpus": 2})
 
 
 # ------------------------------------------------------------------ input ----
