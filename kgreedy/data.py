@@ -94,7 +94,12 @@ class Datasets:
         self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
         self._augment = _train_transform(config, spec)
 
-    def train_for(self, epoch=0, skip_steps=0, input_context=None):
+    @property
+    def augmented(self):
+        """Whether training inputs are random (then features cannot be cached)."""
+        return self.config.augment != "none"
+
+    def train_for(self, epoch=0, skip_steps=0, input_context=None, source=None):
         """The train pipeline of one epoch (0-based), full batches only.
 
         Args:
@@ -102,9 +107,11 @@ class Datasets:
             skip_steps: global steps of this epoch already trained (resume).
             input_context: a `tf.distribute.InputContext`: the pipeline then yields
                 per-replica batches of this worker's shard of the examples.
+            source: examples to use instead of `train_source`, in the same order and
+                already transformed (the frozen-prefix feature cache).
         """
         batch, pipelines, pipeline_id = self.batch_size, 1, 0
-        ds = self.train_source
+        ds = self.train_source if source is None else source
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(self.batch_size)
             pipelines, pipeline_id = (input_context.num_input_pipelines,
@@ -116,6 +123,8 @@ class Datasets:
               .enumerate()
               .skip(skip_steps * (self.batch_size // pipelines)))
         augment, base = self._augment, pipeline_id * 2 ** 32
+        if source is not None:
+            augment = _as_is
 
         def transform(index, example):
             image, label = example
@@ -126,17 +135,22 @@ class Datasets:
               .batch(batch, drop_remainder=True))
         return _with_options(ds).prefetch(tf.data.AUTOTUNE)
 
-    def eval_for(self, input_context=None):
-        """The eval pipeline, in order; the last batch may be partial."""
-        batch, ds = self.eval_batch_size, self.eval_source
+    def eval_for(self, input_context=None, source=None):
+        """The eval pipeline, in order; the last batch may be partial.
+
+        `source`: already transformed examples to use instead of `eval_source`.
+        """
+        batch = self.eval_batch_size
+        ds = self.eval_source if source is None else source
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(self.eval_batch_size)
             ds = ds.shard(input_context.num_input_pipelines,
                           input_context.input_pipeline_id)
-        spec = self.spec
-        ds = (ds.map(lambda x, y: (eval_transform(x, spec), y),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-              .batch(batch))
+        if source is None:
+            spec = self.spec
+            ds = ds.map(lambda x, y: (eval_transform(x, spec), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch)
         return _with_options(ds).prefetch(tf.data.AUTOTUNE)
 
     @property
@@ -148,6 +162,11 @@ class Datasets:
     def eval(self):
         """The eval pipeline in global batches."""
         return self.eval_for()
+
+
+def _as_is(features, seed):
+    del seed  # cached features are not augmented
+    return features
 
 
 def _with_options(ds):
@@ -368,8 +387,8 @@ def _with_stats(config, spec, sample):
     channels = spec.image_shape[2]
     for key, stats in (("mean", mean), ("std", std)):
         if len(stats) not in (1, channels):
-            raise DataError(f"data.{key}", f"needs 1 or {channels} values (one per channel "
-                            "of the model input)", list(stats))
+            raise DataError(f"data.{key}", f"needs one value, or one per channel of the "
+                            f"model input ({channels})", list(stats))
     mean = tuple(mean) * (channels if len(mean) == 1 else 1)
     std = tuple(std) * (channels if len(std) == 1 else 1)
     return dataclasses.replace(spec, mean=mean, std=std)

@@ -58,6 +58,7 @@ def _exists_error(version, export_root):
 
 def _outputs(logits, class_names):
     """The serving outputs of a batch of logits."""
+    logits = tf.cast(logits, tf.float32)  # mixed-precision models give bfloat16/float16
     class_ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
     return {"probabilities": tf.nn.softmax(logits, axis=-1),
             "class_ids": class_ids,

@@ -10,9 +10,11 @@ import signal
 import threading
 import time
 
+import keras
 import tensorflow as tf
 
 from kgreedy import data, export
+from kgreedy.cache import FeatureCache, use_cache
 from kgreedy.checkpoints import restore_latest_good
 from kgreedy.distribute import WorkerInfo
 from kgreedy.errors import NonFiniteLoss, Preempted
@@ -57,6 +59,10 @@ class GreedyTrainer:
         self.callbacks = list(callbacks)
         self.worker = WorkerInfo(strategy)
         spec = datasets.spec
+        # Global Keras state: set on every trainer so one run's policy never leaks
+        # into the next in the same process.
+        precision = recipe.train.mixed_precision
+        keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)
         with strategy.scope():
             self.net = GreedyNet(recipe, spec.image_shape, spec.num_classes,
                                  spec.mean, spec.std)
@@ -153,18 +159,40 @@ class GreedyTrainer:
                 f"{last or 'none in this stage'}; lower train.optimizer.learning_rate or "
                 "check the data")
 
-    def _train_data(self, stage, epoch, start_step):
+    def _train_data(self, stage, epoch, start_step, source=None):
         data_epoch = (stage - 1) * self.recipe.train.epochs_per_stage + epoch - 1
         return self.strategy.distribute_datasets_from_function(
-            lambda context: self.datasets.train_for(data_epoch, start_step, context))
+            lambda context: self.datasets.train_for(data_epoch, start_step, context, source))
 
     # -------------------------------------------------------------- stage ----
 
     def _fit_stage(self, stage, records, resume):
+        cache = None
+        if use_cache(self.recipe, self.datasets, stage, self.worker.num_workers):
+            cache = FeatureCache(self.net, stage, self.datasets,
+                                 self.run.path("cache", f"stage{stage}"),
+                                 self.recipe.train.cache_memory_mb)
+            self.progress.message(f"stage {stage}: {cache.describe()}")
+            cache.build()
+            self.progress.message(f"stage {stage}: cached in {cache.seconds:.1f}s")
+        try:
+            self._fit_stage_on(stage, records, resume, cache)
+        finally:
+            if cache is not None:
+                cache.remove()
+
+    def _fit_stage_on(self, stage, records, resume, cache):
         epochs = self.recipe.train.epochs_per_stage
         steps = self.steps_per_epoch
         loop = StageLoop(self.net, stage, self.recipe.train, self.strategy, steps,
-                         end_to_end=self.end_to_end)
+                         end_to_end=self.end_to_end, cached_features=cache is not None)
+        train_source = eval_data = None
+        if cache is None:
+            eval_data = self.eval_data
+        else:
+            train_source = cache.train_source
+            eval_data = self.strategy.distribute_datasets_from_function(
+                lambda context: self.datasets.eval_for(context, cache.eval_source))
         with self.strategy.scope():
             epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = stage_checkpoint(self.net, stage, epoch=epoch_var, **loop.state())
@@ -210,11 +238,12 @@ class GreedyTrainer:
                                     "to continue")
                 return False
 
-            result = loop.train_epoch(self._train_data(stage, epoch, start_step),
-                                      start_step, after_chunk, align=every)
+            result = loop.train_epoch(
+                self._train_data(stage, epoch, start_step, train_source),
+                start_step, after_chunk, align=every)
             self._check_finite(loop, stage)
             result.pop("completed")
-            result.update(loop.evaluate(self.eval_data))
+            result.update(loop.evaluate(eval_data))
             record = {"stage": stage, "epoch": epoch, **result,
                       "learning_rate": learning_rate}
             # Record first, then checkpoint: a kill in between repeats the epoch, and
@@ -224,7 +253,7 @@ class GreedyTrainer:
             manager.save(checkpoint_number=loop.step)
             self.progress.epoch_end(record, epochs, steps)
         last = [r for r in records.epochs() if r["stage"] == stage]
-        record = last[-1] if last else {**loop.evaluate(self.eval_data),
+        record = last[-1] if last else {**loop.evaluate(eval_data),
                                         "train_loss": None, "train_accuracy": None}
         entry = {"stage": stage, "val_accuracy": record["val_accuracy"],
                  "val_loss": record["val_loss"],

@@ -22,6 +22,8 @@ OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_DECAY_TYPES = ("l2", "decoupled")
 SCHEDULES = ("constant", "step", "cosine")
 MODES = ("greedy", "end_to_end")
+CACHE_MODES = ("auto", "on", "off")
+PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -140,6 +142,17 @@ class TrainConfig:
         None, low=1, doc="also checkpoint mid-epoch every N steps (default: per epoch)")
     deterministic: bool = _key(
         False, doc="op determinism: a resumed run ends bitwise equal to an unbroken one")
+    cache_features: str = _key(
+        "auto", choices=CACHE_MODES,
+        doc="run the frozen blocks once per stage and train on their cached output; "
+            "auto: when data.augment is none (greedy mode, one worker)")
+    cache_memory_mb: int = _key(
+        1024, low=0, doc="cached features up to this size stay in memory, else on disk "
+                         "in the run directory (removed after the stage)")
+    mixed_precision: str = _key(
+        "none", choices=PRECISIONS,
+        doc="Keras mixed-precision policy; mixed_float16 adds dynamic loss scaling")
+    jit_compile: bool = _key(False, doc="XLA-compile the forward and backward pass")
     optimizer: OptimizerConfig = _key(OptimizerConfig())
     lr_schedule: ScheduleConfig = _key(ScheduleConfig())
 
@@ -297,6 +310,13 @@ def _validate(recipe):
         raise RecipeError("data.std", "values must be > 0", list(data.std))
     if data.augment == "imagenet" and data.image_size is None:
         raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
+    if recipe.train.cache_features == "on" and recipe.data.augment != "none":
+        raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
+                          f"features cannot be augmented (data.augment is "
+                          f"{recipe.data.augment!r}); use 'auto' or 'off'", "on")
+    if recipe.train.cache_features == "on" and recipe.train.mode == "end_to_end":
+        raise RecipeError("train.cache_features", "'on' does not apply to train.mode "
+                          "'end_to_end' (every block trains)", "on")
     if recipe.distribute.logical_cpus > 1 and recipe.distribute.strategy not in ("auto",
                                                                                "mirrored"):
         raise RecipeError("distribute.logical_cpus", "only applies to strategies 'auto' and "

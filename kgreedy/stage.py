@@ -6,6 +6,7 @@ controller in `kgreedy.greedy` drives it epoch by epoch.
 
 import time
 
+import keras
 import tensorflow as tf
 
 from kgreedy.optim import l2_penalty, make_optimizer, make_schedule
@@ -35,16 +36,21 @@ class StageLoop:
         strategy: a `tf.distribute.Strategy`; variables are created in its scope.
         steps_per_epoch: train steps per epoch (full global batches).
         end_to_end: train blocks 1..stage jointly (the baseline).
+        cached_features: the datasets yield the output of blocks 1..stage-1 (the
+            feature cache) instead of images.
     """
 
-    def __init__(self, net, stage, train, strategy, steps_per_epoch, end_to_end=False):
+    def __init__(self, net, stage, train, strategy, steps_per_epoch, end_to_end=False,
+                 cached_features=False):
         self.net = net
         self.stage = stage
         self.train = train
         self.strategy = strategy
         self.steps_per_epoch = steps_per_epoch
         self.end_to_end = end_to_end
+        self.cached_features = cached_features
         self.global_batch = train.batch_size
+        self.loss_scaling = train.mixed_precision == "mixed_float16"
         with strategy.scope():
             net.set_trainable_stage(stage, end_to_end)
             blocks = net.blocks[:stage] if end_to_end else [net.blocks[stage - 1]]
@@ -52,6 +58,10 @@ class StageLoop:
                               + net.heads[stage - 1].trainable_weights)
             self.schedule = make_schedule(train, steps_per_epoch)
             self.optimizer = make_optimizer(train.optimizer, self.schedule)
+            if self.loss_scaling:
+                # float16 gradients underflow without it; dynamic scaling also skips
+                # steps whose scaled gradients overflow.
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             # Build the slots now, in scope, before the first traced step
             # (keras-team/keras#23085).
             self.optimizer.build(self.variables)
@@ -61,12 +71,18 @@ class StageLoop:
             # are. Set from the all-reduced loss, so every replica and worker agrees.
             self.first_bad_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                               name=f"stage{stage}_first_bad_step")
+        # XLA compiles the forward and backward pass only: the optimizer update and
+        # the metric sums stay outside, where tf.distribute can all-reduce.
+        self._gradients = tf.function(self._gradients_fn, jit_compile=True) \
+            if train.jit_compile else self._gradients_fn
         self._train_steps = tf.function(self._train_steps_fn)
         self._evaluate = tf.function(self._evaluate_fn)
 
     # ------------------------------------------------------------- traced ----
 
     def _logits(self, images, training):
+        if self.cached_features:
+            return self.net.stage_logits(images, self.stage, training)
         prefix_training = training and self.end_to_end
         features = self.net.features(images, self.stage - 1, training=prefix_training)
         return self.net.stage_logits(features, self.stage, training)
@@ -77,7 +93,7 @@ class StageLoop:
         self.sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
         self.sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
 
-    def _train_step(self, images, labels):
+    def _gradients_fn(self, images, labels):
         with tf.GradientTape() as tape:
             logits = self._logits(images, training=True)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -88,7 +104,11 @@ class StageLoop:
             penalty = l2_penalty(self.train.optimizer, self.variables)
             if penalty is not None:
                 loss += tf.nn.scale_regularization_loss(penalty)
-        grads = tape.gradient(loss, self.variables)
+            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+        return tape.gradient(scaled, self.variables), loss, logits, per_example
+
+    def _train_step(self, images, labels):
+        grads, loss, logits, per_example = self._gradients(images, labels)
         self.optimizer.apply_gradients(zip(grads, self.variables))
         self._accumulate(labels, logits, per_example)
         return loss

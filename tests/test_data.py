@@ -143,8 +143,10 @@ def test_digits_given_mean_and_std_are_used_not_measured():
 
 
 def test_mean_with_the_wrong_number_of_channels_is_an_error():
-    config = data_config(source="digits", channels=3, mean=[1.0, 2.0], std=[4.0])
-    with pytest.raises(DataError, match=r"data.mean: needs 1 or 3 values .*received \[1.0, 2.0\]"):
+    # No data.channels in the recipe: only the data knows the channel count (1).
+    config = data_config(source="digits", mean=[1.0, 2.0], std=[4.0])
+    with pytest.raises(DataError, match=r"data.mean: needs one value, or one per channel "
+                                        r"of the model input \(1\); received \[1.0, 2.0\]"):
         data.load(config, data.describe(config), batch_size=32)
 
 

@@ -1,0 +1,111 @@
+"""The frozen-prefix feature cache (`train.cache_features`).
+
+During stage j, blocks 1..j-1 are frozen and run in inference mode, so when the
+stage's inputs are deterministic (no augmentation) their output is the same every
+epoch. `FeatureCache` runs them once over the train and eval examples and stage j
+trains on the result: each step then costs only block j and its head.
+"""
+
+import os
+import shutil
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from kgreedy.data import eval_transform
+
+
+def use_cache(recipe, datasets, stage, num_workers):
+    """Whether stage `stage` trains on cached features (`train.cache_features`).
+
+    `auto` caches when there is a prefix to skip, the inputs are not augmented, the
+    run is greedy and has one worker (each worker would cache only its own shard,
+    which the data order does not allow for). `on` has been validated against the
+    recipe already; it still needs one worker.
+    """
+    mode = recipe.train.cache_features
+    if mode == "off" or stage < 2 or recipe.train.mode != "greedy":
+        return False
+    if mode == "auto":
+        return not datasets.augmented and num_workers == 1
+    return True
+
+
+class FeatureCache:
+    """Output of blocks 1..stage-1 for every train and eval example, computed once.
+
+    Examples keep the order of `datasets.train_source`/`eval_source`, so the seeded
+    per-epoch order (and a mid-epoch resume) is the same with or without the cache.
+    Features stay in memory up to `memory_mb`, else they go to `directory` (a
+    `tf.data` save, removed by `remove`).
+
+    Args:
+        net: the `GreedyNet`.
+        stage: the stage about to train (blocks 1..stage-1 are cached).
+        datasets: the run's `Datasets`.
+        directory: where features that do not fit in memory go.
+        memory_mb: the in-memory limit in MiB.
+        batch_size: examples per forward pass while caching.
+    """
+
+    def __init__(self, net, stage, datasets, directory, memory_mb=1024, batch_size=256):
+        self.net = net
+        self.stage = stage
+        self.datasets = datasets
+        self.directory = directory
+        self.memory_mb = memory_mb
+        self.batch_size = batch_size
+        shape = net.stage_shapes[stage - 2]
+        examples = (datasets.spec.num_train or 0) + (datasets.spec.num_eval or 0)
+        self.bytes = int(np.prod(shape)) * 4 * examples
+        self.in_memory = self.bytes <= memory_mb * 2 ** 20
+        self.train_source = None
+        self.eval_source = None
+        self.seconds = None
+
+    def describe(self):
+        where = "in memory" if self.in_memory else f"on disk in {self.directory}"
+        return (f"caching the output of blocks 1..{self.stage - 1} "
+                f"({self.bytes / 2 ** 30:.2f} GiB, {where})")
+
+    def build(self):
+        """Runs the frozen blocks over every example; returns self."""
+        start = time.perf_counter()
+        prefix = tf.function(
+            lambda images: self.net.features(images, self.stage - 1, training=False),
+            reduce_retracing=True)
+        self.train_source = self._cache(self.datasets.train_source, prefix, "train")
+        self.eval_source = self._cache(self.datasets.eval_source, prefix, "eval")
+        self.seconds = time.perf_counter() - start
+        return self
+
+    def _batches(self, source, prefix):
+        spec = self.datasets.spec
+        ds = (source.map(lambda x, y: (eval_transform(x, spec), y),
+                         num_parallel_calls=tf.data.AUTOTUNE)
+              .batch(self.batch_size).prefetch(tf.data.AUTOTUNE))
+        for images, labels in ds:
+            yield prefix(images), labels
+
+    def _cache(self, source, prefix, split):
+        if self.in_memory:
+            features, labels = zip(*((f.numpy(), y.numpy())
+                                     for f, y in self._batches(source, prefix)))
+            return tf.data.Dataset.from_tensor_slices((np.concatenate(features),
+                                                       np.concatenate(labels)))
+        shape = self.net.stage_shapes[self.stage - 2]
+        signature = (tf.TensorSpec((None, *shape), tf.float32),
+                     tf.TensorSpec((None,), tf.int32))
+        computed = tf.data.Dataset.from_generator(
+            lambda: self._batches(source, prefix), output_signature=signature).unbatch()
+        path = os.path.join(self.directory, split)
+        # One shard: loading then returns the examples in the order they were saved.
+        computed.save(path, shard_func=lambda features, label: tf.constant(0, tf.int64))
+        return tf.data.Dataset.load(path)
+
+    def remove(self):
+        """Frees the features (and deletes the on-disk copy)."""
+        self.train_source = self.eval_source = None
+        if not self.in_memory:
+            shutil.rmtree(self.directory, ignore_errors=True)
