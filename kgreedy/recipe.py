@@ -177,6 +177,9 @@ class ExportConfig:
     model_name: typing.Optional[str] = _key(None, pattern=_NAME_RE,
                                             doc="default: the recipe name")
     version: typing.Optional[int] = _key(None, low=1, doc="default: next free version")
+    keep_versions: typing.Optional[int] = _key(
+        None, low=1, doc="after exporting, delete all but the newest N versions "
+                         "(default: keep all)")
 
 
 @dataclass(frozen=True, kw_only=True)
