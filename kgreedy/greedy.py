@@ -280,7 +280,8 @@ class GreedyTrainer:
         if self.recipe.export.enabled:
             path = export.export_saved_model(
                 self.net, self.datasets.spec, self.run.export_root(self.recipe.model_name),
-                stage=last["stage"], version=self.recipe.export.version)
+                stage=last["stage"], version=self.recipe.export.version,
+                keep_versions=self.recipe.export.keep_versions)
             final["export_path"] = path
             self.progress.message(f"exported {path}")
         records.final(final)

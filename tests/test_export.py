@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -348,3 +349,155 @@ def test_cli_bad_input_exits_2_and_creates_nothing(run_dir, tmp_path, capsys, ar
     assert needle in err
     assert _tree(run_dir) == before
     assert not (tmp_path / "missing").exists()
+
+
+# ------------------------------------------------- input checks in the graph ----
+
+def _message(error):
+    return error.value.message
+
+
+@pytest.mark.parametrize("shape, dtype", [([8, 8, 1], tf.float32), ([1, 8, 8, 3], tf.float32),
+                                          ([1, 8, 8], tf.float32), ([1, 1, 8, 8, 1], tf.float32)])
+def test_serving_default_rejects_wrong_rank_and_channels(exported, shape, dtype):
+    _, loaded = exported
+    # A loaded signature function does not check its TensorSpec (nor does TF Serving):
+    # the check inside the graph must, naming the input.
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        loaded.signatures["serving_default"](images=tf.zeros(shape, dtype))
+    assert "Shape of tensor images" in _message(info)
+    assert "expected shape [?,8,8,1]" in _message(info)
+
+
+@pytest.mark.parametrize("dtype", [tf.int32, tf.float64, tf.uint8])
+def test_serving_default_rejects_wrong_dtype(exported, dtype):
+    _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a float tensor"):
+        loaded.signatures["serving_default"](images=tf.zeros([1, 8, 8, 1], dtype))
+
+
+def test_serve_encoded_rejects_scalar_and_non_strings(exported):
+    _, loaded = exported
+    fn = loaded.signatures["serve_encoded"]
+    png = tf.io.encode_png(tf.zeros([8, 8, 1], tf.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        fn(image_bytes=png)  # one image, not a batch of one
+    assert "Shape of tensor image_bytes [] is not compatible with expected shape [?]" in \
+        _message(info)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a string"):
+        fn(image_bytes=tf.zeros([1]))
+
+
+@pytest.mark.parametrize("eval_resize", ["none", "resize_crop"])
+def test_empty_batch_gets_empty_outputs(trained, tmp_path, eval_resize):
+    _, spec, net, _ = trained
+    spec = dataclasses.replace(spec, eval_resize=eval_resize)
+    loaded = tf.saved_model.load(export.export_saved_model(net, spec, str(tmp_path)))
+    for name, kwargs in [("serving_default", {"images": tf.zeros([0, 8, 8, 1])}),
+                         ("serve_encoded", {"image_bytes": tf.zeros([0], tf.string)})]:
+        out = loaded.signatures[name](**kwargs)
+        assert {k: (v.dtype, v.shape.as_list()) for k, v in out.items()} == {
+            "probabilities": (tf.float32, [0, 10]), "class_ids": (tf.int64, [0]),
+            "class_names": (tf.string, [0])}, name
+
+
+def test_class_names_are_kept_beside_the_signatures(trained, exported):
+    _, spec, _, _ = trained
+    _, loaded = exported
+    assert [n.decode() for n in loaded.class_names[0].numpy()] == list(spec.class_names)
+
+
+# ---------------------------------------------------------------- warm-up ----
+
+def test_every_version_has_warmup_written_before_the_rename(trained, tmp_path, monkeypatch):
+    _, spec, net, _ = trained
+    root = tmp_path / "mymodel"
+    rename = os.rename
+    seen = []
+
+    def checking_rename(src, dst):
+        seen.append(os.path.isfile(os.path.join(src, export.WARMUP_FILE)))
+        rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", checking_rename)
+    for version in (1, 2):
+        path = export.export_saved_model(net, spec, str(root))
+        assert os.path.getsize(os.path.join(path, export.WARMUP_FILE)) > 0
+    assert seen == [True, True]
+
+
+# --------------------------------------------------------- keep_versions ----
+
+def test_keep_versions_prunes_the_oldest(trained, tmp_path):
+    _, spec, net, _ = trained
+    for _ in range(3):
+        export.export_saved_model(net, spec, str(tmp_path))
+    (tmp_path / "notes").mkdir()  # not a version: left alone
+    path = export.export_saved_model(net, spec, str(tmp_path), keep_versions=2)
+    assert path == str(tmp_path / "4")
+    assert export.existing_versions(str(tmp_path)) == [3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["3", "4", "notes"]
+    tf.saved_model.load(path)  # the new one is whole
+
+
+def test_keep_versions_never_deletes_the_version_just_written(trained, tmp_path):
+    _, spec, net, _ = trained
+    for version in (5, 6):
+        export.export_saved_model(net, spec, str(tmp_path), version=version)
+    path = export.export_saved_model(net, spec, str(tmp_path), version=2, keep_versions=1)
+    assert path == str(tmp_path / "2")
+    assert export.existing_versions(str(tmp_path)) == [2, 6]
+
+
+def test_pruning_renames_away_before_deleting(trained, tmp_path, monkeypatch):
+    _, spec, net, _ = trained
+    for _ in range(2):
+        export.export_saved_model(net, spec, str(tmp_path))
+    (tmp_path / ".deleting-7-dead").mkdir()  # left by an interrupted prune
+    rmtree = export.shutil.rmtree
+    deleted = []
+
+    def watching_rmtree(path, *args, **kwargs):
+        # By the time anything is deleted, TF Serving no longer sees the version.
+        assert not os.path.basename(path).isdigit()
+        deleted.append((os.path.basename(path), export.existing_versions(str(tmp_path))))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(export.shutil, "rmtree", watching_rmtree)
+    assert export.prune_versions(str(tmp_path), 1) == [1]
+    assert deleted[0][0].startswith(".deleting-1-") and deleted[0][1] == [2]
+    assert sorted(os.listdir(tmp_path)) == ["2"]
+
+
+def test_failed_pruning_warns_and_keeps_the_new_version(trained, tmp_path, monkeypatch):
+    _, spec, net, _ = trained
+    export.export_saved_model(net, spec, str(tmp_path))
+
+    def failing_rmtree(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(export.shutil, "rmtree", failing_rmtree)
+    with pytest.warns(UserWarning, match="deleting old versions failed"):
+        path = export.export_saved_model(net, spec, str(tmp_path), keep_versions=1)
+    assert path == str(tmp_path / "2") and export.existing_versions(str(tmp_path)) == [2]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, "2", 1.5])
+def test_bad_keep_versions_is_rejected_before_writing(trained, tmp_path, keep):
+    _, spec, net, _ = trained
+    with pytest.raises(KgreedyError, match="--keep-versions: must be a positive integer"):
+        export.export_saved_model(net, spec, str(tmp_path / "models"), keep_versions=keep)
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_keep_versions(run_dir, tmp_path, capsys):
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")  # the other CLI tests count versions
+    root = os.path.join(run_dir, "export", "t")
+    for _ in range(2):
+        assert cli.run(export.main, [str(run_dir), "--keep-versions", "1"]) == 0
+    newest = capsys.readouterr().out.strip().splitlines()[-1]
+    assert export.existing_versions(root) == [int(os.path.basename(newest))]
+    with pytest.raises(SystemExit) as info:
+        cli.run(export.main, [str(run_dir), "--keep-versions", "0"])
+    assert info.value.code == 2
+    assert "--keep-versions" in capsys.readouterr().err

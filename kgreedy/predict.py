@@ -1,0 +1,106 @@
+"""Classifies image files with an exported SavedModel.
+
+    python -m kgreedy.predict EXPORT_DIR IMAGE... [--top-k K] [--json]
+
+EXPORT_DIR is a version directory (RUN_DIR/export/MODEL_NAME/VERSION) or a model base
+path, of which the newest version is used, as TF Serving does. Each PNG or JPEG file
+goes through the `serve_encoded` signature (`tf.saved_model.load`: neither Keras nor
+kgreedy's training code is needed); the output is its top K classes with their
+probabilities, or JSON with `--json`. A file that cannot be read or decoded gets one
+`kgreedy: error:` line on stderr; the others are still answered, and the exit status
+is 2 if any file was bad.
+"""
+
+import json
+import os
+import re
+import sys
+
+from kgreedy import cli
+from kgreedy.errors import KgreedyError
+
+_VERSION_RE = re.compile(r"[0-9]+")
+
+
+def _model_dir(path):
+    """The version directory to load: `path` itself, or its newest version."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = sorted(int(name) for name in os.listdir(path)
+                      if _VERSION_RE.fullmatch(name) and int(name) > 0 and os.path.isfile(
+                          os.path.join(path, name, "saved_model.pb"))) \
+        if os.path.isdir(path) else []
+    if not versions:
+        raise KgreedyError("EXPORT_DIR", "not an exported model: neither a version "
+                           "directory with saved_model.pb nor a model base path with "
+                           "versions", path)
+    return os.path.join(path, str(versions[-1]))
+
+
+def _reason(error):
+    """The line of a TensorFlow error that says what is wrong (not where)."""
+    lines = [line.strip() for line in error.message.splitlines()]
+    useful = [line for line in lines if line and not line.startswith(
+        ("Graph execution error", "Detected at node", "<stack traces", "[["))]
+    return re.sub(r"\s*\[Op:[^\]]*\]$", "", (useful or lines or ["?"])[0])
+
+
+def main(argv=None):
+    """`python -m kgreedy.predict EXPORT_DIR IMAGE... [--top-k K] [--json]`."""
+    parser = cli.ArgumentParser(
+        prog="python -m kgreedy.predict",
+        description="Classify PNG or JPEG files with an exported SavedModel and print "
+                    "the top classes with their probabilities.")
+    parser.add_argument("export_dir", metavar="EXPORT_DIR",
+                        help="version directory, or model base path (newest version)")
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files")
+    parser.add_argument("--top-k", type=int, default=3, metavar="K",
+                        help="classes to print per file (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        raise KgreedyError("--top-k", "must be a positive integer", args.top_k)
+    model_dir = _model_dir(args.export_dir)
+
+    import tensorflow as tf  # after the checks: a bad path gives one line, fast
+
+    try:
+        model = tf.saved_model.load(model_dir)
+        classify = model.signatures["serve_encoded"]
+    except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
+        raise KgreedyError("EXPORT_DIR", f"cannot load serve_encoded from {model_dir} "
+                           f"({type(e).__name__}: {e})", args.export_dir) from None
+    # Exports keep every class name beside the signatures, which name the top one only.
+    names = getattr(model, "class_names", None)
+    names = [n.decode() for n in names[0].numpy()] if names else None
+
+    results, bad = [], 0
+    for path in args.images:
+        try:
+            with open(path, "rb") as f:
+                out = classify(image_bytes=tf.constant([f.read()]))
+        except OSError as e:
+            print(f"kgreedy: error: {path}: cannot read: {e.strerror or e}", file=sys.stderr)
+            bad += 1
+            continue
+        except tf.errors.InvalidArgumentError as e:
+            print(f"kgreedy: error: {path}: not an image this model can read: {_reason(e)}",
+                  file=sys.stderr)
+            bad += 1
+            continue
+        probabilities = out["probabilities"].numpy()[0]
+        top = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:args.top_k]
+        results.append({"file": path, "predictions": [
+            {"class_id": i, "class_name": names[i] if names else str(i),
+             "probability": float(probabilities[i])} for i in top]})
+        if not args.json:
+            print(path)
+            for p in results[-1]["predictions"]:
+                print(f"  {p['probability']:.4f}  {p['class_name']}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return cli.EXIT_USAGE if bad else cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
