@@ -1,8 +1,24 @@
 """Auxiliary classifiers ("heads") that train each new block, by name."""
 
+import inspect
+import math
+
 import keras
 
 from kgreedy.layers import ConvBlock, batch_norm_layer
+
+
+def average_pool(size, name="pool"):
+    """Adaptive average pooling of any map to `size` x `size`.
+
+    An output side of 1 is global average pooling: Keras 3.15's
+    `AdaptiveAveragePooling2D(1)` fails inside a `tf.function` (its "big" window is
+    one pixel wider than the map), which made pool_size 1 untrainable. Either layer
+    has no weights, so checkpoints are the same whichever is used.
+    """
+    if size == 1 or size == (1, 1):
+        return keras.layers.GlobalAveragePooling2D(keepdims=True, name=name)
+    return keras.layers.AdaptiveAveragePooling2D(size, name=name)
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")
@@ -40,7 +56,7 @@ class AuxHead(keras.layers.Layer):
         for i in range(1, k):
             setattr(self, f"conv{i}", ConvBlock(width, "none", batch_norm, sync_batch_norm,
                                                      name=f"conv{i}"))
-        self.pool = keras.layers.AdaptiveAveragePooling2D(pool_size, name="pool")
+        self.pool = average_pool(pool_size)
         self.bn = batch_norm_layer(synchronized=sync_batch_norm) if batch_norm else None
         self.flatten = keras.layers.Flatten(name="flatten")
         self.dense = keras.layers.Dense(num_classes, name="dense")
@@ -79,12 +95,163 @@ class AuxHead(keras.layers.Layer):
                 "batch_norm": self.batch_norm, "sync_batch_norm": self.sync_batch_norm}
 
 
-HEADS = {"conv": AuxHead}
+@keras.saving.register_keras_serializable(package="kgreedy")
+class MlpSrHead(keras.layers.Layer):
+    """The MLP-SR auxiliary network of Decoupled Greedy Learning (Belilovsky et al. 2020).
+
+    Spatial reduction first: an average pool to ceil(side / `reduction`) (never
+    below `pool_size`, never above the input side); then k-1 conv1x1 -> [BN] ->
+    ReLU layers of `width` channels; an average pool to `pool_size` x `pool_size`;
+    flatten; `mlp_layers` dense -> [BN] -> ReLU layers of 4 x `width` units (DGL's
+    flattened size at its 2x2 pool); one linear layer. Cheap next to the conv head:
+    the 1x1 convs run on a map 16 times smaller. As in DGL, no BN after the pool.
+
+    Args:
+        num_classes: outputs of the final linear layer (logits).
+        k: hidden layers of the auxiliary problem, the block included (k-1 conv1x1).
+        width: channels of the conv1x1 layers.
+        pool_size: side of the pooled map fed to the MLP.
+        mlp_layers: hidden dense layers (DGL uses 3).
+        reduction: the first pool divides the map's side by this.
+        batch_norm: BN after each conv1x1 and hidden dense layer.
+        sync_batch_norm: BN statistics over all replicas (see `batch_norm_layer`).
+        **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_head`).
+    """
+
+    def __init__(self, num_classes, k=2, width=128, pool_size=2, mlp_layers=3, reduction=4,
+                 batch_norm=True, sync_batch_norm=False, **kwargs):
+        super().__init__(**kwargs)
+        if k < 1:
+            raise ValueError(f"`k` must be >= 1. Received: k={k!r}")
+        if reduction < 1:
+            raise ValueError(f"`reduction` must be >= 1. Received: reduction={reduction!r}")
+        self.num_classes = num_classes
+        self.k = k
+        self.width = width
+        self.pool_size = pool_size
+        self.mlp_layers = mlp_layers
+        self.reduction = reduction
+        self.batch_norm = batch_norm
+        self.sync_batch_norm = sync_batch_norm
+        # One attribute per layer (see AuxHead). The reducing pool needs the input
+        # side, so `build` creates it.
+        self.reduce = None
+        for i in range(1, k):
+            setattr(self, f"conv{i}", keras.layers.Conv2D(
+                width, 1, use_bias=not batch_norm, kernel_initializer="he_normal",
+                name=f"conv{i}"))
+            setattr(self, f"conv{i}_bn", batch_norm_layer(f"conv{i}_bn", sync_batch_norm)
+                    if batch_norm else None)
+        self.pool = average_pool(pool_size)
+        self.flatten = keras.layers.Flatten(name="flatten")
+        for i in range(1, mlp_layers + 1):
+            setattr(self, f"mlp{i}", keras.layers.Dense(4 * width, name=f"mlp{i}"))
+            setattr(self, f"mlp{i}_bn", batch_norm_layer(f"mlp{i}_bn", sync_batch_norm)
+                    if batch_norm else None)
+        self.dense = keras.layers.Dense(num_classes, name="dense")
+        self.relu = keras.layers.ReLU(name="relu")
+
+    def reduced_side(self, side):
+        """Side of the map after the reducing pool, for an input of `side`."""
+        return min(side, max(math.ceil(side / self.reduction), self.pool_size))
+
+    def build(self, input_shape):
+        n, h, w, channels = input_shape
+        if h is not None and w is not None:
+            if (self.reduced_side(h), self.reduced_side(w)) != (h, w):
+                self.reduce = average_pool((self.reduced_side(h), self.reduced_side(w)),
+                                           name="reduce")
+            h, w = self.reduced_side(h), self.reduced_side(w)
+        for i in range(1, self.k):
+            getattr(self, f"conv{i}").build((n, h, w, channels))
+            channels = self.width
+            if self.batch_norm:
+                getattr(self, f"conv{i}_bn").build((n, h, w, channels))
+        features = self.pool_size * self.pool_size * channels
+        for i in range(1, self.mlp_layers + 1):
+            getattr(self, f"mlp{i}").build((n, features))
+            features = 4 * self.width
+            if self.batch_norm:
+                getattr(self, f"mlp{i}_bn").build((n, features))
+        self.dense.build((n, features))
+
+    def call(self, inputs, training=None):
+        x = inputs if self.reduce is None else self.reduce(inputs)
+        for i in range(1, self.k):
+            x = getattr(self, f"conv{i}")(x)
+            if self.batch_norm:
+                x = getattr(self, f"conv{i}_bn")(x, training=training)
+            x = self.relu(x)
+        x = self.flatten(self.pool(x))
+        for i in range(1, self.mlp_layers + 1):
+            x = getattr(self, f"mlp{i}")(x)
+            if self.batch_norm:
+                x = getattr(self, f"mlp{i}_bn")(x, training=training)
+            x = self.relu(x)
+        return self.dense(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "k": self.k,
+                "width": self.width, "pool_size": self.pool_size,
+                "mlp_layers": self.mlp_layers, "reduction": self.reduction,
+                "batch_norm": self.batch_norm, "sync_batch_norm": self.sync_batch_norm}
+
+
+@keras.saving.register_keras_serializable(package="kgreedy")
+class LinearHead(keras.layers.Layer):
+    """A linear classifier on the block's output: average pool to `pool_size` x
+    `pool_size`, flatten, one linear layer; no hidden layer and no BN.
+
+    It differs from `AuxHead` with k=1 only by the missing BN before the linear
+    layer: the plainest probe of what the block has learnt.
+
+    Args:
+        num_classes: outputs of the linear layer (logits).
+        pool_size: side of the pooled map.
+        **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_head`).
+    """
+
+    def __init__(self, num_classes, pool_size=2, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.pool_size = pool_size
+        self.pool = average_pool(pool_size)
+        self.flatten = keras.layers.Flatten(name="flatten")
+        self.dense = keras.layers.Dense(num_classes, name="dense")
+
+    def build(self, input_shape):
+        n, _, _, channels = input_shape
+        self.dense.build((n, self.pool_size * self.pool_size * channels))
+
+    def call(self, inputs, training=None):
+        del training  # nothing behaves differently in training
+        return self.dense(self.flatten(self.pool(inputs)))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "pool_size": self.pool_size}
+
+
+HEADS = {"conv": AuxHead, "mlp_sr": MlpSrHead, "linear": LinearHead}
 
 
 def make_head(kind, **kwargs):
-    """Builds a head by name (`conv`: the paper's auxiliary problem)."""
+    """Builds a head by name: `conv` (the paper's auxiliary problem), `mlp_sr`
+    (DGL's MLP-SR) or `linear`.
+
+    Keyword arguments that the head does not take are dropped, so one call site can
+    pass the whole aux design (`linear` takes neither `k` nor `width`, nor BN flags).
+    """
     if kind not in HEADS:
         raise ValueError(f"Unknown head {kind!r}; known heads: {sorted(HEADS)}. "
                          f"Received: kind={kind!r}")
-    return HEADS[kind](**kwargs)
+    cls = HEADS[kind]
+    accepted = inspect.signature(cls.__init__).parameters
+    base = {"name", "dtype", "trainable", "autocast"}
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted or k in base})

@@ -6,18 +6,46 @@ which are frozen, and `deployed_model` assembles what is exported.
 
 import keras
 
+from kgreedy.errors import RecipeError
 from kgreedy.heads import make_head
 from kgreedy.layers import ConvBlock, Standardize
 
 
 def head_widths(recipe):
-    """Width of each stage's head: aux.width, doubled at every downsampling so far."""
+    """Width of each stage's head: aux.width, doubled at every downsampling so far,
+    unless aux.per_stage gives the stage its own width (taken as is)."""
     widths, width = [], recipe.aux.width
-    for block in recipe.model.blocks:
+    per_stage = recipe.aux.per_stage
+    for j, block in enumerate(recipe.model.blocks):
         if block.downsample != "none" and recipe.aux.grow_with_downsample:
             width *= 2
-        widths.append(width)
+        own = per_stage[j].width if j < len(per_stage) else None
+        widths.append(width if own is None else own)
     return widths
+
+
+def head_designs(recipe):
+    """Per stage: the head's `kind`, `k`, `width` and `pool_size` (aux.*, with the
+    stage's aux.per_stage entry where one is given).
+
+    Raises:
+        RecipeError: aux.per_stage has more entries than there are blocks.
+    """
+    aux, blocks = recipe.aux, recipe.model.blocks
+    if len(aux.per_stage) > len(blocks):
+        raise RecipeError("aux.per_stage", f"has {len(aux.per_stage)} entries but "
+                          f"model.blocks has {len(blocks)} stages", len(aux.per_stage))
+    designs = []
+    for j, width in enumerate(head_widths(recipe)):
+        own = aux.per_stage[j] if j < len(aux.per_stage) else None
+
+        def pick(key, own=own):
+            value = None if own is None else getattr(own, key)
+            return getattr(aux, key) if value is None else value
+
+        designs.append({"kind": pick("head"), "k": pick("k"), "width": width,
+                        "pool_size": pick("pool_size")})
+    return designs
 
 
 class GreedyNet:
@@ -43,11 +71,11 @@ class GreedyNet:
         self.blocks = [ConvBlock(b.width, b.downsample, batch_norm, sync,
                                  name=f"stage{j}_block")
                        for j, b in enumerate(recipe.model.blocks, start=1)]
-        self.heads = [make_head("conv", num_classes=num_classes, k=recipe.aux.k,
-                                width=width, pool_size=recipe.aux.pool_size,
+        self.heads = [make_head(d["kind"], num_classes=num_classes, k=d["k"],
+                                width=d["width"], pool_size=d["pool_size"],
                                 batch_norm=batch_norm, sync_batch_norm=sync,
                                 name=f"stage{j}_head")
-                      for j, width in enumerate(head_widths(recipe), start=1)]
+                      for j, d in enumerate(head_designs(recipe), start=1)]
         shape = (None, *self.image_shape)
         self.stage_shapes = []
         for block, head in zip(self.blocks, self.heads):

@@ -84,15 +84,38 @@ class ModelConfig:
         False, doc="BN batch statistics over all replicas (several devices/workers)")
 
 
+HEAD_TYPES = ("conv", "mlp_sr", "linear")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxStageConfig:
+    """One stage's auxiliary design (`aux.per_stage[i]`, stage i+1); null keeps aux.*."""
+
+    head: typing.Optional[str] = _key(None, choices=HEAD_TYPES, doc="this stage's head type")
+    k: typing.Optional[int] = _key(None, low=1, doc="this stage's k")
+    width: typing.Optional[int] = _key(
+        None, low=1, doc="this stage's head width, as is (not doubled at downsamplings)")
+    pool_size: typing.Optional[int] = _key(None, low=1, doc="this stage's pool_size")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AuxConfig:
     """The auxiliary problem (`aux.*`), DESIGN.md section 1."""
 
+    head: str = _key("conv", choices=HEAD_TYPES,
+                     doc="conv: the paper's (k-1 conv3x3, pool, BN, linear); mlp_sr: "
+                         "Decoupled Greedy Learning's MLP-SR (pool to side/4, k-1 conv1x1, "
+                         "pool, 3 hidden dense layers, linear); linear: pool and one linear "
+                         "layer (k, width unused)")
     k: int = _key(2, low=1, doc="hidden layers of the auxiliary problem, block included")
     width: int = _key(128, low=1, doc="width of the head's k-1 conv layers at input resolution")
     grow_with_downsample: bool = _key(
         True, doc="double the head width at every downsampling, as the official code does")
     pool_size: int = _key(2, low=1, doc="the head averages the map to pool_size x pool_size")
+    per_stage: typing.Tuple[AuxStageConfig, ...] = _key(
+        (), doc="optional per-stage designs (default: none, every stage uses the keys "
+                "above); item i overrides them for stage i+1 (what a per_stage search "
+                "writes)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +336,10 @@ def _validate(recipe):
         raise RecipeError("data.std", "values must be > 0", list(data.std))
     if data.augment == "imagenet" and data.image_size is None:
         raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
+    if len(recipe.aux.per_stage) > len(recipe.model.blocks):
+        raise RecipeError("aux.per_stage", f"has more entries than the "
+                          f"{len(recipe.model.blocks)} stages of model.blocks",
+                          len(recipe.aux.per_stage))
     if recipe.train.cache_features == "on" and recipe.data.augment != "none":
         raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
                           f"features cannot be augmented (data.augment is "
@@ -433,7 +460,13 @@ def check_against_data(recipe, image_size, num_replicas=1):
                     f"{sum(b.downsample != 'none' for b in recipe.model.blocks)} "
                     "downsamplings)", block.downsample)
             size //= 2
-        if size < recipe.aux.pool_size:
+        own = recipe.aux.per_stage[i] if i < len(recipe.aux.per_stage) else None
+        if own is not None and own.pool_size is not None and size < own.pool_size:
+            raise RecipeError(
+                f"aux.per_stage[{i}].pool_size",
+                f"the feature map after block {i + 1} is {size}x{size}, smaller than "
+                "this pool size", own.pool_size)
+        if size < recipe.aux.pool_size and (own is None or own.pool_size is None):
             raise RecipeError(
                 f"model.blocks[{i}].downsample",
                 f"the feature map is {size}x{size} after this block, smaller than "
@@ -456,7 +489,9 @@ def describe_keys(cls=Recipe, prefix=""):
             yield from describe_keys(tp, path)
             continue
         if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            yield (path, "list of objects", "required", f.metadata.get("doc", ""))
+            default = ("required" if f.default is dataclasses.MISSING
+                       and f.default_factory is dataclasses.MISSING else "[]")
+            yield (path, "list of objects", default, f.metadata.get("doc", ""))
             yield from describe_keys(typing.get_args(tp)[0], path + "[]")
             continue
         default = "required" if f.default is dataclasses.MISSING else json.dumps(f.default)

@@ -20,7 +20,7 @@ from kgreedy.errors import KgreedyError
 from kgreedy.greedy import GreedyTrainer
 from kgreedy.network import GreedyNet, parameter_table
 from kgreedy.progress import Progress
-from kgreedy.recipe import check_against_data, load_recipe
+from kgreedy.recipe import check_against_data, load_recipe, recipe_from_dict
 from kgreedy.rundir import RunDir
 from kgreedy.runlock import RunLock
 
@@ -120,6 +120,12 @@ def main(argv=None):
 def _check_same_recipe(output, recipe):
     with open(os.path.join(output, "recipe.json"), encoding="utf-8") as f:
         saved = json.load(f)
+    # Compared after loading, so a run written before a key was added (and so
+    # without it in recipe.json) still resumes when the key is at its default.
+    try:
+        saved = recipe_from_dict(saved).to_dict()
+    except KgreedyError:
+        pass  # not loadable as a recipe any more: differs, reported below
     if saved != recipe.to_dict():
         raise KgreedyError("--resume", f"the recipe differs from the one in "
                            f"{output}/recipe.json; resume with the same recipe and --set "

@@ -368,3 +368,30 @@ def test_dry_run_cifar10_k3_needs_no_data(tmp_path):
                                batch_norm=True, size=32), proc.stdout
     assert deployed == [rows[-1]["deployed"]]
     assert "deployed model" in proc.stdout
+
+
+def per_stage_recipe(per_stage):
+    return recipe_from_dict({"name": "ps", "model": {"blocks": [
+        {"width": 4}, {"width": 4, "downsample": "psi"}]}, "aux": {"per_stage": per_stage}})
+
+
+def test_aux_per_stage_is_checked_against_the_stages_and_feature_maps():
+    with pytest.raises(RecipeError, match=r"aux.per_stage: has more entries than the 2 "
+                                          r"stages.*received 3"):
+        per_stage_recipe([{}, {}, {}])
+    # Digits are 8x8: block 2's map is 4x4, too small for a pool of 8.
+    with pytest.raises(RecipeError, match=r"aux.per_stage\[1\].pool_size: the feature map "
+                                          r"after block 2 is 4x4.*received 8"):
+        check_against_data(per_stage_recipe([{}, {"pool_size": 8}]), 8)
+    check_against_data(per_stage_recipe([{"pool_size": 4}]), 8)  # 8x8 after block 1: fits
+
+
+def test_resume_accepts_a_run_whose_recipe_json_predates_new_keys(tmp_path):
+    recipe = recipe_from_dict({"name": "old", "model": {"blocks": [{"width": 4}]}})
+    saved = recipe.to_dict()
+    del saved["train"]["cache_features"]  # as written before the key existed
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    train_cli._check_same_recipe(str(tmp_path), recipe)  # no error
+    changed = recipe_from_dict({"name": "old", "model": {"blocks": [{"width": 8}]}})
+    with pytest.raises(KgreedyError, match="the recipe differs"):
+        train_cli._check_same_recipe(str(tmp_path), changed)

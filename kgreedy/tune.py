@@ -1,0 +1,290 @@
+"""`python -m kgreedy.tune TUNE_RECIPE.json [--output DIR] [--set KEY=VALUE ...]`:
+a keras-tuner search over the auxiliary problem (head type, k, width, pool size) and
+the learning rate.
+
+Every trial builds a recipe from its hyperparameters, a `GreedyNet`, and trains its
+stages with kgreedy's own `StageLoop` under the recipe's strategy (the one training
+loop). Scope `joint`: a trial trains stages 1..N with one design and is scored on
+stage N. Scope `per_stage`: stage 1 is searched, its best design and trunk are kept,
+then stage 2 is searched on top of that trunk, and so on. Results go to DIR:
+`tune_recipe.json`, `tuner/` (keras-tuner projects: rerunning the command resumes
+them), `tuning.json` (trials by score) and `best_recipe.json` (a complete train recipe).
+
+Exit status: 0 done; 1 no trial completed, or another failure; 2 bad usage, tune
+recipe or data, or an output directory holding another search or in use.
+"""
+
+import json
+import os
+import time
+
+import tensorflow as tf
+from keras_tuner.src import config as keras_tuner_config
+
+from kgreedy import cli, data, distribute
+from kgreedy.errors import KgreedyError, TrainingStopped
+from kgreedy.files import write_json
+from kgreedy.progress import Progress
+from kgreedy.recipe import recipe_from_dict
+from kgreedy.runlock import RunLock
+from kgreedy.search_space import (OBJECTIVES, candidate_recipe, check_base,
+                                  load_tune_recipe, searched_values)
+from kgreedy.trials import TRIAL_INFO, ConfigError, Search, best_net, fmt, make_tuner
+
+TUNE_RECIPE, TUNING, BEST_RECIPE = "tune_recipe.json", "tuning.json", "best_recipe.json"
+CONTEXT = "kgreedy_context.json"  # in a search's project: what the search builds on
+# Keys that may change when a search is resumed: they do not change what a trial is.
+RESUMABLE_CHANGES = ("max_trials", "max_consecutive_failed_trials")
+
+
+class SearchFailed(TrainingStopped):
+    """No trial of a search completed, or too many failed in a row (exit status 1)."""
+
+
+class AuxTuning:
+    """Runs the searches of a tune recipe and writes the results.
+
+    Args:
+        tune: a validated `TuneRecipe`.
+        datasets: `kgreedy.data.Datasets` of the base recipe.
+        strategy: the base recipe's `tf.distribute.Strategy`.
+        output: the output directory (it exists).
+        progress: a `Progress`.
+    """
+
+    def __init__(self, tune, datasets, strategy, output, progress=None):
+        self.tune = tune
+        self.datasets = datasets
+        self.strategy = strategy
+        self.output = output
+        self.progress = progress or Progress()
+        self.searches = []  # (search, tuner), in order
+
+    def path(self, *parts):
+        return os.path.join(self.output, *parts)
+
+    def run(self):
+        """Runs (or resumes) every search; returns the tuning.json dict."""
+        tune = self.tune
+        if tune.scope == "joint":
+            best = self._search(tune.num_stages, context={})
+            designs, lr = [best["design"]], best["learning_rate"]
+        else:
+            designs, lr, trunk_net, context = [], None, None, {}
+            for stage in range(1, tune.num_stages + 1):
+                best = self._search(stage, context, designs, lr, trunk_net)
+                designs.append(best["design"])
+                lr = best["learning_rate"] if lr is None else lr
+                # What the next search builds on: this search and its best trial.
+                context = {"after": context, "stage": stage, "best_trial": best["trial_id"],
+                           "designs": list(designs), "learning_rate": lr}
+                if stage < tune.num_stages:
+                    trunk_net = best_net(self.searches[-1][1])
+        recipe = candidate_recipe(tune, designs, lr, name=f"{tune.name}_best")
+        recipe = recipe_from_dict(dict(recipe.to_dict(), description=self._describe(designs)))
+        write_json(self.path(BEST_RECIPE), recipe.to_dict())
+        return self._write_results(best_recipe=BEST_RECIPE)
+
+    def _search(self, stage, context, designs=(), learning_rate=None, trunk_net=None):
+        """Runs one search (per_stage: on top of `trunk_net`); returns its best row.
+
+        `context` says what the search builds on. A resumed per_stage search whose
+        earlier stages now have another best trial (more trials were allowed) is stale:
+        it is moved aside and searched again.
+        """
+        search = Search(self.tune, self.datasets, self.strategy, self.progress, self.output,
+                        stage, designs, learning_rate, trunk_net)
+        self._check_context(search.name, context)
+        tuner = make_tuner(search, self.path("tuner"))
+        self.searches.append((search, tuner))
+        done = sum(t.status in ("COMPLETED", "FAILED") for t in tuner.oracle.trials.values())
+        self.progress.message(f"search {search.name}: {self.tune.tuner}"
+                              + (f", {done} trials done before" if done else ""))
+        try:
+            tuner.search(verbose=0)
+        except RuntimeError as e:
+            if "consecutive failures" not in str(e):
+                raise
+            self._write_results()
+            raise SearchFailed(f"search {search.name} stopped: {str(e).splitlines()[0]}; "
+                               f"see {self.path(TUNING)}") from None
+        finally:
+            search.remove_cache()
+        best = tuner.oracle.get_best_trials(1)
+        if not best or best[0].status != "COMPLETED":
+            self._write_results()
+            raise SearchFailed(f"search {search.name}: no trial completed (every design "
+                               f"failed); see {self.path(TUNING)}")
+        # keras-tuner's best (ties: the earlier trial), whose weights best_net loads.
+        return next(r for r in self._rows(search, tuner) if r["trial_id"] == best[0].trial_id)
+
+    def _check_context(self, name, context):
+        project = self.path("tuner", name)
+        saved_path = os.path.join(project, CONTEXT)
+        if os.path.isdir(project) and os.listdir(project):
+            saved = None
+            if os.path.isfile(saved_path):
+                with open(saved_path, encoding="utf-8") as f:
+                    saved = json.load(f)
+            if saved == json.loads(json.dumps(context)):
+                return
+            n = 1
+            while os.path.exists(f"{project}.superseded-{n}"):
+                n += 1
+            os.replace(project, f"{project}.superseded-{n}")
+            self.progress.warning(f"search {name}: the best design or trunk of the stages "
+                                  f"before it changed; its trials are moved to "
+                                  f"{project}.superseded-{n} and it is searched again")
+        os.makedirs(project, exist_ok=True)
+        write_json(saved_path, context)
+
+    # ------------------------------------------------------------ results ----
+
+    def _rows(self, search, tuner):
+        direction = OBJECTIVES[self.tune.objective]
+        rows = []
+        for trial in tuner.oracle.trials.values():
+            info_path = os.path.join(tuner.get_trial_dir(trial.trial_id), TRIAL_INFO)
+            info = {}
+            if os.path.isfile(info_path):
+                with open(info_path, encoding="utf-8") as f:
+                    info = json.load(f)
+            completed = trial.status == "COMPLETED"
+            rows.append({
+                "search": search.name, "stage": search.stage, "trial_id": trial.trial_id,
+                "status": trial.status, "score": trial.score if completed else None,
+                "hyperparameters": searched_values(trial.hyperparameters.values),
+                "continues": trial.hyperparameters.values.get("tuner/trial_id"),
+                "design": info.get("design"), "learning_rate": info.get("learning_rate"),
+                "metrics": info.get("metrics"), "epochs": info.get("epochs"),
+                "trainable_params": info.get("trainable_params"),
+                "deployed_params": info.get("deployed_params"),
+                "head_params": info.get("head_params"), "seconds": info.get("seconds"),
+                "message": None if completed else info.get("message", trial.message)})
+        sign = -1 if direction == "max" else 1
+        rows.sort(key=lambda r: (r["score"] is None,
+                                 0 if r["score"] is None else sign * r["score"],
+                                 len(r["trial_id"]), r["trial_id"]))  # ties: earlier first
+        return rows
+
+    def _write_results(self, best_recipe=None):
+        tune = self.tune
+        rows = [r for search, tuner in self.searches for r in self._rows(search, tuner)]
+        best = []
+        for search, tuner in self.searches:
+            top = tuner.oracle.get_best_trials(1)
+            for r in rows:
+                if top and top[0].status == "COMPLETED" and r["search"] == search.name \
+                        and r["trial_id"] == top[0].trial_id:
+                    best.append({k: r[k] for k in ("search", "stage", "trial_id", "score",
+                                                   "design", "learning_rate")})
+        results = {"name": tune.name, "tuner": tune.tuner, "scope": tune.scope,
+                   "objective": tune.objective, "direction": OBJECTIVES[tune.objective],
+                   "stages": tune.num_stages, "best": best,
+                   "best_recipe": best_recipe and self.path(best_recipe), "trials": rows}
+        write_json(self.path(TUNING), results)
+        self._print_table(rows)
+        return results
+
+    def _print_table(self, rows):
+        show = self.progress.message
+        show(f"{'search':<8} {'trial':>5}  {'status':<9} {self.tune.objective:>12}  "
+             f"{'head':<6} {'k':>2} {'width':>5} {'pool':>4} {'lr':>8} {'params':>10} "
+             f"{'seconds':>8}")
+        for r in rows:
+            d = dict(r["design"] or {})
+            if d.get("head") == "linear":  # no hidden layers: k and width do not apply
+                d.update(k="-", width="-")
+            params, seconds = r["deployed_params"], r["seconds"]
+            show(f"{r['search']:<8} {r['trial_id']:>5}  {r['status']:<9} "
+                 f"{'-' if r['score'] is None else format(r['score'], '.4f'):>12}  "
+                 f"{d.get('head', '-'):<6} {d.get('k', '-'):>2} {d.get('width', '-'):>5} "
+                 f"{d.get('pool_size', '-'):>4} {fmt(r['learning_rate'] or '-'):>8} "
+                 f"{'-' if params is None else format(params, ','):>10} "
+                 f"{'-' if seconds is None else format(seconds, '.1f'):>8}")
+
+    def _describe(self, designs):
+        tune = self.tune
+        chosen = "; ".join(f"stage {j}: " * (tune.scope == "per_stage")
+                           + ", ".join(f"{k} {v}" for k, v in d.items())
+                           for j, d in enumerate(designs, start=1))
+        return (f"Found by kgreedy.tune {tune.name} ({tune.tuner}, scope {tune.scope}, "
+                f"objective {tune.objective}): {chosen}. Base: {tune.base.description}")
+
+
+# ------------------------------------------------------------------ CLI ------
+
+def parse_args(argv):
+    parser = cli.ArgumentParser(
+        prog="python -m kgreedy.tune",
+        description="keras-tuner search over the auxiliary problem's design.")
+    parser.add_argument("tune_recipe", help="tune recipe JSON file (see README)")
+    parser.add_argument("--output", help="output directory (default: runs/<name>); "
+                                         "rerunning into it resumes the search")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a tune recipe key by dotted path "
+                             "(base.* reaches the base recipe); repeatable")
+    return parser.parse_args(argv)
+
+
+def _comparable(tune_dict):
+    return {k: v for k, v in tune_dict.items() if k not in RESUMABLE_CHANGES}
+
+
+def prepare_output(path, tune):
+    """Checks the output directory; creates nothing. Returns whether it resumes."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise KgreedyError("--output", "exists and is not a directory", path)
+    if not os.path.isdir(path) or not os.listdir(path):
+        return False
+    saved_path = os.path.join(path, TUNE_RECIPE)
+    if not os.path.isfile(saved_path):
+        raise KgreedyError("--output", f"is not empty and holds no {TUNE_RECIPE}; choose "
+                           "a new or empty directory", path)
+    with open(saved_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if _comparable(saved) != _comparable(tune.to_dict()):
+        raise KgreedyError("--output", "holds a search with another tune recipe (only "
+                           f"{' and '.join(RESUMABLE_CHANGES)} may change when resuming); "
+                           "choose another directory", path)
+    return True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tune = load_tune_recipe(args.tune_recipe, args.set)
+    base = tune.base
+    distribute.configure_devices(base.distribute)  # before TensorFlow's first op
+    if base.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    spec = data.describe(base.data)
+    strategy = distribute.make_strategy(base.distribute)
+    check_base(tune, spec.image_shape[0], strategy.num_replicas_in_sync)
+    output = args.output or os.path.join("runs", tune.name)
+    prepare_output(output, tune)
+    datasets = data.load(base.data, spec, batch_size=base.train.batch_size,
+                         eval_batch_size=base.train.eval_batch_size, seed=base.seed)
+    progress = Progress()
+    # keras-tuner prints the traceback of every failed trial; kgreedy prints one line
+    # (trial.json keeps the traceback).
+    keras_tuner_config.DEBUG = False
+    os.makedirs(output, exist_ok=True)
+    with RunLock(output) as lock:
+        if lock.warning:
+            progress.warning(lock.warning)
+        # On resume only RESUMABLE_CHANGES can differ: the file shows the latest values.
+        write_json(os.path.join(output, TUNE_RECIPE), tune.to_dict())
+        start = time.perf_counter()
+        try:
+            results = AuxTuning(tune, datasets, strategy, output, progress).run()
+        except ConfigError as e:
+            raise e.error from None
+    best = results["best"][-1]
+    print(f"done in {time.perf_counter() - start:.0f}s: best {tune.objective} "
+          f"{best['score']:.4f}; {os.path.join(output, TUNING)}; train the best design with "
+          f"python -m kgreedy.train {os.path.join(output, BEST_RECIPE)}")
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
