@@ -120,10 +120,10 @@ def test_per_stage_overrides_the_aux_keys_for_their_stage():
     assert [type(h) for h in net.heads] == [LinearHead, AuxHead, AuxHead]
     assert net.heads[0].pool_size == 4 and net.heads[1].width == 5
     assert recipe_from_dict(recipe.to_dict()) == recipe
-    too_many = _recipe({"per_stage": [{}] * 4})
-    with pytest.raises(RecipeError, match=r"aux.per_stage: has 4 entries but model.blocks "
-                                          r"has 3 stages"):
-        head_designs(too_many)
+    # Too many entries: refused when the recipe loads, before anything is built.
+    with pytest.raises(RecipeError, match=r"aux.per_stage: has more entries than the 3 "
+                                          r"stages of model.blocks; received 4"):
+        _recipe({"per_stage": [{}] * 4})
 
 
 @pytest.mark.parametrize("aux,path", [
