@@ -1,0 +1,68 @@
+"""`tools/benchmark.py` (DESIGN.md section 8): a tiny run on the quickstart recipe writes
+every figure the contract names, and a bad flag fails with one line and exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "benchmark.py"
+QUICKSTART = ROOT / "recipes" / "quickstart.json"
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+STAGE_KEYS = {"stage", "kgreedy_images_per_second", "minimal_images_per_second",
+              "pipeline_images_per_second", "cached_images_per_second", "gflop_per_image",
+              "achieved_gflops", "peak_rss_mb"}
+
+
+def run_tool(*args, timeout=300):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quickstart_report(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_tool(QUICKSTART, "--steps", 1, "--repeats", 1, "--batch-size", 16,
+                    "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["recipe"] == "quickstart" and report["batch_size"] == 16
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and "gpu" in machine
+    assert machine["conv_gflops"] > 0 and machine["matmul_gflops"] > 0
+    assert report["import_baseline_rss_mb"] > 0
+    assert report["end_to_end"]["images_per_second"] > 0
+    assert report["end_to_end"]["peak_rss_mb"] > report["import_baseline_rss_mb"] / 2
+
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == [1, 2, 3]
+    for s in stages:
+        assert STAGE_KEYS <= set(s), STAGE_KEYS - set(s)
+        assert s["kgreedy_images_per_second"] > 0 and s["minimal_images_per_second"] > 0
+        assert s["pipeline_images_per_second"] > 0  # digits are always there
+        assert s["gflop_per_image"] > 0 and s["achieved_gflops"] > 0
+        assert s["peak_rss_mb"] > 0
+    prefix = [s["prefix_gflop_per_image"] for s in stages]
+    assert prefix[0] == 0 and prefix[0] < prefix[1] < prefix[2]
+    assert stages[0]["cached_images_per_second"] is None  # stage 1 has no frozen prefix
+
+    # The terminal table: a header, one row per stage, then the once-per-run lines.
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["stage", "kgreedy",
+                                                                            "minimal"])
+    assert [line.split()[0] for line in lines[header + 1:header + 4]] == ["1", "2", "3"]
+    for start in ("end-to-end fit:", "roofline:", "machine:"):
+        assert any(line.startswith(start) for line in lines), start
+    assert "benchmark: [" in proc.stderr  # progress lines
+
+
+def test_bad_stage_is_one_line_and_exit_2():
+    proc = run_tool(QUICKSTART, "--stages", 9, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("kgreedy: error: ")
+    assert "--stages" in lines[0] and "'9'" in lines[0]
