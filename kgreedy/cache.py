@@ -13,8 +13,6 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgreedy.data import eval_transform
-
 
 def use_cache(recipe, datasets, stage, num_workers):
     """Whether stage `stage` trains on cached features (`train.cache_features`).
@@ -81,10 +79,7 @@ class FeatureCache:
         return self
 
     def _batches(self, source, prefix):
-        spec = self.datasets.spec
-        ds = (source.map(lambda x, y: (eval_transform(x, spec), y),
-                         num_parallel_calls=tf.data.AUTOTUNE)
-              .batch(self.batch_size).prefetch(tf.data.AUTOTUNE))
+        ds = self.datasets.eval_view(source).batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
         for images, labels in ds:
             yield prefix(images), labels
 

@@ -94,6 +94,33 @@ class Datasets:
         self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
         self._augment = _train_transform(config, spec)
 
+    def stage_steps(self, train, num_workers=1):
+        """Train steps per epoch of a stage: one pass, capped by
+        `train.steps_per_epoch`. Each worker reads its own shard, so an epoch is as
+        long as the smallest shard allows."""
+        steps = (self.spec.num_train // num_workers) // (train.batch_size // num_workers)
+        return min(steps, train.steps_per_epoch or steps)
+
+    def distributed_train(self, strategy, stage, epoch, train, skip_steps=0, source=None):
+        """`train_for` of stage `stage`'s epoch `epoch` (1-based), distributed.
+
+        Every (stage, epoch) gets its own shuffle order and augmentation draws.
+        """
+        data_epoch = (stage - 1) * train.epochs_per_stage + epoch - 1
+        return strategy.distribute_datasets_from_function(
+            lambda context: self.train_for(data_epoch, skip_steps, context, source))
+
+    def distributed_eval(self, strategy, source=None):
+        """`eval_for`, distributed."""
+        return strategy.distribute_datasets_from_function(
+            lambda context: self.eval_for(context, source))
+
+    def eval_view(self, source):
+        """`source` examples through the eval-time resize/crop, in order, unbatched."""
+        spec = self.spec
+        return source.map(lambda x, y: (eval_transform(x, spec), y),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+
     @property
     def augmented(self):
         """Whether training inputs are random (then features cannot be cached)."""
@@ -147,9 +174,7 @@ class Datasets:
             ds = ds.shard(input_context.num_input_pipelines,
                           input_context.input_pipeline_id)
         if source is None:
-            spec = self.spec
-            ds = ds.map(lambda x, y: (eval_transform(x, spec), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+            ds = self.eval_view(ds)
         ds = ds.batch(batch)
         return _with_options(ds).prefetch(tf.data.AUTOTUNE)
 

@@ -67,14 +67,8 @@ class GreedyTrainer:
             self.net = GreedyNet(recipe, spec.image_shape, spec.num_classes,
                                  spec.mean, spec.std)
         self.table = parameter_table(self.net)
-        # Each worker reads its own shard, so an epoch is as long as the smallest
-        # shard allows.
-        workers, batch = self.worker.num_workers, recipe.train.batch_size
-        steps = (spec.num_train // workers) // (batch // workers)
-        if recipe.train.steps_per_epoch:
-            steps = min(steps, recipe.train.steps_per_epoch)
-        self.steps_per_epoch = steps
-        self.eval_data = strategy.distribute_datasets_from_function(datasets.eval_for)
+        self.steps_per_epoch = datasets.stage_steps(recipe.train, self.worker.num_workers)
+        self.eval_data = datasets.distributed_eval(strategy)
         self._stop_requested = False
 
     @property
@@ -159,11 +153,6 @@ class GreedyTrainer:
                 f"{last or 'none in this stage'}; lower train.optimizer.learning_rate or "
                 "check the data")
 
-    def _train_data(self, stage, epoch, start_step, source=None):
-        data_epoch = (stage - 1) * self.recipe.train.epochs_per_stage + epoch - 1
-        return self.strategy.distribute_datasets_from_function(
-            lambda context: self.datasets.train_for(data_epoch, start_step, context, source))
-
     # -------------------------------------------------------------- stage ----
 
     def _fit_stage(self, stage, records, resume):
@@ -191,8 +180,7 @@ class GreedyTrainer:
             eval_data = self.eval_data
         else:
             train_source = cache.train_source
-            eval_data = self.strategy.distribute_datasets_from_function(
-                lambda context: self.datasets.eval_for(context, cache.eval_source))
+            eval_data = self.datasets.distributed_eval(self.strategy, cache.eval_source)
         with self.strategy.scope():
             epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = stage_checkpoint(self.net, stage, epoch=epoch_var, **loop.state())
@@ -202,16 +190,17 @@ class GreedyTrainer:
             restored = restore_latest_good(checkpoint, self.source.checkpoints(stage),
                                            self.progress.warning)
             if restored:
-                records.rewind(stage, int(epoch_var.numpy()))
-                self.progress.message(f"stage {stage}: resuming at epoch "
-                                      f"{int(epoch_var.numpy()) + 1}, step "
-                                      f"{loop.step - int(epoch_var.numpy()) * steps} of {steps}")
+                done = int(epoch_var.numpy())
+                records.rewind(stage, done)
+                self.progress.message(f"stage {stage}: resuming at epoch {done + 1}, step "
+                                      f"{loop.step - done * steps} of {steps}")
         row = self.table[stage - 1]
         if self.end_to_end:
             row = {**row, "trainable_params": row["deployed_params"], "frozen_params": 0}
         self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)
         stage_start = time.perf_counter()
         every = self.recipe.train.checkpoint_every_steps
+        record = None
         for epoch in range(int(epoch_var.numpy()) + 1, epochs + 1):
             learning_rate = loop.learning_rate
             start_step = loop.step - (epoch - 1) * steps
@@ -238,9 +227,9 @@ class GreedyTrainer:
                                     "to continue")
                 return False
 
-            result = loop.train_epoch(
-                self._train_data(stage, epoch, start_step, train_source),
-                start_step, after_chunk, align=every)
+            train_data = self.datasets.distributed_train(
+                self.strategy, stage, epoch, self.recipe.train, start_step, train_source)
+            result = loop.train_epoch(train_data, start_step, after_chunk, align=every)
             self._check_finite(loop, stage)
             result.pop("completed")
             result.update(loop.evaluate(eval_data))
@@ -252,9 +241,10 @@ class GreedyTrainer:
             epoch_var.assign(epoch)
             manager.save(checkpoint_number=loop.step)
             self.progress.epoch_end(record, epochs, steps)
-        last = [r for r in records.epochs() if r["stage"] == stage]
-        record = last[-1] if last else {**loop.evaluate(eval_data),
-                                        "train_loss": None, "train_accuracy": None}
+        if record is None:  # resumed after this stage's last epoch: read its record
+            last = [r for r in records.epochs() if r["stage"] == stage]
+            record = last[-1] if last else {**loop.evaluate(eval_data),
+                                            "train_loss": None, "train_accuracy": None}
         entry = {"stage": stage, "val_accuracy": record["val_accuracy"],
                  "val_loss": record["val_loss"],
                  "train_accuracy": record["train_accuracy"],

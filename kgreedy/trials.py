@@ -105,20 +105,17 @@ class Search:
         """Trains `stage` of `net` from epoch `start` to `end` with a fresh `StageLoop`,
         calling `on_epoch(stage, epoch, logs)` after each epoch's evaluation."""
         datasets, strategy, progress = self.datasets, self.strategy, self.progress
-        steps = datasets.spec.num_train // recipe.train.batch_size
-        steps = min(steps, recipe.train.steps_per_epoch or steps)
+        steps = datasets.stage_steps(recipe.train)
         loop = StageLoop(net, stage, recipe.train, strategy, steps,
                          cached_features=cache is not None)
         if start:  # the schedule goes on where the continued trial stopped
             loop.optimizer.iterations.assign(start * steps)
         train_source = None if cache is None else cache.train_source
         eval_source = None if cache is None else cache.eval_source
-        eval_data = strategy.distribute_datasets_from_function(
-            lambda context: datasets.eval_for(context, eval_source))
+        eval_data = datasets.distributed_eval(strategy, eval_source)
         for epoch in range(start + 1, end + 1):
-            data_epoch = (stage - 1) * recipe.train.epochs_per_stage + epoch - 1
-            train_data = strategy.distribute_datasets_from_function(
-                lambda context, e=data_epoch: datasets.train_for(e, 0, context, train_source))
+            train_data = datasets.distributed_train(strategy, stage, epoch, recipe.train,
+                                                    source=train_source)
 
             def live(done, images_per_second, epoch=epoch):
                 if progress.live:
