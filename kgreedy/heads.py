@@ -21,14 +21,20 @@ def average_pool(size, name="pool"):
     return keras.layers.AdaptiveAveragePooling2D(size, name=name)
 
 
+def reduced_side(side, reduction, pool_size):
+    """Side of a map after a head's reducing pool: ceil(side / reduction), never
+    below `pool_size` and never above `side`."""
+    return min(side, max(math.ceil(side / reduction), pool_size))
+
+
 @keras.saving.register_keras_serializable(package="kgreedy")
 class AuxHead(keras.layers.Layer):
     """The paper's auxiliary problem on top of a new block (DESIGN.md section 1).
 
-    k-1 conv3x3 -> [BN] -> ReLU layers of constant width, then an average pool to a
-    `pool_size` x `pool_size` map (adaptive: any input size), [BN], flatten and one
-    linear layer. With k=1 the head is "average pool + linear" and the block itself
-    is the only hidden layer.
+    [an average pool to 1/`reduction` of the side], k-1 conv3x3 -> [BN] -> ReLU
+    layers of constant width, then an average pool to a `pool_size` x `pool_size`
+    map (adaptive: any input size), [BN], flatten and one linear layer. With k=1 the
+    head is "average pool + linear" and the block itself is the only hidden layer.
 
     Args:
         num_classes: outputs of the final linear layer (logits).
@@ -37,20 +43,26 @@ class AuxHead(keras.layers.Layer):
         pool_size: side of the pooled map.
         batch_norm: BN after each conv and after the pool.
         sync_batch_norm: BN statistics over all replicas (see `batch_norm_layer`).
+        reduction: the convs run on the map averaged to 1/reduction of its side (the
+            official VGG code halves it: 4x fewer FLOPs at 224x224); 1 keeps it.
         **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_head`).
     """
 
     def __init__(self, num_classes, k=2, width=128, pool_size=2, batch_norm=True,
-                 sync_batch_norm=False, **kwargs):
+                 sync_batch_norm=False, reduction=1, **kwargs):
         super().__init__(**kwargs)
         if k < 1:
             raise ValueError(f"`k` must be >= 1. Received: k={k!r}")
+        if reduction < 1:
+            raise ValueError(f"`reduction` must be >= 1. Received: reduction={reduction!r}")
         self.num_classes = num_classes
         self.k = k
         self.width = width
         self.pool_size = pool_size
         self.batch_norm = batch_norm
         self.sync_batch_norm = sync_batch_norm
+        self.reduction = reduction
+        self.reduce = None  # needs the input side: made in `build`
         # One attribute per conv, not a list: TensorFlow checkpoints track a Keras
         # layer's sublayers through its attributes, and a plain list is skipped.
         for i in range(1, k):
@@ -67,8 +79,14 @@ class AuxHead(keras.layers.Layer):
         return [getattr(self, f"conv{i}") for i in range(1, self.k)]
 
     def build(self, input_shape):
-        n, _, _, channels = input_shape
+        n, h, w, channels = input_shape
         shape = input_shape
+        if self.reduction > 1 and self.k > 1 and h is not None and w is not None:
+            side = (reduced_side(h, self.reduction, self.pool_size),
+                    reduced_side(w, self.reduction, self.pool_size))
+            if side != (h, w):
+                self.reduce = average_pool(side, name="reduce")
+                shape = (n, *side, channels)
         for conv in self.convs:
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
@@ -78,7 +96,7 @@ class AuxHead(keras.layers.Layer):
         self.dense.build((n, self.pool_size * self.pool_size * channels))
 
     def call(self, inputs, training=None):
-        x = inputs
+        x = inputs if self.reduce is None else self.reduce(inputs)
         for conv in self.convs:
             x = conv(x, training=training)
         x = self.pool(x)
@@ -92,7 +110,8 @@ class AuxHead(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "k": self.k,
                 "width": self.width, "pool_size": self.pool_size,
-                "batch_norm": self.batch_norm, "sync_batch_norm": self.sync_batch_norm}
+                "batch_norm": self.batch_norm, "sync_batch_norm": self.sync_batch_norm,
+                "reduction": self.reduction}
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")
@@ -153,7 +172,7 @@ class MlpSrHead(keras.layers.Layer):
 
     def reduced_side(self, side):
         """Side of the map after the reducing pool, for an input of `side`."""
-        return min(side, max(math.ceil(side / self.reduction), self.pool_size))
+        return reduced_side(side, self.reduction, self.pool_size)
 
     def build(self, input_shape):
         n, h, w, channels = input_shape
@@ -238,15 +257,67 @@ class LinearHead(keras.layers.Layer):
                 "pool_size": self.pool_size}
 
 
-HEADS = {"conv": AuxHead, "mlp_sr": MlpSrHead, "linear": LinearHead}
+@keras.saving.register_keras_serializable(package="kgreedy")
+class VggHead(keras.layers.Layer):
+    """VGG's own classifier as a head: the trunk's last max-pool, flatten, two
+    FC-`units` -> ReLU -> dropout layers and a linear layer (Simonyan & Zisserman
+    2015; torchvision's `vgg11_bn.classifier`).
+
+    On a 14x14x512 map (VGG-11 at 224x224) this is torchvision's classifier exactly:
+    its adaptive pool to 7x7 is then the identity. On smaller inputs the FC layers
+    take the pooled map as it is (512 features at 32x32) instead of copying it up to
+    7x7.
+
+    Args:
+        num_classes: outputs of the final linear layer (logits).
+        units: width of the two hidden FC layers.
+        dropout: dropout rate after each hidden FC layer (training only).
+        **kwargs: base `keras.layers.Layer` arguments (`name` like `stage8_head`).
+    """
+
+    def __init__(self, num_classes, units=4096, dropout=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.units = units
+        self.dropout = dropout
+        self.pool = keras.layers.MaxPooling2D(2, name="maxpool")
+        self.flatten = keras.layers.Flatten(name="flatten")
+        self.fc1 = keras.layers.Dense(units, activation="relu", name="fc1")
+        self.drop1 = keras.layers.Dropout(dropout, name="drop1")
+        self.fc2 = keras.layers.Dense(units, activation="relu", name="fc2")
+        self.drop2 = keras.layers.Dropout(dropout, name="drop2")
+        self.dense = keras.layers.Dense(num_classes, name="dense")
+
+    def build(self, input_shape):
+        n, h, w, channels = input_shape
+        self.fc1.build((n, (h // 2) * (w // 2) * channels))
+        self.fc2.build((n, self.units))
+        self.dense.build((n, self.units))
+
+    def call(self, inputs, training=None):
+        x = self.flatten(self.pool(inputs))
+        x = self.drop1(self.fc1(x), training=training)
+        x = self.drop2(self.fc2(x), training=training)
+        return self.dense(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "units": self.units, "dropout": self.dropout}
+
+
+HEADS = {"conv": AuxHead, "mlp_sr": MlpSrHead, "linear": LinearHead, "vgg": VggHead}
 
 
 def make_head(kind, **kwargs):
     """Builds a head by name: `conv` (the paper's auxiliary problem), `mlp_sr`
-    (DGL's MLP-SR) or `linear`.
+    (DGL's MLP-SR), `linear` or `vgg` (VGG's classifier).
 
     Keyword arguments that the head does not take are dropped, so one call site can
-    pass the whole aux design (`linear` takes neither `k` nor `width`, nor BN flags).
+    pass the whole aux design (`linear` takes neither `k` nor `width`, nor BN flags);
+    so are arguments given as None (the head's default applies).
     """
     if kind not in HEADS:
         raise ValueError(f"Unknown head {kind!r}; known heads: {sorted(HEADS)}. "
@@ -254,4 +325,5 @@ def make_head(kind, **kwargs):
     cls = HEADS[kind]
     accepted = inspect.signature(cls.__init__).parameters
     base = {"name", "dtype", "trainable", "autocast"}
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted or k in base})
+    return cls(**{k: v for k, v in kwargs.items()
+                  if (k in accepted or k in base) and v is not None})

@@ -63,13 +63,15 @@ class ConvBlock(keras.layers.Layer):
         width: output channels of the conv.
         downsample: `none`, `psi` (space-to-depth), `maxpool`, `avgpool` (2x2,
             stride 2) or `stride` (the conv itself has stride 2).
-        batch_norm: BN after the conv; without it the conv has a bias.
+        batch_norm: BN after the conv.
         sync_batch_norm: BN statistics over all replicas (see `batch_norm_layer`).
+        use_bias: the conv has a bias (default: only without BN, where it is not
+            redundant; torchvision's VGG keeps it before BN too).
         **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_block`).
     """
 
     def __init__(self, width, downsample="none", batch_norm=True, sync_batch_norm=False,
-                 **kwargs):
+                 use_bias=None, **kwargs):
         super().__init__(**kwargs)
         if downsample not in DOWNSAMPLES:
             raise ValueError(f"`downsample` must be one of {DOWNSAMPLES}. Received: "
@@ -78,6 +80,7 @@ class ConvBlock(keras.layers.Layer):
         self.downsample = downsample
         self.batch_norm = batch_norm
         self.sync_batch_norm = sync_batch_norm
+        self.use_bias = (not batch_norm) if use_bias is None else bool(use_bias)
         self.pool = {
             "psi": lambda: InvertibleDownsampling(2, name="psi"),
             "maxpool": lambda: keras.layers.MaxPooling2D(2, name="maxpool"),
@@ -85,7 +88,7 @@ class ConvBlock(keras.layers.Layer):
         }.get(downsample, lambda: None)()
         self.conv = keras.layers.Conv2D(
             width, 3, strides=2 if downsample == "stride" else 1, padding="same",
-            use_bias=not batch_norm, kernel_initializer="he_normal", name="conv")
+            use_bias=self.use_bias, kernel_initializer="he_normal", name="conv")
         self.bn = batch_norm_layer(synchronized=sync_batch_norm) if batch_norm else None
         self.relu = keras.layers.ReLU(name="relu")
 
@@ -115,7 +118,7 @@ class ConvBlock(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width,
                 "downsample": self.downsample, "batch_norm": self.batch_norm,
-                "sync_batch_norm": self.sync_batch_norm}
+                "sync_batch_norm": self.sync_batch_norm, "use_bias": self.use_bias}
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")

@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from kgreedy import architectures
 from kgreedy.errors import KgreedyError, RecipeError
 
 SOURCES = ("digits", "tfds", "image_folder")
@@ -25,6 +26,8 @@ MODES = ("greedy", "end_to_end")
 CACHE_MODES = ("auto", "on", "off")
 PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+ARCHITECTURE_NAMES = ("paper_cifar10", "paper_imagenet", "vgg11")
+EXPORT_HEADS = ("last", "ensemble")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -78,13 +81,21 @@ class BlockConfig:
 class ModelConfig:
     """The trunk (`model.*`)."""
 
-    blocks: typing.Tuple[BlockConfig, ...] = _key(doc="the trunk, one block per stage")
+    architecture: typing.Optional[str] = _key(
+        None, choices=ARCHITECTURE_NAMES,
+        doc="a named model of kgreedy/architectures.py (paper_cifar10 and paper_imagenet "
+            "pick their k=1 or k>=2 variant by aux.k); fills model.blocks and the model's "
+            "defaults of the keys below and of aux.*")
+    blocks: typing.Tuple[BlockConfig, ...] = _key(
+        (), doc="the trunk, one block per stage (required without model.architecture)")
     batch_norm: bool = _key(True, doc="BN after every conv (blocks and heads)")
+    conv_bias: bool = _key(False, doc="trunk convs keep a bias even before BN "
+                                      "(torchvision's VGG does; vgg11 sets it)")
     sync_batch_norm: bool = _key(
         False, doc="BN batch statistics over all replicas (several devices/workers)")
 
 
-HEAD_TYPES = ("conv", "mlp_sr", "linear")
+HEAD_TYPES = ("conv", "mlp_sr", "linear", "vgg")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,12 +117,23 @@ class AuxConfig:
                      doc="conv: the paper's (k-1 conv3x3, pool, BN, linear); mlp_sr: "
                          "Decoupled Greedy Learning's MLP-SR (pool to side/4, k-1 conv1x1, "
                          "pool, 3 hidden dense layers, linear); linear: pool and one linear "
-                         "layer (k, width unused)")
+                         "layer (k, width unused); vgg: VGG's classifier (max-pool, "
+                         "FC-4096, FC-4096, linear, dropout 0.5)")
     k: int = _key(2, low=1, doc="hidden layers of the auxiliary problem, block included")
-    width: int = _key(128, low=1, doc="width of the head's k-1 conv layers at input resolution")
+    width: int = _key(128, low=1, doc="width of the head's k-1 conv layers at block 1")
     grow_with_downsample: bool = _key(
-        True, doc="double the head width at every downsampling, as the official code does")
+        True, doc="double the head width at every downsampling after block 1, as the "
+                  "official code does")
     pool_size: int = _key(2, low=1, doc="the head averages the map to pool_size x pool_size")
+    reduction: typing.Optional[int] = _key(
+        None, low=1, doc="conv and mlp_sr heads first average the map to 1/reduction of "
+                         "its side (default: conv 1, i.e. not at all; mlp_sr 4)")
+    last_head: typing.Optional[str] = _key(
+        None, choices=HEAD_TYPES, doc="head type of the last stage, the deployed "
+                                      "classifier (default: aux.head); vgg: VGG's FC-4096 x2")
+    last_width: typing.Optional[int] = _key(
+        None, low=1, doc="width of the last stage's head, the paper's M~_f (default: "
+                         "aux.width grown as the other stages')")
     per_stage: typing.Tuple[AuxStageConfig, ...] = _key(
         (), doc="optional per-stage designs (default: none, every stage uses the keys "
                 "above); item i overrides them for stage i+1 (what a per_stage search "
@@ -203,6 +225,10 @@ class ExportConfig:
     keep_versions: typing.Optional[int] = _key(
         None, low=1, doc="after exporting, delete all but the newest N versions "
                          "(default: keep all)")
+    heads: str = _key("last", choices=EXPORT_HEADS,
+                      doc="last: trunk + last head; ensemble: trunk + every head, logits "
+                          "averaged with weights 2^j (the paper's Z = sum_j 2^j z_j, "
+                          "normalised); greedy runs only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,7 +343,8 @@ def _build(cls, raw, path):
 def _validate(recipe):
     """Checks that span several keys."""
     if not recipe.model.blocks:
-        raise RecipeError("model.blocks", "needs at least one block", [])
+        raise RecipeError("model.blocks", "needs at least one block (or set "
+                          "model.architecture)", [])
     data = recipe.data
     if data.source == "tfds" and not data.name:
         raise RecipeError("data.name", "is required when data.source is 'tfds'", data.name)
@@ -352,6 +379,9 @@ def _validate(recipe):
         raise RecipeError("distribute.logical_cpus", "only applies to strategies 'auto' and "
                           f"'mirrored', not {recipe.distribute.strategy!r}",
                           recipe.distribute.logical_cpus)
+    if recipe.export.heads == "ensemble" and recipe.train.mode == "end_to_end":
+        raise RecipeError("export.heads", "'ensemble' needs train.mode 'greedy': an "
+                          "end-to-end run trains only the last head", "ensemble")
     if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
         raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
                           list(recipe.distribute.devices))
@@ -361,9 +391,18 @@ def recipe_from_dict(raw):
     """Builds and validates a `Recipe` from a parsed JSON object."""
     if not isinstance(raw, dict):
         raise RecipeError("", "a recipe must be a JSON object", raw)
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("architecture") is not None:
+        _check_range(_meta(ModelConfig, "architecture"), model["architecture"],
+                     "model.architecture")
+        raw = architectures.expand(json.loads(json.dumps(raw)))
     recipe = _build(Recipe, raw, "")
     _validate(recipe)
     return recipe
+
+
+def _meta(cls, name):
+    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
 
 
 def parse_override(text):
@@ -472,6 +511,12 @@ def check_against_data(recipe, image_size, num_replicas=1):
                 f"the feature map is {size}x{size} after this block, smaller than "
                 f"aux.pool_size {recipe.aux.pool_size}: image_size {image_size} is too "
                 "small for the number of downsamplings", block.downsample)
+    if size < 2 and (recipe.aux.last_head == "vgg" or (
+            len(recipe.aux.per_stage) == len(recipe.model.blocks)
+            and recipe.aux.per_stage[-1].head == "vgg")):
+        raise RecipeError("aux.last_head", f"the vgg head max-pools the last "
+                          f"{size}x{size} map, which needs at least 2x2 (image_size "
+                          f"{image_size})", "vgg")
     for key in ("batch_size", "eval_batch_size"):
         value = getattr(recipe.train, key)
         if value is not None and value % num_replicas:

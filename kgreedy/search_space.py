@@ -222,8 +222,9 @@ def candidate_recipe(tune, designs, learning_rate=None, name=None):
                                   width=design["width"], pool_size=design["pool_size"])
     else:
         entries, factor = [], 1
-        for design, block in zip(designs, base.model.blocks):
-            if block.downsample != "none" and base.aux.grow_with_downsample:
+        for j, (design, block) in enumerate(zip(designs, base.model.blocks)):
+            # As network.head_widths: block 1's own downsampling does not double.
+            if j > 0 and block.downsample != "none" and base.aux.grow_with_downsample:
                 factor *= 2
             entries.append(AuxStageConfig(head=design["head"], k=design["k"],
                                           width=design["width"] * factor,
@@ -244,9 +245,15 @@ def trial_recipe(tune, candidate, stages):
     train = dataclasses.replace(candidate.train, epochs_per_stage=tune.epochs_per_trial,
                                 steps_per_epoch=tune.steps_per_epoch
                                 or candidate.train.steps_per_epoch)
+    if stages < len(candidate.model.blocks):
+        # The trial's last stage is not the model's: it keeps the ordinary head, and
+        # the cut trunk is no longer the named architecture.
+        aux = dataclasses.replace(aux, last_head=None, last_width=None)
+        model = dataclasses.replace(candidate.model, blocks=blocks, architecture=None)
+    else:
+        model = candidate.model
     return dataclasses.replace(
-        candidate, name=f"{tune.name}_trial", aux=aux, train=train,
-        model=dataclasses.replace(candidate.model, blocks=blocks),
+        candidate, name=f"{tune.name}_trial", aux=aux, train=train, model=model,
         export=dataclasses.replace(candidate.export, enabled=False))
 
 

@@ -19,7 +19,7 @@ def _recipe(aux):
 
 
 def test_every_recipe_head_type_has_a_layer():
-    assert set(HEADS) == set(HEAD_TYPES) == {"conv", "mlp_sr", "linear"}
+    assert set(HEADS) == set(HEAD_TYPES) == {"conv", "mlp_sr", "linear", "vgg"}
     assert _recipe({}).aux.head == "conv"  # the paper's head stays the default
 
 
@@ -70,7 +70,7 @@ def test_make_head_drops_arguments_a_head_does_not_take():
         make_head("mlp", num_classes=3)
 
 
-@pytest.mark.parametrize("kind", sorted(HEAD_TYPES))
+@pytest.mark.parametrize("kind", sorted(set(HEAD_TYPES) - {"vgg"}))  # vgg has no pool_size
 def test_pool_size_one_trains_in_a_traced_step(kind):
     # Keras 3.15's AdaptiveAveragePooling2D(1) fails inside tf.function.
     head = make_head(kind, num_classes=4, k=2, width=4, pool_size=1)
@@ -113,9 +113,9 @@ def test_per_stage_overrides_the_aux_keys_for_their_stage():
         {"head": "linear", "pool_size": 4}, {"width": 5}, {}]})
     assert head_widths(recipe) == [4, 5, 16]  # given as is; the others still doubled
     assert head_designs(recipe) == [
-        {"kind": "linear", "k": 2, "width": 4, "pool_size": 4},
-        {"kind": "conv", "k": 2, "width": 5, "pool_size": 2},
-        {"kind": "conv", "k": 2, "width": 16, "pool_size": 2}]
+        {"kind": "linear", "k": 2, "width": 4, "pool_size": 4, "reduction": None},
+        {"kind": "conv", "k": 2, "width": 5, "pool_size": 2, "reduction": None},
+        {"kind": "conv", "k": 2, "width": 16, "pool_size": 2, "reduction": None}]
     net = GreedyNet(recipe, (8, 8, 1), 10, [0.0], [1.0])
     assert [type(h) for h in net.heads] == [LinearHead, AuxHead, AuxHead]
     assert net.heads[0].pool_size == 4 and net.heads[1].width == 5
@@ -149,3 +149,29 @@ def test_mlp_sr_and_linear_heads_restore_from_a_checkpoint(tmp_path):
     for a, b in zip(net.heads[0].weights + net.heads[1].weights,
                     fresh.heads[0].weights + fresh.heads[1].weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_vgg_head_trains_with_dropout_and_round_trips():
+    head = make_head("vgg", num_classes=3, k=3, width=8, pool_size=2, units=16,
+                     name="stage8_head")
+    head.build((None, 4, 4, 5))
+    assert head.fc1.kernel.shape == (2 * 2 * 5, 16)
+    x = tf.random.normal([6, 4, 4, 5])
+    # Dropout acts in training only: inference is deterministic, training is not.
+    np.testing.assert_array_equal(head(x, training=False), head(x, training=False))
+    assert not np.allclose(head(x, training=True), head(x, training=True))
+    clone = type(head).from_config(head.get_config())
+    assert clone.get_config() == head.get_config()
+
+
+def test_conv_head_reduction_pools_before_its_convs():
+    head = AuxHead(num_classes=3, k=3, width=4, pool_size=2, reduction=2)
+    head.build((None, 16, 16, 5))
+    assert head.reduce is not None
+    x = tf.random.normal([2, 16, 16, 5])
+    assert tuple(head.reduce(x).shape) == (2, 8, 8, 5)
+    assert tuple(head(x).shape) == (2, 3)
+    assert AuxHead.from_config(head.get_config()).reduction == 2
+    plain = AuxHead(num_classes=3, k=3, width=4)
+    plain.build((None, 16, 16, 5))
+    assert plain.reduce is None
