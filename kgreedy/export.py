@@ -94,6 +94,8 @@ def prune_versions(export_root, keep_versions, protect=()):
         OSError: a version could not be renamed or deleted.
     """
     _check_keep_versions(keep_versions)
+    if heads not in ("last", "ensemble"):
+        raise KgreedyError("--heads", "must be 'last' or 'ensemble'", heads)
     versions = existing_versions(export_root)
     keep = set(versions[-keep_versions:]) | set(protect)
     deleted = []
@@ -270,7 +272,7 @@ def write_warmup_requests(version_dir, model_name, image_shape):
 # ------------------------------------------------------------------ export ----
 
 def export_saved_model(net, spec, export_root, stage=None, version=None,
-                       keep_versions=None):
+                       keep_versions=None, heads="last"):
     """Exports the deployed model of `net` as version `version` below `export_root`.
 
     The version directory appears whole or not at all: the SavedModel and its
@@ -289,6 +291,8 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
         keep_versions: after a successful export, delete all but the newest N
             versions (never the one just written); None keeps all. A failure to
             delete is a warning: the new version is in place.
+        heads: `last` serves head `stage`; `ensemble` serves the weighted ensemble
+            of heads 1..stage (`GreedyNet.deployed_model`), same signatures.
 
     Returns:
         The path of the version directory.
@@ -300,6 +304,8 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     if stage is not None and not (isinstance(stage, int) and 1 <= stage <= net.num_stages):
         raise KgreedyError("--stage", f"must be between 1 and {net.num_stages}", stage)
     _check_keep_versions(keep_versions)
+    if heads not in ("last", "ensemble"):
+        raise KgreedyError("--heads", "must be 'last' or 'ensemble'", heads)
     export_root = os.path.abspath(export_root)
     if version is None:
         version = (existing_versions(export_root) or [0])[-1] + 1
@@ -308,7 +314,7 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     if os.path.exists(target):
         raise _exists_error(version, export_root)
 
-    archive = _build_archive(net.deployed_model(stage), spec)
+    archive = _build_archive(net.deployed_model(stage, heads), spec)
     os.makedirs(export_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
     try:
@@ -350,7 +356,8 @@ def _positive_int(text):
 
 
 def main(argv=None):
-    """`python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]`."""
+    """`python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
+    [--heads last|ensemble]`."""
     parser = cli.ArgumentParser(
         prog="python -m kgreedy.export",
         description="Export a trained run as a SavedModel for TF Serving into "
@@ -363,11 +370,18 @@ def main(argv=None):
     parser.add_argument("--keep-versions", type=_positive_int, default=None,
                         help="after exporting, delete all but the newest N versions "
                              "(never the one just written; default: keep all)")
+    parser.add_argument("--heads", choices=("last", "ensemble"), default=None,
+                        help="serve head N alone, or the ensemble of heads 1..N "
+                             "(default: the recipe's export.heads)")
     args = parser.parse_args(argv)
     recipe, spec, net, stage = rundir.load_trained(args.run_dir, args.stage)
+    heads = args.heads or recipe.export.heads
+    if heads == "ensemble" and recipe.train.mode == "end_to_end":
+        raise KgreedyError("--heads", "'ensemble' needs a greedy run: an end-to-end run "
+                           "trains only the last head", heads)
     export_root = rundir.RunDir(args.run_dir).export_root(recipe.model_name)
     print(export_saved_model(net, spec, export_root, stage, args.version,
-                             keep_versions=args.keep_versions))
+                             keep_versions=args.keep_versions, heads=heads))
     return cli.EXIT_OK
 
 

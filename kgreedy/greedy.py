@@ -17,6 +17,7 @@ from kgreedy import data, export
 from kgreedy.cache import FeatureCache, use_cache
 from kgreedy.checkpoints import restore_latest_good
 from kgreedy.distribute import WorkerInfo
+from kgreedy.ensemble import evaluate_heads
 from kgreedy.errors import NonFiniteLoss, Preempted
 from kgreedy.files import write_json
 from kgreedy.network import GreedyNet, parameter_table
@@ -266,12 +267,25 @@ class GreedyTrainer:
                  "train_accuracy": last["train_accuracy"],
                  "deployed_params": last["deployed_params"],
                  "seconds": sum(e["seconds"] for e in records.summary["stages"]),
-                 "export_path": None}
+                 "ensemble_val_accuracy": None, "head_val_accuracies": None,
+                 "export_heads": self.recipe.export.heads, "export_path": None}
+        if not self.end_to_end:
+            # One pass through the frozen trunk scores every head and the paper's
+            # ensemble; an end-to-end run trains the last head only.
+            scores = evaluate_heads(self.net, self.datasets.eval)
+            final["ensemble_val_accuracy"] = scores["ensemble_val_accuracy"]
+            final["head_val_accuracies"] = scores["head_val_accuracies"]
+            self.progress.message(
+                f"heads: last {scores['head_val_accuracies'][-1]:.4f}, ensemble of "
+                f"{len(scores['head_val_accuracies'])} (weights 2^j) "
+                f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
+                "eval examples")
         if self.recipe.export.enabled:
             path = export.export_saved_model(
                 self.net, self.datasets.spec, self.run.export_root(self.recipe.model_name),
                 stage=last["stage"], version=self.recipe.export.version,
-                keep_versions=self.recipe.export.keep_versions)
+                keep_versions=self.recipe.export.keep_versions,
+                heads=self.recipe.export.heads)
             final["export_path"] = path
             self.progress.message(f"exported {path}")
         records.final(final)

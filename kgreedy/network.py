@@ -12,21 +12,29 @@ from kgreedy.layers import ConvBlock, Standardize
 
 
 def head_widths(recipe):
-    """Width of each stage's head: aux.width, doubled at every downsampling so far,
-    unless aux.per_stage gives the stage its own width (taken as is)."""
+    """Width of each stage's head: aux.width at block 1, doubled at every later
+    downsampling, unless aux.per_stage gives the stage its own width (taken as is);
+    aux.last_width, when set, is the last stage's.
+
+    A downsampling in block 1 itself (psi on the input image, as the ImageNet
+    models do) does not double: aux.width is the width at block 1's output.
+    """
     widths, width = [], recipe.aux.width
     per_stage = recipe.aux.per_stage
     for j, block in enumerate(recipe.model.blocks):
-        if block.downsample != "none" and recipe.aux.grow_with_downsample:
+        if j > 0 and block.downsample != "none" and recipe.aux.grow_with_downsample:
             width *= 2
         own = per_stage[j].width if j < len(per_stage) else None
         widths.append(width if own is None else own)
+    if recipe.aux.last_width is not None:
+        widths[-1] = recipe.aux.last_width
     return widths
 
 
 def head_designs(recipe):
-    """Per stage: the head's `kind`, `k`, `width` and `pool_size` (aux.*, with the
-    stage's aux.per_stage entry where one is given).
+    """Per stage: the head's `kind`, `k`, `width`, `pool_size` and `reduction` (aux.*,
+    with the stage's aux.per_stage entry where one is given; aux.last_head for the
+    last stage).
 
     Raises:
         RecipeError: aux.per_stage has more entries than there are blocks.
@@ -44,7 +52,9 @@ def head_designs(recipe):
             return getattr(aux, key) if value is None else value
 
         designs.append({"kind": pick("head"), "k": pick("k"), "width": width,
-                        "pool_size": pick("pool_size")})
+                        "pool_size": pick("pool_size"), "reduction": aux.reduction})
+    if aux.last_head is not None:
+        designs[-1]["kind"] = aux.last_head
     return designs
 
 
@@ -69,10 +79,12 @@ class GreedyNet:
         batch_norm, sync = recipe.model.batch_norm, recipe.model.sync_batch_norm
         self.standardize = Standardize(mean, std, name="standardize")
         self.blocks = [ConvBlock(b.width, b.downsample, batch_norm, sync,
+                                 use_bias=recipe.model.conv_bias or not batch_norm,
                                  name=f"stage{j}_block")
                        for j, b in enumerate(recipe.model.blocks, start=1)]
         self.heads = [make_head(d["kind"], num_classes=num_classes, k=d["k"],
                                 width=d["width"], pool_size=d["pool_size"],
+                                reduction=d["reduction"],
                                 batch_norm=batch_norm, sync_batch_norm=sync,
                                 name=f"stage{j}_head")
                       for j, d in enumerate(head_designs(recipe), start=1)]
@@ -115,15 +127,32 @@ class GreedyNet:
         """What a stage's checkpoint holds: blocks and heads 1..stage."""
         return {"blocks": self.blocks[:stage], "heads": self.heads[:stage]}
 
-    def deployed_model(self, stage=None):
+    def deployed_model(self, stage=None, heads="last"):
         """Keras model of blocks 1..stage and head `stage` (default: the last).
 
-        Its input is raw pixels of `image_shape`; its output is logits.
+        Its input is raw pixels of `image_shape`; its output is logits: of head
+        `stage` (`heads="last"`), or the ensemble of heads 1..stage
+        (`heads="ensemble"`, see `ensemble_logits`).
         """
         stage = stage or self.num_stages
         inputs = keras.Input(self.image_shape, name="images")
+        if heads == "ensemble":
+            logits = ensemble_logits(self.all_head_logits(inputs, stage))
+            return keras.Model(inputs, logits, name=f"{self.recipe.name}_ensemble{stage}")
+        if heads != "last":
+            raise ValueError(f"`heads` must be 'last' or 'ensemble'. Received: heads={heads!r}")
         logits = self.heads[stage - 1](self.features(inputs, stage), training=False)
         return keras.Model(inputs, logits, name=f"{self.recipe.name}_stage{stage}")
+
+    def all_head_logits(self, images, stage=None):
+        """Logits of heads 1..stage on raw `images`, each on its own block's output
+        (one pass through the trunk)."""
+        stage = stage or self.num_stages
+        x, logits = self.standardize(images), []
+        for block, head in zip(self.blocks[:stage], self.heads[:stage]):
+            x = block(x, training=False)
+            logits.append(head(x, training=False))
+        return logits
 
     def backbone(self, stage=None):
         """Keras model of the trunk up to `stage` with every stage's output."""
@@ -134,6 +163,23 @@ class GreedyNet:
             x = block(x, training=False)
             outputs[f"stage{j}"] = x
         return keras.Model(inputs, outputs, name=f"{self.recipe.name}_backbone")
+
+
+def ensemble_weights(num_heads):
+    """The paper's weights 2^j of heads j = 1..num_heads, normalised to sum to 1."""
+    raw = [2.0 ** j for j in range(1, num_heads + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+def ensemble_logits(logits):
+    """The paper's head ensemble Z = sum_j 2^j z_j (section 4), over heads' logits.
+
+    The weights are normalised to sum to 1: the class ranking is the paper's, and the
+    softmax of Z stays on the heads' own scale instead of being sharpened by a
+    factor of about 2^(J+1).
+    """
+    weights = ensemble_weights(len(logits))
+    return sum(w * z for w, z in zip(weights, logits))
 
 
 def count_params(weights):
