@@ -9,13 +9,12 @@ definition of the eval-time resize/crop, shared by the eval pipeline and export.
 import dataclasses
 import json
 import os
-import socket
-import urllib.parse
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from kgreedy import tfds_prepare
 from kgreedy.errors import DataError
 from kgreedy.files import write_json
 
@@ -437,16 +436,7 @@ def _tfds_sources(config, spec):
 
     builder = _tfds_builder(config)
     if not builder.is_prepared():
-        where = builder.data_dir
-        if not config.download:
-            raise DataError(
-                "data.data_dir", f"TFDS dataset {config.name} is not prepared in {where}; "
-                "prepare it once with `python -c \"import tensorflow_datasets as tfds; "
-                f"tfds.builder('{config.name}', data_dir=DIR).download_and_prepare()\"` "
-                "and pass --set data.data_dir=DIR, or set data.download true when online",
-                config.data_dir)
-        _check_online(config.name, builder.info.homepage)
-        builder.download_and_prepare()
+        tfds_prepare.prepare(builder, config)
         spec = _describe_tfds(config)
 
     def split(name):
@@ -458,19 +448,6 @@ def _tfds_sources(config, spec):
                       num_parallel_calls=tf.data.AUTOTUNE)
 
     return split(config.train_split), split(config.eval_split), spec
-
-
-def _check_online(name, homepage, timeout=5.0):
-    """Fails in seconds instead of letting TFDS retry downloads for minutes."""
-    host = urllib.parse.urlparse(homepage or "").hostname
-    if not host:
-        return  # nothing to probe: let TFDS try
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        raise DataError("data.download", f"cannot download {name}: no network "
-                        "connection; prepare the dataset elsewhere and pass "
-                        "--set data.data_dir=DIR", True) from None
 
 
 def _folder_sources(config, spec):
