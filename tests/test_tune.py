@@ -287,8 +287,8 @@ def test_hyperband_continues_trials_from_their_epoch(tmp_path):
 
 
 def test_shipped_tune_recipes_load():
-    digits = load_tune_recipe(os.path.join(ROOT, "recipes", "tune_aux_digits.json"))
+    digits = load_tune_recipe(os.path.join(ROOT, "recipes", "tune", "aux_digits.json"))
     assert digits.base.name == "quickstart" and digits.scope == "joint"
-    cifar = load_tune_recipe(os.path.join(ROOT, "recipes", "tune_aux_cifar10.json"))
+    cifar = load_tune_recipe(os.path.join(ROOT, "recipes", "tune", "aux_cifar10.json"))
     assert cifar.base.name == "cifar10_k2" and cifar.scope == "per_stage"
     assert cifar.tuner == "hyperband" and cifar.num_stages == 4
