@@ -94,8 +94,6 @@ def prune_versions(export_root, keep_versions, protect=()):
         OSError: a version could not be renamed or deleted.
     """
     _check_keep_versions(keep_versions)
-    if heads not in ("last", "ensemble"):
-        raise KgreedyError("--heads", "must be 'last' or 'ensemble'", heads)
     versions = existing_versions(export_root)
     keep = set(versions[-keep_versions:]) | set(protect)
     deleted = []

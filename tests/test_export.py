@@ -501,3 +501,18 @@ def test_cli_keep_versions(run_dir, tmp_path, capsys):
         cli.run(export.main, [str(run_dir), "--keep-versions", "0"])
     assert info.value.code == 2
     assert "--keep-versions" in capsys.readouterr().err
+
+
+def test_ensemble_export_serves_the_weighted_heads(trained, tmp_path):
+    _, spec, net, x = trained
+    path = export.export_saved_model(net, spec, str(tmp_path / "ens"), heads="ensemble")
+    out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
+    # Heads 1 and 2 with the paper's weights 2^1, 2^2, normalised.
+    logits = (2 * net.deployed_model(1)(x) + 4 * net.deployed_model(2)(x)) / 6
+    np.testing.assert_allclose(out["probabilities"].numpy(), tf.nn.softmax(logits).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out["class_ids"].numpy(), np.argmax(logits, axis=-1))
+    last = _probabilities(net.deployed_model(), x)
+    assert not np.allclose(out["probabilities"].numpy(), last, atol=1e-3)
+    with pytest.raises(KgreedyError, match=r"^--heads: must be 'last' or 'ensemble'"):
+        export.export_saved_model(net, spec, str(tmp_path / "bad"), heads="all")
