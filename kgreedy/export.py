@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from kgreedy import cli, data, rundir
 from kgreedy.errors import KgreedyError
+from kgreedy.files import umask_mode
 
 _VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit also accepts '²'
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -316,6 +317,7 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     os.makedirs(export_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
     try:
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide it from TF Serving
         archive.write_out(tmp, verbose=False)
         write_warmup_requests(tmp, os.path.basename(export_root), spec.image_shape)
         # Another export may have taken the version meanwhile. rename() would

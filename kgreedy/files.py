@@ -5,6 +5,17 @@ import os
 import tempfile
 
 
+def umask_mode(mode=0o666):
+    """`mode` less the process umask: what open() would give a new file.
+
+    mkstemp/mkdtemp create 0600/0700 entries; renamed into place as they are, a
+    summary or an export would be unreadable to another user (a TF Serving daemon).
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write_text(path, text):
     """Writes `text` to `path` so readers see the old file or the new one, never half."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -14,6 +25,7 @@ def write_text(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

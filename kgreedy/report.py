@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kgreedy import cli
 from kgreedy.errors import KgreedyError
-from kgreedy.files import write_text
+from kgreedy.files import umask_mode, write_text
 
 PLOTS = ("loss", "accuracy", "learning_rate", "depth")
 
@@ -107,6 +107,7 @@ def save_png(figure, path):
             figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -516,3 +516,21 @@ def test_ensemble_export_serves_the_weighted_heads(trained, tmp_path):
     assert not np.allclose(out["probabilities"].numpy(), last, atol=1e-3)
     with pytest.raises(KgreedyError, match=r"^--heads: must be 'last' or 'ensemble'"):
         export.export_saved_model(net, spec, str(tmp_path / "bad"), heads="all")
+
+
+def test_export_and_summaries_are_readable_by_other_users(trained, tmp_path):
+    """mkdtemp/mkstemp make 0700/0600 entries; a TF Serving daemon running as another
+    user must still read the export (umask 022 here: 0755 directories, 0644 files)."""
+    from kgreedy.files import write_json
+
+    _, spec, net, _ = trained
+    old = os.umask(0o022)
+    try:
+        path = export.export_saved_model(net, spec, str(tmp_path / "perm"))
+        write_json(str(tmp_path / "summary.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "summary.json").st_mode & 0o777 == 0o644
+    pb = os.path.join(path, "saved_model.pb")
+    assert os.stat(pb).st_mode & 0o044 == 0o044
