@@ -17,6 +17,17 @@ def fail(message):
     raise SystemExit(EXIT_USAGE)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1, else the one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; received {text!r}")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with kgreedy's one-line error format (exit status 2)."""
 

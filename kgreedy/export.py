@@ -24,7 +24,6 @@ Command line::
     python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -345,16 +344,6 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
 
 # ---------------------------------------------------------------- command ----
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; received {text!r}")
-    return value
-
-
 def main(argv=None):
     """`python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
     [--heads last|ensemble]`."""
@@ -365,9 +354,9 @@ def main(argv=None):
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of kgreedy.train")
     parser.add_argument("--stage", type=int, default=None,
                         help="export blocks 1..N with head N (default: last trained stage)")
-    parser.add_argument("--version", type=_positive_int, default=None,
+    parser.add_argument("--version", type=cli.positive_int, default=None,
                         help="version directory (default: largest existing + 1)")
-    parser.add_argument("--keep-versions", type=_positive_int, default=None,
+    parser.add_argument("--keep-versions", type=cli.positive_int, default=None,
                         help="after exporting, delete all but the newest N versions "
                              "(never the one just written; default: keep all)")
     parser.add_argument("--heads", choices=("last", "ensemble"), default=None,

@@ -16,13 +16,15 @@ def umask_mode(mode=0o666):
     return mode & ~mask
 
 
-def write_text(path, text):
-    """Writes `text` to `path` so readers see the old file or the new one, never half."""
+def write_atomic(path, write, binary=False):
+    """Calls `write(f)` on a temp file beside `path`, then renames it into place, so
+    readers see the old file or the new one, never half."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w",
+                       encoding=None if binary else "utf-8") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())
@@ -30,6 +32,11 @@ def write_text(path, text):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text(path, text):
+    """Writes `text` to `path` atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def write_json(path, obj):

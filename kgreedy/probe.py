@@ -15,7 +15,6 @@ Command line::
     python -m kgreedy.probe RUN_DIR [--max-train N] [--max-eval N] [--stage N] [--seed S]
 """
 
-import argparse
 import os
 import time
 import warnings
@@ -219,16 +218,6 @@ def print_table(result, log=print):
         log(f"ensemble of heads: val acc {result['ensemble_val_accuracy']:.4f}")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; received {text!r}")
-    return value
-
-
 def main(argv=None):
     """`python -m kgreedy.probe RUN_DIR [--max-train N] [--max-eval N] [--stage N]
     [--seed S]`."""
@@ -237,11 +226,11 @@ def main(argv=None):
         description="Fit a linear probe (logistic regression) on every block's output "
                     "of a trained run; write RUN_DIR/probes.json and probes.png.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of kgreedy.train")
-    parser.add_argument("--max-train", type=_positive_int, default=5000, metavar="N",
+    parser.add_argument("--max-train", type=cli.positive_int, default=5000, metavar="N",
                         help="train examples to fit on, at most (default: 5000)")
-    parser.add_argument("--max-eval", type=_positive_int, default=2000, metavar="N",
+    parser.add_argument("--max-eval", type=cli.positive_int, default=2000, metavar="N",
                         help="eval examples to measure on, at most (default: 2000)")
-    parser.add_argument("--stage", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--stage", type=cli.positive_int, default=None, metavar="N",
                         help="probe blocks 1..N (default: all trained blocks)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seeds the samples and the regression (default: 0)")

@@ -21,7 +21,6 @@ Command line::
 
 import json
 import os
-import tempfile
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -29,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kgreedy import cli
 from kgreedy.errors import KgreedyError
-from kgreedy.files import umask_mode, write_text
+from kgreedy.files import write_atomic, write_text
 
 PLOTS = ("loss", "accuracy", "learning_rate", "depth")
 
@@ -100,18 +99,8 @@ def save_png(figure, path):
         path: the PNG file; its directory must exist.
     """
     FigureCanvasAgg(figure)  # attaches the headless Agg canvas to the figure
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=100,
+                                                bbox_inches="tight"), binary=True)
 
 
 # ------------------------------------------------------------------- plots ----
