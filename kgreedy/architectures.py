@@ -95,7 +95,7 @@ def layout(name, k):
     Raises:
         RecipeError: `name` is not a known architecture.
     """
-    if name not in ARCHITECTURES:
+    if not isinstance(name, str) or name not in ARCHITECTURES:
         raise RecipeError("model.architecture", "must be one of "
                           + ", ".join(repr(n) for n in ARCHITECTURES), name)
     return ARCHITECTURES[name](k)

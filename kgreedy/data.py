@@ -403,7 +403,10 @@ def _measure_stats(images):
 
 
 def _with_stats(config, spec, sample):
-    mean, std = config.mean, config.std
+    # The recipe's values, else those a run saved in its spec (probes and tools that
+    # reload a run need not read the data again), else measured now.
+    mean = config.mean if config.mean is not None else spec.mean
+    std = config.std if config.std is not None else spec.std
     if mean is None or std is None:
         measured_mean, measured_std = _measure_stats(sample())
         mean = mean if mean is not None else measured_mean

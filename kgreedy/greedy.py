@@ -269,9 +269,10 @@ class GreedyTrainer:
                  "seconds": sum(e["seconds"] for e in records.summary["stages"]),
                  "ensemble_val_accuracy": None, "head_val_accuracies": None,
                  "export_heads": self.recipe.export.heads, "export_path": None}
-        if not self.end_to_end:
+        if not self.end_to_end and self.worker.is_chief:
             # One pass through the frozen trunk scores every head and the paper's
-            # ensemble; an end-to-end run trains the last head only.
+            # ensemble (an end-to-end run trains the last head only). Other workers'
+            # summaries are thrown away, so they skip it.
             scores = evaluate_heads(self.net, self.datasets.eval)
             final["ensemble_val_accuracy"] = scores["ensemble_val_accuracy"]
             final["head_val_accuracies"] = scores["head_val_accuracies"]

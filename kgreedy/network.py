@@ -79,7 +79,7 @@ class GreedyNet:
         batch_norm, sync = recipe.model.batch_norm, recipe.model.sync_batch_norm
         self.standardize = Standardize(mean, std, name="standardize")
         self.blocks = [ConvBlock(b.width, b.downsample, batch_norm, sync,
-                                 use_bias=recipe.model.conv_bias or not batch_norm,
+                                 use_bias=True if recipe.model.conv_bias else None,
                                  name=f"stage{j}_block")
                        for j, b in enumerate(recipe.model.blocks, start=1)]
         self.heads = [make_head(d["kind"], num_classes=num_classes, k=d["k"],

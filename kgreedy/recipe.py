@@ -26,7 +26,7 @@ MODES = ("greedy", "end_to_end")
 CACHE_MODES = ("auto", "on", "off")
 PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-ARCHITECTURE_NAMES = ("paper_cifar10", "paper_imagenet", "vgg11")
+ARCHITECTURE_NAMES = tuple(architectures.ARCHITECTURES)
 EXPORT_HEADS = ("last", "ensemble")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -393,16 +393,10 @@ def recipe_from_dict(raw):
         raise RecipeError("", "a recipe must be a JSON object", raw)
     model = raw.get("model")
     if isinstance(model, dict) and model.get("architecture") is not None:
-        _check_range(_meta(ModelConfig, "architecture"), model["architecture"],
-                     "model.architecture")
         raw = architectures.expand(json.loads(json.dumps(raw)))
     recipe = _build(Recipe, raw, "")
     _validate(recipe)
     return recipe
-
-
-def _meta(cls, name):
-    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
 
 
 def parse_override(text):
@@ -488,7 +482,7 @@ def check_against_data(recipe, image_size, num_replicas=1):
         RecipeError: the image is too small for the downsamplings and the head's
             pooling, or the global batch does not split over the replicas.
     """
-    size = image_size
+    size, sides = image_size, []
     for i, block in enumerate(recipe.model.blocks):
         if block.downsample != "none":
             if size < 2 or (block.downsample == "psi" and size % 2):
@@ -511,12 +505,18 @@ def check_against_data(recipe, image_size, num_replicas=1):
                 f"the feature map is {size}x{size} after this block, smaller than "
                 f"aux.pool_size {recipe.aux.pool_size}: image_size {image_size} is too "
                 "small for the number of downsamplings", block.downsample)
-    if size < 2 and (recipe.aux.last_head == "vgg" or (
-            len(recipe.aux.per_stage) == len(recipe.model.blocks)
-            and recipe.aux.per_stage[-1].head == "vgg")):
-        raise RecipeError("aux.last_head", f"the vgg head max-pools the last "
-                          f"{size}x{size} map, which needs at least 2x2 (image_size "
-                          f"{image_size})", "vgg")
+        sides.append(size)
+    from kgreedy.network import head_designs  # network -> layers -> recipe: import late
+
+    last = len(sides) - 1
+    for i, design in enumerate(head_designs(recipe)):
+        if design["kind"] == "vgg" and sides[i] < 2:
+            key = ("aux.last_head" if i == last and recipe.aux.last_head == "vgg" else
+                   f"aux.per_stage[{i}].head" if i < len(recipe.aux.per_stage)
+                   and recipe.aux.per_stage[i].head == "vgg" else "aux.head")
+            raise RecipeError(key, f"the vgg head of stage {i + 1} max-pools a "
+                              f"{sides[i]}x{sides[i]} map, which needs at least 2x2 "
+                              f"(image_size {image_size})", "vgg")
     for key in ("batch_size", "eval_batch_size"):
         value = getattr(recipe.train, key)
         if value is not None and value % num_replicas:

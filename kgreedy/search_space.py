@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 
 from kgreedy.errors import KgreedyError, RecipeError
+from kgreedy.network import head_widths
 from kgreedy.recipe import (HEAD_TYPES, AuxStageConfig, Recipe, _NAME_RE, _build, _key,
                             _validate, apply_overrides, check_against_data)
 
@@ -221,14 +222,13 @@ def candidate_recipe(tune, designs, learning_rate=None, name=None):
         aux = dataclasses.replace(base.aux, head=design["head"], k=design["k"],
                                   width=design["width"], pool_size=design["pool_size"])
     else:
-        entries, factor = [], 1
-        for j, (design, block) in enumerate(zip(designs, base.model.blocks)):
-            # As network.head_widths: block 1's own downsampling does not double.
-            if j > 0 and block.downsample != "none" and base.aux.grow_with_downsample:
-                factor *= 2
-            entries.append(AuxStageConfig(head=design["head"], k=design["k"],
-                                          width=design["width"] * factor,
-                                          pool_size=design["pool_size"]))
+        # Each stage's growth factor, by the rule the network applies to aux.width.
+        unit = dataclasses.replace(base, aux=dataclasses.replace(
+            base.aux, width=1, per_stage=(), last_width=None))
+        entries = [AuxStageConfig(head=design["head"], k=design["k"],
+                                  width=design["width"] * factor,
+                                  pool_size=design["pool_size"])
+                   for design, factor in zip(designs, head_widths(unit))]
         aux = dataclasses.replace(base.aux, per_stage=tuple(entries))
     train = base.train
     if learning_rate is not None:

@@ -10,7 +10,6 @@ measured, on the machine it ran on (named in the output).
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,12 +36,11 @@ def run_row(run_dir):
     """One table row for a finished run directory."""
     from kgreedy import data
     from kgreedy.ensemble import evaluate_heads
-    from kgreedy.rundir import RunDir, load_trained
+    from kgreedy.report import read_run
+    from kgreedy.rundir import load_trained
 
-    run = RunDir(run_dir)
-    summary = run.read_json(run.summary)
-    with open(run.metrics, encoding="utf-8") as f:
-        epochs = [json.loads(line) for line in f if line.strip()]
+    files = read_run(run_dir)
+    summary, epochs = files["summary"], files["metrics"]
     recipe, spec, net, _ = load_trained(run_dir)
     images = sum(e["images_per_second"] * e["seconds"] for e in epochs)
     train_seconds = sum(e["seconds"] for e in epochs)
