@@ -13,30 +13,56 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from kgreedy.stores import Examples, PackedStore
 
-def use_cache(recipe, datasets, stage, num_workers):
+
+# Prefix FLOPs per cached byte above which the cache pays for itself: the frozen
+# blocks' forward pass it saves must cost more than reading the features back
+# (and, on disk, writing them once). Measured with tools/cache_cost.py on the
+# 2-core CPU of docs/BENCHMARKS.md: forward convs at 5-120 GFLOP/s, features read
+# back at about 0.8 GB/s from memory and 0.4 GB/s from disk.
+MIN_FLOPS_PER_BYTE = {"memory": 100, "disk": 300}
+
+
+def prefix_flops(net, stage):
+    """Multiply-adds x 2 of the convs of blocks 1..stage-1, per example."""
+    total = 0
+    for block, shape in zip(net.blocks[:stage - 1], net.stage_shapes):
+        total += 2 * shape[0] * shape[1] * int(np.prod(block.conv.kernel.shape))
+    return total
+
+
+def use_cache(recipe, datasets, stage, num_workers, net):
     """Whether stage `stage` trains on cached features (`train.cache_features`).
 
     `auto` caches when there is a prefix to skip, the inputs are not augmented, the
     run is greedy and has one worker (each worker would cache only its own shard,
-    which the data order does not allow for). `on` has been validated against the
-    recipe already; it still needs one worker.
+    which the data order does not allow for), and the prefix's FLOPs per cached
+    byte reach `MIN_FLOPS_PER_BYTE` (a cheap prefix with a large output, such as
+    one conv at full resolution, is faster to recompute than to read back). `on`
+    has been validated against the recipe already; it still needs one worker.
     """
     mode = recipe.train.cache_features
     if mode == "off" or stage < 2 or recipe.train.mode != "greedy":
         return False
-    if mode == "auto":
-        return not datasets.augmented and num_workers == 1
-    return True
+    if mode == "on":
+        return True
+    if datasets.augmented or num_workers != 1:
+        return False
+    cache = FeatureCache(net, stage, datasets, None, recipe.train.cache_memory_mb)
+    per_byte = prefix_flops(net, stage) / (4 * np.prod(net.stage_shapes[stage - 2]))
+    return per_byte >= MIN_FLOPS_PER_BYTE["memory" if cache.in_memory else "disk"]
 
 
 class FeatureCache:
     """Output of blocks 1..stage-1 for every train and eval example, computed once.
 
     Examples keep the order of `datasets.train_source`/`eval_source`, so the seeded
-    per-epoch order (and a mid-epoch resume) is the same with or without the cache.
-    Features stay in memory up to `memory_mb`, else they go to `directory` (a
-    `tf.data` save, removed by `remove`).
+    per-epoch order (and a mid-epoch resume) is the same with or without the cache:
+    for indexed splits (digits, image folders) the features are `stores.Examples`
+    with the same indices, for streams (TFDS) a stream in the same order. Features
+    stay in memory up to `memory_mb`, else they go to `directory` (removed by
+    `remove`).
 
     Args:
         net: the `GreedyNet`.
@@ -58,9 +84,19 @@ class FeatureCache:
         examples = (datasets.spec.num_train or 0) + (datasets.spec.num_eval or 0)
         self.bytes = int(np.prod(shape)) * 4 * examples
         self.in_memory = self.bytes <= memory_mb * 2 ** 20
-        self.train_source = None
-        self.eval_source = None
+        self.train_split = None  # `stores.Examples`, or a stream for TFDS
+        self.eval_split = None
         self.seconds = None
+
+    @property
+    def train_source(self):
+        """The cached train features as a dataset, in the source's order."""
+        return _ordered(self.train_split)
+
+    @property
+    def eval_source(self):
+        """The cached eval features as a dataset, in the source's order."""
+        return _ordered(self.eval_split)
 
     def describe(self):
         where = "in memory" if self.in_memory else f"on disk in {self.directory}"
@@ -73,8 +109,8 @@ class FeatureCache:
         prefix = tf.function(
             lambda images: self.net.features(images, self.stage - 1, training=False),
             reduce_retracing=True)
-        self.train_source = self._cache(self.datasets.train_source, prefix, "train")
-        self.eval_source = self._cache(self.datasets.eval_source, prefix, "eval")
+        self.train_split = self._cache(self.datasets.train_split, prefix, "train")
+        self.eval_split = self._cache(self.datasets.eval_split, prefix, "eval")
         self.seconds = time.perf_counter() - start
         return self
 
@@ -84,6 +120,15 @@ class FeatureCache:
             yield prefix(images), labels
 
     def _cache(self, source, prefix, split):
+        if isinstance(source, Examples):
+            store = PackedStore(np.float32, self.net.stage_shapes[self.stage - 2][-1],
+                                None if self.in_memory else os.path.join(self.directory,
+                                                                         split))
+            labels = []
+            for features, batch_labels in self._batches(source, prefix):
+                store.extend(features.numpy())
+                labels.append(batch_labels.numpy())
+            return Examples.from_store(store.finish(), np.concatenate(labels))
         if self.in_memory:
             features, labels = zip(*((f.numpy(), y.numpy())
                                      for f, y in self._batches(source, prefix)))
@@ -101,6 +146,13 @@ class FeatureCache:
 
     def remove(self):
         """Frees the features (and deletes the on-disk copy)."""
-        self.train_source = self.eval_source = None
+        for split in (self.train_split, self.eval_split):
+            if isinstance(split, Examples):
+                split.remove()
+        self.train_split = self.eval_split = None
         if not self.in_memory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _ordered(split):
+    return split.ordered() if isinstance(split, Examples) else split

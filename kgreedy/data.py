@@ -9,21 +9,28 @@ definition of the eval-time resize/crop, shared by the eval pipeline and export.
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
-from kgreedy import tfds_prepare
+from kgreedy import folders, image_cache, tfds_prepare
 from kgreedy.errors import DataError
 from kgreedy.files import write_json
+from kgreedy.images import decode_image as _decode_uint8
+from kgreedy.stores import Examples
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # tf.distribute reads dataset options while tracing the input function and warns
 # that graph-mode options may be stale; ours are set in that same function.
 warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options",
                         category=UserWarning)
 _STATS_SAMPLE = 2048  # images read to measure mean/std when the recipe gives none
+# augment imagenet: training images are kept (and cropped from) with their shorter
+# side at most this many times the model's input side. Random crops then come from
+# enough pixels, and a folder of large photos is decoded and shrunk only once.
+TRAIN_SIDE_FACTOR = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,27 +78,46 @@ class Datasets:
     augmentation seed. So an epoch can be rebuilt and entered at any step (resume),
     and one global batch holds the same examples whatever the replica count.
 
+    A split is either indexed (`stores.Examples`: digits, image folders, the feature
+    cache of either), whose whole list of example indices is shuffled each epoch
+    before anything is loaded, so every batch is a uniform draw; or a stream
+    (`tf.data.Dataset`: TFDS), shuffled through `data.shuffle_buffer`.
+
     Args:
-        train_source: decoded train examples (image, label) in a fixed order.
-        eval_source: decoded eval examples in a fixed order.
+        train: the train split (`Examples`, or decoded examples in a fixed order).
+        evals: the eval split, likewise.
         spec: the `DatasetSpec`, normalisation statistics included.
         config: the recipe's `DataConfig`.
         batch_size: global train batch.
         eval_batch_size: global eval batch.
         seed: the recipe seed.
+        info: what a run reports of its data in summary.json (files left out, ...).
+        scratch: a folder `close` removes (a disk cache made without a run directory).
     """
 
-    def __init__(self, train_source, eval_source, spec, config, batch_size,
-                 eval_batch_size, seed):
-        self.train_source = train_source
-        self.eval_source = eval_source
+    def __init__(self, train, evals, spec, config, batch_size, eval_batch_size, seed,
+                 info=None, scratch=None):
+        self.train_split = train
+        self.eval_split = evals
         self.spec = spec
         self.config = config
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.info = info or {}
+        self.scratch = scratch
         self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
         self._augment = _train_transform(config, spec)
+
+    @property
+    def train_source(self):
+        """The train examples, in their fixed order, untransformed."""
+        return _ordered(self.train_split)
+
+    @property
+    def eval_source(self):
+        """The eval examples, in their fixed order, untransformed."""
+        return _ordered(self.eval_split)
 
     def stage_steps(self, train, num_workers=1):
         """Train steps per epoch of a stage: one pass, capped by
@@ -117,13 +143,18 @@ class Datasets:
     def eval_view(self, source):
         """`source` examples through the eval-time resize/crop, in order, unbatched."""
         spec = self.spec
-        return source.map(lambda x, y: (eval_transform(x, spec), y),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+        return _ordered(source).map(lambda x, y: (eval_transform(x, spec), y),
+                                    num_parallel_calls=tf.data.AUTOTUNE)
 
     @property
     def augmented(self):
         """Whether training inputs are random (then features cannot be cached)."""
         return self.config.augment != "none"
+
+    @property
+    def indexed(self):
+        """Whether the splits are `Examples` (loaded by index) rather than streams."""
+        return isinstance(self.train_split, Examples)
 
     def train_for(self, epoch=0, skip_steps=0, input_context=None, source=None):
         """The train pipeline of one epoch (0-based), full batches only.
@@ -133,21 +164,30 @@ class Datasets:
             skip_steps: global steps of this epoch already trained (resume).
             input_context: a `tf.distribute.InputContext`: the pipeline then yields
                 per-replica batches of this worker's shard of the examples.
-            source: examples to use instead of `train_source`, in the same order and
-                already transformed (the frozen-prefix feature cache).
+            source: examples to use instead of the train split, in the same order
+                and already transformed (the frozen-prefix feature cache).
         """
         batch, pipelines, pipeline_id = self.batch_size, 1, 0
-        ds = self.train_source if source is None else source
+        split = self.train_split if source is None else source
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(self.batch_size)
             pipelines, pipeline_id = (input_context.num_input_pipelines,
                                       input_context.input_pipeline_id)
-            ds = ds.shard(pipelines, pipeline_id)
         epoch_seed = self.seed * 1_000_003 + epoch
-        ds = (ds.shuffle(self.config.shuffle_buffer, seed=epoch_seed,
-                         reshuffle_each_iteration=False)
-              .enumerate()
-              .skip(skip_steps * (self.batch_size // pipelines)))
+        skip = skip_steps * (self.batch_size // pipelines)
+        if isinstance(split, Examples):
+            # Indices are shuffled and skipped before any example is loaded.
+            order = tf.data.Dataset.range(split.count).shard(pipelines, pipeline_id)
+            order = (order.shuffle(max(split.count, 1), seed=epoch_seed,
+                                   reshuffle_each_iteration=False)
+                     .enumerate().skip(skip))
+            ds = order.map(lambda position, index: (position, split.example(index)),
+                           num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = (split.shard(pipelines, pipeline_id)
+                  .shuffle(self.config.shuffle_buffer, seed=epoch_seed,
+                           reshuffle_each_iteration=False)
+                  .enumerate().skip(skip))
         augment, base = self._augment, pipeline_id * 2 ** 32
         if source is not None:
             augment = _as_is
@@ -164,18 +204,45 @@ class Datasets:
     def eval_for(self, input_context=None, source=None):
         """The eval pipeline, in order; the last batch may be partial.
 
-        `source`: already transformed examples to use instead of `eval_source`.
+        `source`: already transformed examples to use instead of the eval split.
         """
         batch = self.eval_batch_size
-        ds = self.eval_source if source is None else source
+        split = self.eval_split if source is None else source
+        pipelines, pipeline_id = 1, 0
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(self.eval_batch_size)
-            ds = ds.shard(input_context.num_input_pipelines,
-                          input_context.input_pipeline_id)
+            pipelines, pipeline_id = (input_context.num_input_pipelines,
+                                      input_context.input_pipeline_id)
+        if isinstance(split, Examples):
+            ds = split.take(tf.data.Dataset.range(split.count).shard(pipelines, pipeline_id))
+        else:
+            ds = split.shard(pipelines, pipeline_id)
         if source is None:
             ds = self.eval_view(ds)
         ds = ds.batch(batch)
         return _with_options(ds).prefetch(tf.data.AUTOTUNE)
+
+    def sample(self, split, count, seed):
+        """Up to `count` examples of `split` (`train_split` or `eval_split`) through
+        the eval-time view, in batches: a uniform draw for an indexed split; for a
+        stream, its first examples shuffled through `data.shuffle_buffer` (TFDS
+        shuffles its records when it prepares a dataset)."""
+        if isinstance(split, Examples):
+            indices = tf.data.Dataset.from_tensor_slices(split.sample_indices(count, seed))
+            ds = self.eval_view(split.take(indices))
+        else:
+            ds = (self.eval_view(split)
+                  .shuffle(max(count, self.config.shuffle_buffer), seed=seed,
+                           reshuffle_each_iteration=False).take(count))
+        return ds.batch(self.eval_batch_size)
+
+    def close(self):
+        """Frees cached images and removes a scratch folder; safe to call twice."""
+        for split in (self.train_split, self.eval_split):
+            if isinstance(split, Examples):
+                split.remove()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
     def train(self):
@@ -186,6 +253,11 @@ class Datasets:
     def eval(self):
         """The eval pipeline in global batches."""
         return self.eval_for()
+
+
+def _ordered(split):
+    """A split as a dataset of (image, label) in its fixed order."""
+    return split.ordered() if isinstance(split, Examples) else split
 
 
 def _as_is(features, seed):
@@ -234,6 +306,11 @@ def describe(config):
     return _describe_folder(config)
 
 
+def tfds_split_names(config):
+    """The TFDS splits to train and evaluate on (default `train` and `test`)."""
+    return config.train_split or "train", config.eval_split or "test"
+
+
 def _tfds_builder(config):
     import tensorflow_datasets as tfds  # slow import: only when used
 
@@ -259,8 +336,7 @@ def _describe_tfds(config):
                         "size; set data.image_size", None)
     splits = builder.info.splits
     counts = {}
-    for key in ("train_split", "eval_split"):
-        split = getattr(config, key)
+    for key, split in zip(("train_split", "eval_split"), tfds_split_names(config)):
         if builder.is_prepared():
             try:
                 counts[key] = splits[split].num_examples
@@ -274,51 +350,38 @@ def _describe_tfds(config):
                        counts.get("eval_split"))
 
 
-def _list_folder(root, split):
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder):
-        raise DataError("data.data_dir", f"image_folder needs a {split}/ folder with one "
-                        f"sub-folder per class; {folder} does not exist", root)
-    classes = sorted(d for d in os.listdir(folder)
-                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
-    files = {c: sorted(os.path.join(folder, c, f)
-                       for f in os.listdir(os.path.join(folder, c))
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
-             for c in classes}
-    return classes, files
-
-
-def _describe_folder(config):
-    root = os.path.expanduser(config.data_dir)
-    if not os.path.isdir(root):
-        raise DataError("data.data_dir", "image_folder root does not exist", root)
-    classes, train_files = _list_folder(root, "train")
-    if len(classes) < 2:
-        raise DataError("data.data_dir", f"{root}/train needs at least two class "
-                        "sub-folders", classes)
-    empty = [c for c in classes if not train_files[c]]
-    if empty:
-        raise DataError("data.data_dir", f"class folders without .png/.jpg images in "
-                        f"{root}/train", empty)
-    eval_classes, eval_files = _list_folder(root, "eval")
-    unknown = sorted(set(eval_classes) - set(classes))
-    if unknown:
-        raise DataError("data.data_dir", f"{root}/eval has classes that train/ lacks",
-                        unknown)
+def _describe_folder(config, layout=None):
+    layout = layout or _folder_layout(config)
     size = config.image_size
-    return DatasetSpec((size, size, config.channels or 3), len(classes), tuple(classes),
-                       _eval_resize_kind(config, None), config.eval_crop_fraction,
-                       sum(map(len, train_files.values())),
-                       sum(map(len, eval_files.values())))
+    return DatasetSpec((size, size, config.channels or 3), len(layout.classes),
+                       layout.classes, _eval_resize_kind(config, None),
+                       config.eval_crop_fraction, len(layout.train), len(layout.eval))
+
+
+def _folder_layout(config, seed=0):
+    return folders.find_layout(config.data_dir, config.train_split, config.eval_split,
+                               config.eval_fraction, seed)
 
 
 # ------------------------------------------------------------- transforms ----
+
+def _resize_shorter(images, side):
+    """Resizes images ([H,W,C] or [N,H,W,C]) so that the shorter side is `side`
+    (rounded), keeping the aspect ratio."""
+    shape = tf.shape(images)
+    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
+    scale = side / tf.minimum(h, w)
+    new_h = tf.cast(tf.round(h * scale), tf.int32)
+    new_w = tf.cast(tf.round(w * scale), tf.int32)
+    return tf.image.resize(images, tf.stack([new_h, new_w]))
+
 
 def eval_transform(images, spec):
     """Eval-time resize/crop of raw images ([H,W,C] or [N,H,W,C]) to the model input.
 
     Used by the eval pipeline and by the exported serving signatures, so both see
-    exactly the same pixels.
+    exactly the same pixels. The result has the static shape [..., size, size, C]
+    that the heads' pooling and flattening need.
     """
     size = spec.image_shape[0]
     images = tf.cast(images, tf.float32)
@@ -326,14 +389,51 @@ def eval_transform(images, spec):
         return images
     if spec.eval_resize == "resize":
         return tf.image.resize(images, (size, size))
+    images = _resize_shorter(images, size / spec.crop_fraction)
     shape = tf.shape(images)
-    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
-    scale = (size / spec.crop_fraction) / tf.minimum(h, w)
-    new_h = tf.cast(tf.round(h * scale), tf.int32)
-    new_w = tf.cast(tf.round(w * scale), tf.int32)
-    images = tf.image.resize(images, tf.stack([new_h, new_w]))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return images[..., top:top + size, left:left + size, :]
+    top, left = (shape[-3] - size) // 2, (shape[-2] - size) // 2
+    images = images[..., top:top + size, left:left + size, :]
+    # The slice bounds are tensors, so the static shape is lost; the shorter side is
+    # at least size / crop_fraction >= size, so the crop is always size x size.
+    return tf.ensure_shape(images, images.shape[:-3].concatenate(
+        [size, size, images.shape[-1]]))
+
+
+def _to_uint8(images):
+    return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+
+
+def prepare_function(spec, split):
+    """`fn(uint8 [H,W,C]) -> uint8`: what an image file's pixels become before they
+    are kept for the run (`data.cache`) and transformed per epoch.
+
+    Without `augment: imagenet` that is the eval-time resize to the model's size,
+    the same for both splits. With it, eval images are resized as `eval_transform`
+    resizes them (the centre crop stays for `eval_transform`), and train images
+    keep their aspect ratio and at most `TRAIN_SIDE_FACTOR` times the model's side
+    on their shorter side, for the random resized crops. Cached or not, a run sees
+    the same pixels.
+
+    Args:
+        spec: the `DatasetSpec`.
+        split: `train` or `eval`.
+    """
+    size = spec.image_shape[0]
+
+    def fn(image):
+        if spec.eval_resize != "resize_crop":
+            same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size]))
+            return tf.cond(same, lambda: image, lambda: _to_uint8(
+                tf.image.resize(tf.cast(image, tf.float32), (size, size))))
+        if split == "eval":
+            return _to_uint8(_resize_shorter(tf.cast(image, tf.float32),
+                                             size / spec.crop_fraction))
+        side = TRAIN_SIDE_FACTOR * size
+        shorter = tf.minimum(tf.shape(image)[0], tf.shape(image)[1])
+        return tf.cond(shorter <= side, lambda: image, lambda: _to_uint8(
+            _resize_shorter(tf.cast(image, tf.float32), side)))
+
+    return fn
 
 
 def _match_channels(image, channels):
@@ -346,10 +446,9 @@ def _match_channels(image, channels):
 
 
 def decode_image(data, channels):
-    """Decodes PNG or JPEG bytes to float32 [H, W, channels] on the 0..255 scale."""
-    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-    image.set_shape([None, None, channels])
-    return tf.cast(image, tf.float32)
+    """Decodes image file bytes (see `kgreedy.images`) to float32 [H, W, channels]
+    on the 0..255 scale."""
+    return tf.cast(_decode_uint8(data, channels), tf.float32)
 
 
 def _train_transform(config, spec):
@@ -450,30 +549,65 @@ def _tfds_sources(config, spec):
                                             tf.cast(label, tf.int32)),
                       num_parallel_calls=tf.data.AUTOTUNE)
 
-    return split(config.train_split), split(config.eval_split), spec
+    train_name, eval_name = tfds_split_names(config)
+    return split(train_name), split(eval_name), spec
 
 
-def _folder_sources(config, spec):
-    root = os.path.expanduser(config.data_dir)
-    classes = list(spec.class_names)
+def _cache_mode(config, spec, layout, cache_dir):
+    """`data.cache` resolved: `auto` keeps images in memory when their estimated size
+    is within `data.cache_memory_mb`, else on disk."""
+    if config.cache != "auto":
+        return config.cache
+    size, channels = spec.image_shape[0], spec.image_shape[2]
+    if spec.eval_resize == "resize_crop":
+        # Photos are mostly 4:3; the shorter side is at most what `prepare_function`
+        # keeps, so this is an upper estimate for photos larger than that.
+        eval_bytes = (size / spec.crop_fraction) ** 2 * 4 / 3 * channels
+        train_bytes = (TRAIN_SIDE_FACTOR * size) ** 2 * 4 / 3 * channels
+    else:
+        eval_bytes = train_bytes = size * size * channels
+    estimate = len(layout.train) * train_bytes + len(layout.eval) * eval_bytes
+    return "memory" if estimate <= config.cache_memory_mb * 2 ** 20 else "disk"
+
+
+def _folder_sources(config, spec, seed, cache_dir, progress):
+    layout = _folder_layout(config, seed)
+    folders.check_not_empty(layout)
+    mode = _cache_mode(config, spec, layout, cache_dir)
+    scratch = None
+    if mode == "disk" and cache_dir is None:
+        cache_dir = scratch = tempfile.mkdtemp(prefix="kgreedy-images-")
+    if progress is not None:
+        where = {"memory": "in memory", "disk": f"on disk in {cache_dir}",
+                 "none": "not kept (decoded every epoch)"}[mode]
+        progress.message(f"{layout.describe()}; decoded images {where}")
     channels = spec.image_shape[2]
+    splits, skipped = [], {}
+    try:
+        for name, split in (("train", layout.train), ("eval", layout.eval)):
+            examples, skipped[name] = image_cache.read_split(
+                name, split, layout.root, channels, prepare_function(spec, name), mode,
+                None if cache_dir is None else os.path.join(cache_dir, name),
+                config.bad_files, progress)
+            splits.append(examples)
+    except BaseException:
+        for examples in splits:
+            examples.remove()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    train, evals = splits
+    spec = dataclasses.replace(spec, num_train=train.count, num_eval=evals.count)
+    info = {"train_from": layout.train.origin, "eval_from": layout.eval.origin,
+            "cache": mode,
+            "skipped_files": sum(map(len, skipped.values())),
+            "skipped_examples": [f for name in ("train", "eval")
+                                 for f in skipped[name]][:image_cache.SHOWN_BAD_FILES]}
+    return train, evals, spec, info, scratch
 
-    def split(name):
-        _, files = _list_folder(root, name)
-        paths, labels = [], []
-        for c, names in files.items():
-            paths += names
-            labels += [classes.index(c)] * len(names)
-        if not paths:
-            raise DataError("data.data_dir", f"no .png/.jpg images in {root}/{name}", root)
-        ds = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, np.int32)))
-        return ds.map(lambda p, y: (decode_image(tf.io.read_file(p), channels), y),
-                      num_parallel_calls=tf.data.AUTOTUNE)
 
-    return split("train"), split("eval"), spec
-
-
-def load(config, spec, *, batch_size, eval_batch_size=None, seed=0):
+def load(config, spec, *, batch_size, eval_batch_size=None, seed=0, cache_dir=None,
+         progress=None):
     """Builds the train and eval pipelines and measures normalisation statistics.
 
     Args:
@@ -481,36 +615,51 @@ def load(config, spec, *, batch_size, eval_batch_size=None, seed=0):
         spec: `describe(config)`.
         batch_size: global train batch; partial batches are dropped.
         eval_batch_size: global eval batch (default: batch_size).
-        seed: seeds the digits split, the shuffle order and the augmentation.
+        seed: seeds the digits split, the folder hold-out, the shuffle order and the
+            augmentation.
+        cache_dir: where an image folder's decoded images go with `data.cache` disk
+            (default: a temporary folder that `Datasets.close` removes).
+        progress: a `Progress` for the image-folder pass, or None for silence.
 
     Returns:
-        `Datasets`, with `spec.mean`/`spec.std` filled in.
+        `Datasets`, with `spec.mean`/`spec.std` filled in. Call `close()` when done
+        with it, to free the images it keeps.
 
     Raises:
         DataError: the data cannot be read.
     """
     eval_batch_size = eval_batch_size or batch_size
+    info, scratch = {}, None
     if config.source == "digits":
         x_train, x_eval, y_train, y_eval = _digits_arrays(config, seed)
         spec = dataclasses.replace(spec, num_train=len(x_train), num_eval=len(x_eval))
         spec = _with_stats(config, spec, lambda: x_train)
-        train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        evals = tf.data.Dataset.from_tensor_slices((x_eval, y_eval))
+        train = Examples.from_arrays(x_train, y_train)
+        evals = Examples.from_arrays(x_eval, y_eval)
+    elif config.source == "image_folder":
+        train, evals, spec, info, scratch = _folder_sources(config, spec, seed, cache_dir,
+                                                            progress)
+        sampler = Datasets(train, evals, spec, config, batch_size, eval_batch_size, seed)
+        spec = _with_stats(config, spec,
+                           lambda: sampler.sample(train, _STATS_SAMPLE, seed).map(
+                               lambda images, labels: images))
     else:
-        sources = _tfds_sources if config.source == "tfds" else _folder_sources
-        train, evals, spec = sources(config, spec)
+        train, evals, spec = _tfds_sources(config, spec)
         sample = lambda: train.take(_STATS_SAMPLE).map(  # noqa: E731
             lambda x, y: eval_transform(x, spec)).batch(256)
         spec = _with_stats(config, spec, sample)
-        # Decoded images stay in memory when they are few and small (digits, CIFAR):
+        # Decoded images stay in memory when they are few and small (CIFAR):
         # decoding dominates otherwise. Large sets stream from disk every epoch.
         if (spec.num_train or 0) * np.prod(spec.image_shape) * 4 < 2 ** 30 \
                 and spec.eval_resize == "none":
             train, evals = train.cache(), evals.cache()
+    datasets = Datasets(train, evals, spec, config, batch_size, eval_batch_size, seed,
+                        info, scratch)
     if spec.num_train is not None and spec.num_train < batch_size:
+        datasets.close()
         raise DataError("train.batch_size", f"larger than the {spec.num_train} training "
                         "examples", batch_size)
-    return Datasets(train, evals, spec, config, batch_size, eval_batch_size, seed)
+    return datasets
 
 
 def save_spec(spec, path):

@@ -92,6 +92,8 @@ class GreedyTrainer:
             write_json(self.run.recipe, self.recipe.to_dict())
             data.save_spec(self.datasets.spec, self.run.dataset)
         records = RunRecords(self.run, self._existing_summary() if resume else None)
+        if self.datasets.info:
+            records.summary["data"] = self.datasets.info
         done = {s for s in records.completed_stages() if s in self.stages()}
         if done:
             self._restore_stage(max(done))
@@ -158,7 +160,8 @@ class GreedyTrainer:
 
     def _fit_stage(self, stage, records, resume):
         cache = None
-        if use_cache(self.recipe, self.datasets, stage, self.worker.num_workers):
+        if use_cache(self.recipe, self.datasets, stage, self.worker.num_workers,
+                     self.net):
             cache = FeatureCache(self.net, stage, self.datasets,
                                  self.run.path("cache", f"stage{stage}"),
                                  self.recipe.train.cache_memory_mb)
@@ -180,8 +183,8 @@ class GreedyTrainer:
         if cache is None:
             eval_data = self.eval_data
         else:
-            train_source = cache.train_source
-            eval_data = self.datasets.distributed_eval(self.strategy, cache.eval_source)
+            train_source = cache.train_split
+            eval_data = self.datasets.distributed_eval(self.strategy, cache.eval_split)
         with self.strategy.scope():
             epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = stage_checkpoint(self.net, stage, epoch=epoch_var, **loop.state())

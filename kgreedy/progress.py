@@ -33,6 +33,12 @@ class Progress:
     def message(self, text):
         self._print(text)
 
+    def status(self, text):
+        """A transient line (a long pass's position): rewritten in place on a
+        terminal, not printed otherwise."""
+        if self.live:
+            self._print(text, final=False)
+
     def warning(self, text):
         """A warning on stderr (checkpoint fallbacks, stale locks)."""
         if self.live and self._width:

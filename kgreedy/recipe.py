@@ -24,6 +24,8 @@ WEIGHT_DECAY_TYPES = ("l2", "decoupled")
 SCHEDULES = ("constant", "step", "cosine")
 MODES = ("greedy", "end_to_end")
 CACHE_MODES = ("auto", "on", "off")
+IMAGE_CACHES = ("auto", "memory", "disk", "none")
+BAD_FILES = ("skip", "error")
 PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 ARCHITECTURE_NAMES = tuple(architectures.ARCHITECTURES)
@@ -49,11 +51,16 @@ class DataConfig:
                        doc="where images come from; digits is embedded (scikit-learn)")
     name: typing.Optional[str] = _key(None, doc="TFDS dataset name, e.g. cifar10")
     data_dir: typing.Optional[str] = _key(
-        None, doc="TFDS data_dir, or the image_folder root holding train/ and eval/")
-    train_split: str = _key("train", doc="TFDS split to train on")
-    eval_split: str = _key("test", doc="TFDS split to evaluate on")
+        None, doc="TFDS data_dir, or the image_folder root (train/ with eval/, val/, "
+                  "validation/ or test/; or train/ alone; or class folders directly)")
+    train_split: typing.Optional[str] = _key(
+        None, doc="TFDS split, or image_folder folder, to train on (default: train)")
+    eval_split: typing.Optional[str] = _key(
+        None, doc="TFDS split to evaluate on (default: test), or image_folder folder "
+                  "(default: whichever of eval, val, validation, test is present)")
     eval_fraction: float = _key(0.2, low=0.0, high=1.0, open_low=True, open_high=True,
-                                doc="digits only: stratified held-out fraction")
+                                doc="digits, and image folders without an eval folder: "
+                                    "stratified, seeded held-out fraction")
     image_size: typing.Optional[int] = _key(
         None, low=1, doc="side of the square model input; default: the dataset's own")
     channels: typing.Optional[int] = _key(
@@ -65,7 +72,20 @@ class DataConfig:
         None, doc="per-channel mean on the raw scale; default: measured on train data")
     std: typing.Optional[typing.Tuple[float, ...]] = _key(
         None, doc="per-channel std on the raw scale; default: measured on train data")
-    shuffle_buffer: int = _key(10000, low=1, doc="tf.data shuffle buffer (examples)")
+    shuffle_buffer: int = _key(10000, low=1, doc="tfds: tf.data shuffle buffer (examples); "
+                                                 "digits and image folders shuffle all "
+                                                 "example indices every epoch instead")
+    cache: str = _key("auto", choices=IMAGE_CACHES,
+                      doc="image_folder: keep decoded, resized images for the run; auto: "
+                          "in memory up to data.cache_memory_mb, else on disk in the run "
+                          "directory (cache/images, removed at the end); none: decode "
+                          "every epoch")
+    cache_memory_mb: int = _key(2048, low=1, doc="image_folder: the in-memory limit of "
+                                                 "data.cache auto")
+    bad_files: str = _key("skip", choices=BAD_FILES,
+                          doc="image_folder: a file that cannot be decoded is left out "
+                              "(counted and named in the log and summary.json), or "
+                              "stops the run naming it (error)")
     download: bool = _key(False, doc="tfds: download and prepare when missing")
 
 

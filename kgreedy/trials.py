@@ -77,7 +77,7 @@ class Search:
         them and shared by the others (`remove_cache` frees them); joint: the trial's
         own, which the caller removes after the stage.
         """
-        if stage < 2 or not use_cache(recipe, self.datasets, stage, 1):
+        if stage < 2 or not use_cache(recipe, self.datasets, stage, 1, net):
             return None
         if self.trunk_net is None:
             return FeatureCache(net, stage, self.datasets,
@@ -110,8 +110,8 @@ class Search:
                          cached_features=cache is not None)
         if start:  # the schedule goes on where the continued trial stopped
             loop.optimizer.iterations.assign(start * steps)
-        train_source = None if cache is None else cache.train_source
-        eval_source = None if cache is None else cache.eval_source
+        train_source = None if cache is None else cache.train_split
+        eval_source = None if cache is None else cache.eval_split
         eval_data = datasets.distributed_eval(strategy, eval_source)
         for epoch in range(start + 1, end + 1):
             train_data = datasets.distributed_train(strategy, stage, epoch, recipe.train,

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
-from kgreedy.cache import FeatureCache, use_cache
+from kgreedy.cache import FeatureCache, prefix_flops, use_cache
 from kgreedy.errors import RecipeError
 from kgreedy.greedy import GreedyTrainer
 from kgreedy.network import GreedyNet
@@ -95,12 +95,20 @@ def test_training_on_cached_features_matches_training_through_the_prefix(tmp_pat
 
 def test_when_the_cache_is_used():
     datasets = load(recipe())
-    assert use_cache(recipe(), datasets, 2, num_workers=1)
-    assert not use_cache(recipe(), datasets, 1, num_workers=1)  # nothing frozen yet
-    assert not use_cache(recipe(), datasets, 2, num_workers=2)
-    assert not use_cache(recipe("off"), datasets, 2, num_workers=1)
+    spec = datasets.spec
+    net = GreedyNet(recipe(), spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    # auto: stage 3's prefix (two convs, the second after psi) costs 153 FLOPs per
+    # cached byte, worth caching; stage 2's (one 1->8 conv at 8x8) costs 4.5,
+    # cheaper to recompute than to read back.
+    assert prefix_flops(net, 3) / (4 * 4 * 4 * 16) == pytest.approx(153.0)
+    assert use_cache(recipe(), datasets, 3, num_workers=1, net=net)
+    assert not use_cache(recipe(), datasets, 2, num_workers=1, net=net)
+    assert use_cache(recipe("on"), datasets, 2, num_workers=1, net=net)
+    assert not use_cache(recipe(), datasets, 1, num_workers=1, net=net)  # nothing frozen
+    assert not use_cache(recipe(), datasets, 3, num_workers=2, net=net)
+    assert not use_cache(recipe("off"), datasets, 3, num_workers=1, net=net)
     augmented = recipe(augment="cifar")
-    assert not use_cache(augmented, load(augmented), 2, num_workers=1)
+    assert not use_cache(augmented, load(augmented), 3, num_workers=1, net=net)
     with pytest.raises(RecipeError, match=r"train.cache_features: 'on' needs data.augment "
                                           r"'none'.*received 'on'"):
         recipe("on", augment="cifar")

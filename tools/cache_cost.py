@@ -1,0 +1,69 @@
+"""What the frozen-prefix feature cache trades, measured on this machine.
+
+    python tools/cache_cost.py
+
+Prints (1) the forward GFLOP/s of frozen conv blocks of typical shapes (inference
+mode, batch 64) and (2) the GB/s at which the cache's stores give features back
+through tf.data (in memory and on disk). Their ratio is the prefix FLOPs per
+cached byte above which caching pays: kgreedy.cache.MIN_FLOPS_PER_BYTE.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kgreedy.layers import ConvBlock  # noqa: E402
+from kgreedy.stores import Examples, PackedStore  # noqa: E402
+
+CONVS = [(64, 3, 32), (32, 32, 64), (32, 128, 128), (16, 256, 256)]  # side, in, out
+
+
+def conv_rate(side, cin, cout, batch=64, repeats=5):
+    block = ConvBlock(cout)
+    x = tf.random.normal([batch, side, side, cin])
+    block.build(x.shape)
+    step = tf.function(lambda x: block(x, training=False))
+    step(x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step(x).numpy()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * side * side * 9 * cin * cout * batch / seconds / 1e9
+
+
+def read_rate(directory, side=32, channels=64, count=2000, batch=64):
+    store = PackedStore(np.float32, channels, directory)
+    store.extend(np.random.rand(count, side, side, channels).astype(np.float32))
+    examples = Examples.from_store(store.finish(), np.zeros(count, np.int32))
+    order = tf.data.Dataset.range(count).shuffle(count, seed=0)
+    ds = examples.take(order).batch(batch).prefetch(tf.data.AUTOTUNE)
+    for _ in ds.take(2):
+        pass
+    start = time.perf_counter()
+    for _ in ds:
+        pass
+    seconds = time.perf_counter() - start
+    store.remove()
+    return count * side * side * channels * 4 / seconds / 1e9
+
+
+def main():
+    rates = [conv_rate(*c) for c in CONVS]
+    for (side, cin, cout), rate in zip(CONVS, rates):
+        print(f"conv {cin}->{cout} at {side}x{side}: {rate:.1f} GFLOP/s")
+    memory = read_rate(None)
+    with tempfile.TemporaryDirectory() as d:
+        disk = read_rate(os.path.join(d, "store"))
+    print(f"feature read: memory {memory:.2f} GB/s, disk {disk:.2f} GB/s")
+    best = max(rates)
+    print(f"break-even prefix FLOPs per cached byte: memory {best / memory:.0f}, "
+          f"disk {best / disk:.0f} (at the best conv rate)")
+
+
+if __name__ == "__main__":
+    main()
