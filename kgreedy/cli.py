@@ -28,6 +28,14 @@ def positive_int(text):
     return value
 
 
+def add_verbose(parser):
+    """Adds `--verbose` to a front end that imports TensorFlow. `kgreedy.quiet.install`
+    reads it from `sys.argv` before argparse runs (and before TensorFlow is imported);
+    argparse only has to accept and document it."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up log lines")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with kgreedy's one-line error format (exit status 2)."""
 

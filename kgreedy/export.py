@@ -24,6 +24,12 @@ Command line::
     python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
 """
 
+import sys
+
+if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kgreedy.quiet)
+    from kgreedy import quiet
+    quiet.install(sys.argv[1:])
+
 import os
 import re
 import shutil
@@ -362,6 +368,7 @@ def main(argv=None):
     parser.add_argument("--heads", choices=("last", "ensemble"), default=None,
                         help="serve head N alone, or the ensemble of heads 1..N "
                              "(default: the recipe's export.heads)")
+    cli.add_verbose(parser)
     args = parser.parse_args(argv)
     recipe, spec, net, stage = rundir.load_trained(args.run_dir, args.stage)
     heads = args.heads or recipe.export.heads

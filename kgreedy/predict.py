@@ -11,10 +11,15 @@ probabilities, or JSON with `--json`. A file that cannot be read or decoded gets
 is 2 if any file was bad.
 """
 
+import sys
+
+if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kgreedy.quiet)
+    from kgreedy import quiet
+    quiet.install(sys.argv[1:])
+
 import json
 import os
 import re
-import sys
 
 from kgreedy import cli
 from kgreedy.errors import KgreedyError
@@ -57,6 +62,7 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=3, metavar="K",
                         help="classes to print per file (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    cli.add_verbose(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise KgreedyError("--top-k", "must be a positive integer", args.top_k)
