@@ -15,6 +15,12 @@ Command line::
     python -m kgreedy.probe RUN_DIR [--max-train N] [--max-eval N] [--stage N] [--seed S]
 """
 
+import sys
+
+if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kgreedy.quiet)
+    from kgreedy import quiet
+    quiet.install(sys.argv[1:])
+
 import os
 import time
 import warnings
@@ -36,29 +42,25 @@ POOL = 2          # the heads' default pool side; features per block: 4 x channe
 MAX_ITER = 1000   # lbfgs iterations; digits and CIFAR samples converge well before
 
 
-def sample(datasets, source, count, seed):
-    """Up to `count` examples of `source` as eval sees them, in batches.
+def sample(datasets, split, count, seed):
+    """Up to `count` examples of `split` as eval sees them, in batches.
 
-    The examples go through the eval-time view (no augmentation) and are then
-    shuffled with the recipe's shuffle buffer, so a sample is not just the first
-    classes of a source stored in class order: a buffer at least as large as the
-    split (digits, or CIFAR-10 with `--max-train` 10000) gives a uniform sample,
-    while an image folder larger than the buffer stays biased towards its first
-    classes. Shuffling after the view keeps the buffer at the model's input size.
+    The examples go through the eval-time view (no augmentation). For digits and
+    image folders they are a uniform draw of the split (`Datasets.sample`), so a
+    sample is not just the first classes of a folder stored in class order; a TFDS
+    split (shuffled by TFDS when prepared) is shuffled through the recipe's
+    `data.shuffle_buffer`.
 
     Args:
         datasets: `data.Datasets` of the run.
-        source: `datasets.train_source` or `datasets.eval_source`.
+        split: `datasets.train_split` or `datasets.eval_split`.
         count: the most examples to take.
-        seed: the shuffle seed.
+        seed: the draw's seed.
 
     Returns:
         A `tf.data.Dataset` of (images float32 [B, H, W, C], labels [B]).
     """
-    buffer = max(count, datasets.config.shuffle_buffer)
-    return (datasets.eval_view(source)
-            .shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
-            .take(count).batch(datasets.eval_batch_size))
+    return datasets.sample(split, count, seed)
 
 
 def block_features(net, stage, batches):
@@ -163,13 +165,16 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
     batch = recipe.train.eval_batch_size or recipe.train.batch_size
     datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
                          eval_batch_size=batch, seed=recipe.seed)
-    train_f, train_y = block_features(
-        net, stage, sample(datasets, datasets.train_source, max_train, seed))
-    if len(np.unique(train_y)) < 2:
-        raise KgreedyError("--max-train", "the train sample holds a single class; take "
-                           "more examples", max_train)
-    eval_f, eval_y = block_features(
-        net, stage, sample(datasets, datasets.eval_source, max_eval, seed))
+    try:
+        train_f, train_y = block_features(
+            net, stage, sample(datasets, datasets.train_split, max_train, seed))
+        if len(np.unique(train_y)) < 2:
+            raise KgreedyError("--max-train", "the train sample holds a single class; "
+                               "take more examples", max_train)
+        eval_f, eval_y = block_features(
+            net, stage, sample(datasets, datasets.eval_split, max_eval, seed))
+    finally:
+        datasets.close()
     log(f"  {len(train_y)} train and {len(eval_y)} eval examples through the trunk in "
         f"{time.perf_counter() - start:.1f}s")
 
@@ -234,6 +239,7 @@ def main(argv=None):
                         help="probe blocks 1..N (default: all trained blocks)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seeds the samples and the regression (default: 0)")
+    cli.add_verbose(parser)
     args = parser.parse_args(argv)
     result = probe_run(args.run_dir, args.max_train, args.max_eval, args.stage, args.seed)
     print_table(result)

@@ -7,6 +7,13 @@ or data, or a run directory in use; 75 preempted by SIGTERM after writing a
 checkpoint (rerun the same command with --resume).
 """
 
+import sys
+
+if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kgreedy.quiet)
+    from kgreedy import quiet
+    quiet.install(sys.argv[1:])
+
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +45,7 @@ def parse_args(argv):
                         help="continue the run in --output from its last checkpoint")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print per-stage shapes and parameter counts")
+    cli.add_verbose(parser)
     return parser.parse_args(argv)
 
 
@@ -91,30 +99,54 @@ def main(argv=None):
             _check_same_recipe(output, recipe)
 
     keras.utils.set_random_seed(recipe.seed)
-    datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
-                         eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
     progress = Progress()
     if not worker.is_chief:
         # TensorFlow's multi-worker pattern: every worker saves (saving can involve
         # collectives), but only the chief into the real run directory.
         scratch = tempfile.mkdtemp(prefix=f"kgreedy-{worker.task.replace(':', '-')}-")
         try:
-            GreedyTrainer(recipe, datasets, RunDir(scratch), strategy, progress,
-                          source=RunDir(output)).fit(resume=args.resume)
+            with _load_data(recipe, spec, os.path.join(scratch, "cache", "images"),
+                            None) as datasets:
+                GreedyTrainer(recipe, datasets, RunDir(scratch), strategy, progress,
+                              source=RunDir(output)).fit(resume=args.resume)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return cli.EXIT_OK
-    os.makedirs(output, exist_ok=True)
     run = RunDir(output)
-    with RunLock(output) as lock:
-        if lock.warning:
-            progress.warning(lock.warning)
-        summary = GreedyTrainer(recipe, datasets, run, strategy, progress).fit(
-            resume=args.resume)
+    with _load_data(recipe, spec, run.path("cache", "images"), progress) as datasets:
+        os.makedirs(output, exist_ok=True)
+        with RunLock(output) as lock:
+            if lock.warning:
+                progress.warning(lock.warning)
+            summary = GreedyTrainer(recipe, datasets, run, strategy, progress).fit(
+                resume=args.resume)
     final = summary["final"]
     print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
           f"summary {run.summary}")
     return cli.EXIT_OK
+
+
+@contextlib.contextmanager
+def _load_data(recipe, spec, cache_dir, progress):
+    """The run's `Datasets`, closed (decoded images freed, disk cache removed) when
+    the run ends. A data error leaves no run directory that was not there before."""
+    output = os.path.dirname(os.path.dirname(cache_dir))
+    existed = os.path.isdir(output)
+    try:
+        datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
+                             eval_batch_size=recipe.train.eval_batch_size,
+                             seed=recipe.seed, cache_dir=cache_dir, progress=progress)
+    except BaseException:
+        shutil.rmtree(output if not existed else os.path.dirname(cache_dir),
+                      ignore_errors=True)
+        raise
+    try:
+        yield datasets
+    finally:
+        datasets.close()
+        for folder in (cache_dir, os.path.dirname(cache_dir)):
+            with contextlib.suppress(OSError):  # absent, or still holding other files
+                os.rmdir(folder)
 
 
 def _check_same_recipe(output, recipe):

@@ -14,6 +14,12 @@ Exit status: 0 done; 1 no trial completed, or another failure; 2 bad usage, tune
 recipe or data, or an output directory holding another search or in use.
 """
 
+import sys
+
+if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kgreedy.quiet)
+    from kgreedy import quiet
+    quiet.install(sys.argv[1:])
+
 import json
 import os
 import time
@@ -224,6 +230,7 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a tune recipe key by dotted path "
                              "(base.* reaches the base recipe); repeatable")
+    cli.add_verbose(parser)
     return parser.parse_args(argv)
 
 
@@ -262,9 +269,17 @@ def main(argv=None):
     check_base(tune, spec.image_shape[0], strategy.num_replicas_in_sync)
     output = args.output or os.path.join("runs", tune.name)
     prepare_output(output, tune)
-    datasets = data.load(base.data, spec, batch_size=base.train.batch_size,
-                         eval_batch_size=base.train.eval_batch_size, seed=base.seed)
     progress = Progress()
+    datasets = data.load(base.data, spec, batch_size=base.train.batch_size,
+                         eval_batch_size=base.train.eval_batch_size, seed=base.seed,
+                         progress=progress)
+    try:
+        return _search(tune, datasets, strategy, output, progress)
+    finally:
+        datasets.close()
+
+
+def _search(tune, datasets, strategy, output, progress):
     # keras-tuner prints the traceback of every failed trial; kgreedy prints one line
     # (trial.json keeps the traceback).
     keras_tuner_config.DEBUG = False
