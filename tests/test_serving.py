@@ -91,7 +91,9 @@ def test_serve_encoded_matches_serving_default(trained, exported):
     # Digits are 0..16; scaled to 0..255 they make JPEGs with something to lose.
     jpegs = tf.stack([tf.io.encode_jpeg(tf.cast(image * 15, tf.uint8), quality=75)
                       for image in x])
-    decoded = tf.cast(tf.stack([tf.io.decode_jpeg(j, channels=1) for j in jpegs]), tf.float32)
+    # The export decodes JPEGs with the accurate DCT (kgreedy.images).
+    decoded = tf.cast(tf.stack([tf.io.decode_jpeg(j, channels=1, dct_method="INTEGER_ACCURATE")
+                                for j in jpegs]), tf.float32)
     np.testing.assert_allclose(_run(encoded, image_bytes=jpegs)["probabilities"],
                                _run(default, images=decoded)["probabilities"], atol=1e-6)
 

@@ -771,7 +771,9 @@ def check(export_dir, tolerance=1e-4, seed=0, out=print):
     x = pixels.astype(np.float32)
     pngs = np.array([tf.io.encode_png(p).numpy() for p in pixels], object)
     jpegs = np.array([tf.io.encode_jpeg(p, quality=90).numpy() for p in pixels], object)
-    x_jpeg = np.stack([tf.io.decode_jpeg(j, channels=channels).numpy()
+    # kgreedy's exports decode JPEGs with the accurate DCT (kgreedy.images), as PIL does.
+    x_jpeg = np.stack([tf.io.decode_jpeg(j, channels=channels,
+                                         dct_method="INTEGER_ACCURATE").numpy()
                        for j in jpegs]).astype(np.float32)
     if resizes:  # another size: the signature says the model resizes
         other = rng.integers(0, 256, [2, height + height // 2 + 1, width + width // 3 + 2,

@@ -1,0 +1,420 @@
+"""Every command the README shows is run by a test on tiny data.
+
+The project rule: a documented command must not break. The README's image-folder
+command once crashed at its first evaluation and no test ran it; this file makes
+that impossible to repeat silently:
+
+- it extracts every shell command from README.md: lines starting with `python`,
+  `python3` or `pip` (after `$ ` or `VAR=... ` prefixes, `\\` continuations joined)
+  in fenced blocks that are not Python code, and inline code spans in the prose that
+  start the same way. Other tools' commands (docker, tensorflow_model_server, curl,
+  saved_model_cli, tensorboard) are not kgreedy's and are out of scope;
+- a command with placeholders (UPPERCASE words such as RUN_DIR, `[--flag ...]`
+  optional parts) is a synopsis: every `--flag` it names must be accepted by that
+  command line's `--help`;
+- every other command must be in COMMANDS below, which says how it is exercised:
+  `tiny(...)`: run here in a subprocess from a scratch directory (where `recipes/`
+  links to the repository's), exactly as written plus `--set` overrides that make it
+  tiny; or `covered(...)`: another test runs it, and that test function must exist
+  and its file must contain the command's distinctive parts, so the mapping cannot
+  rot. A README command missing from COMMANDS, or an entry no longer in the README,
+  fails.
+"""
+
+import ast
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kgreedy.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SHARED_TFDS = ROOT.parent / "shared" / "tfds"
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                   os.environ.get("PYTHONPATH")]))}
+
+
+# ------------------------------------------------------------ the table ----
+
+@dataclass(frozen=True)
+class Covered:
+    """Run by another test: `where` is "tests/test_x.py::test_name" or a file such as
+    .ci/run; `needles` are the command's distinctive parts, found in that file."""
+    where: str
+    needles: tuple
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """Run by this file: the commands of one `group` run in table order in one
+    scratch directory, each with `extra` arguments appended ({tfds} is filled in)."""
+    group: str
+    extra: tuple
+
+
+def covered(where, *needles):
+    return Covered(where, needles)
+
+
+def tiny(group, *overrides):
+    return Tiny(group, tuple(a for o in overrides for a in ("--set", o)))
+
+
+def multi_worker_command(index):
+    tf_config = {"cluster": {"worker": ["hostA:12345", "hostB:12345"]},
+                 "task": {"type": "worker", "index": index}}
+    return (f"TF_CONFIG='{json.dumps(tf_config)}' python -m kgreedy.train recipe.json "
+            "--set distribute.strategy=multi_worker --output /shared/runs/big")
+
+
+TINY_TRAIN = ("train.epochs_per_stage=1", "train.steps_per_epoch=2")
+QUICKSTART_TEST = ("tests/test_quickstart.py::"
+                   "test_quickstart_trains_three_stages_and_reaches_90_percent")
+
+COMMANDS = {
+    # Quickstart: .ci/run installs the package (with the test extra) and runs the
+    # test command; tests/test_quickstart.py trains and serves the quickstart.
+    "python3 -m venv .venv && . .venv/bin/activate":
+        covered(".ci/run", "python3 -m venv .venv", ". .venv/bin/activate"),
+    "python -m pip install -e . && python -m kgreedy.train recipes/quickstart.json "
+    "--output runs/quickstart": (
+        covered(".ci/run", "python -m pip install -e"),
+        covered(QUICKSTART_TEST, "kgreedy.train", "quickstart.json", "--output")),
+    'python -m pip install -e ".[test]" && python -m pytest -q':
+        covered("tests/test_docs.py::test_ci_runs_the_readme_test_command",
+                'python -m pip install -e ".[test]" && python -m pytest -q'),
+    "pip install -e .":
+        covered(".ci/run", "pip install -e"),
+    # Command line.
+    "python -m kgreedy.train recipes/cifar10_k3.json --dry-run":
+        covered("tests/test_recipe_cli.py::test_dry_run_cifar10_k3_needs_no_data",
+                "kgreedy.train", "cifar10_k3.json", "--dry-run"),
+    "python tools/recipe_reference.py":
+        covered("tests/test_docs.py::test_readme_recipe_reference_matches_the_code",
+                "recipe_reference.py", "reference_table"),
+    # Several GPUs and several machines.
+    "python -m kgreedy.train recipes/quickstart.json --set distribute.strategy=mirrored "
+    "--set distribute.logical_cpus=2 --output runs/mirrored":
+        tiny("mirrored", *TINY_TRAIN),
+    **{multi_worker_command(index): covered(
+        "tests/test_multiworker.py::test_two_workers_train_and_only_the_chief_writes_the_run",
+        "TF_CONFIG", "multi_worker", "kgreedy.train", '"index": index') for index in (0, 1)},
+    # Serving.
+    "pip install tensorflow-serving-api grpcio": (
+        covered("setup.cfg", "tensorflow-serving-api"),
+        covered("tests/test_serving.py::test_grpc_request_round_trip",
+                "tensorflow_serving.apis", "PredictRequest")),
+    "python tools/check_serving.py runs/quickstart/export/quickstart/1":
+        covered("tests/test_serving.py::test_check_serving_passes_a_good_export",
+                "check_serving.py"),
+    "python -m kgreedy.predict runs/quickstart/export/quickstart digit.png": (
+        covered("tests/test_serving.py::test_predict_json_matches_the_model",
+                "predict.main", "os.path.dirname(path)"),
+        covered("tests/test_serving.py::test_predict_bad_files_get_one_line_each",
+                "kgreedy.predict")),
+    # Training on CIFAR-10: the real data from ../shared/tfds, a few images of it.
+    "python -m kgreedy.train recipes/cifar10_k2.json --output runs/cifar10_k2":
+        tiny("cifar10", "data.data_dir={tfds}", "data.train_split=train[:64]",
+             "data.eval_split=test[:8]", "data.shuffle_buffer=64", "train.batch_size=8",
+             "train.epochs_per_stage=1", "train.steps_per_epoch=1",
+             "export.enabled=false"),  # exports are tested enough elsewhere; saves seconds
+    # Training on your own images: the README's photos/ is write_photo_folder's.
+    "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
+    "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
+    "--set data.augment=imagenet --set data.channels=3":
+        tiny("photos", *TINY_TRAIN, "train.batch_size=4"),
+    # Searching auxiliary heads: one trial of one stage (its best_recipe.json must load
+    # as a train recipe); test_tune trains a best_recipe.json that kgreedy.tune wrote.
+    "python -m kgreedy.tune recipes/tune/aux_digits.json --output runs/tune_digits":
+        tiny("tune", "max_trials=1", "stages=1", "epochs_per_trial=1", "steps_per_epoch=2"),
+    "python -m kgreedy.train runs/tune_digits/best_recipe.json --output runs/tuned_digits":
+        covered("tests/test_tune.py::test_random_search_finishes_and_its_best_recipe_trains",
+                "best_recipe.json", "cli.run(train.main"),
+}
+
+# Groups whose commands are expected to fail for now (xfail, not strict): remove an
+# entry once its fix has landed.
+PENDING = {}
+
+
+# ------------------------------------------------ reading the README ----
+
+COMMAND_START = re.compile(r"(\$ )?([A-Z_][A-Z0-9_]*=\S+ )*(python3? |pip )")
+PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(=[A-Z][A-Z0-9_]*)?(\.[a-z]+)?(\.\.\.)?")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def normalise(text):
+    """One line, single spaces, without a leading `$ `."""
+    text = " ".join(text.split())
+    return text[2:] if text.startswith("$ ") else text
+
+
+def _shell_lines(block):
+    """A fenced block's logical lines: `\\` continuations joined."""
+    lines, pending = [], ""
+    for line in block:
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+        else:
+            lines.append(pending + line)
+            pending = ""
+    return lines + ([pending] if pending else [])
+
+
+def _starts_a_command(text):
+    # The `VAR=value` prefix may be quoted JSON with spaces: test after shlex.
+    if COMMAND_START.match(text):
+        return True
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return False
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0], re.S):
+        words = words[1:]
+    return bool(words) and words[0] in ("python", "python3", "pip")
+
+
+def extract_commands(markdown):
+    """Every shell command the markdown shows, normalised, in order of appearance."""
+    commands, prose, fence, block = [], [], None, []
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            if fence is None:
+                fence, block = stripped[3:].strip(), []
+                prose.append("")  # a fence ends a paragraph
+            else:
+                if fence != "python":
+                    commands += [normalise(c) for c in _shell_lines(block)
+                                 if _starts_a_command(normalise(c))]
+                fence = None
+            continue
+        if fence is None:
+            prose.append(line)
+        else:
+            block.append(stripped)
+    # Inline code spans can wrap onto the next line, never past a paragraph.
+    for paragraph in re.split(r"\n\s*\n", "\n".join(prose)):
+        for span in re.findall(r"`([^`]+)`", paragraph):
+            if _starts_a_command(normalise(span)):
+                commands.append(normalise(span))
+    return list(dict.fromkeys(commands))
+
+
+def is_synopsis(command):
+    """A usage synopsis: optional `[--flag ...]` parts or UPPERCASE placeholders."""
+    if re.search(r"\[-", command):
+        return True
+    words = [w.strip("[]").removesuffix("...") for w in command.split()]
+    return any(PLACEHOLDER.fullmatch(w) for w in words if w and not w.startswith("-"))
+
+
+def readme_commands():
+    return extract_commands(README.read_text(encoding="utf-8"))
+
+
+def test_extraction_finds_fenced_continued_inline_and_prompted_commands():
+    markdown = "\n".join([
+        "Set up (`python3 -m venv .venv`), then run `python -m kgreedy.x A_DIR",
+        "[--flag N]` or `--set a=1` (not a command).", "",
+        "```bash", "# a comment", "python -m kgreedy.train r.json \\",
+        "  --output runs/r", "curl -s http://localhost", "```",
+        "  ```", "  $ python -m kgreedy.predict e digit.png", "  digit.png", "  ```",
+        "```python", "python = 1", "```",
+        "```bash", "TF_CONFIG='{\"a\": 1}' \\", "  python -m kgreedy.train r.json", "```",
+    ])
+    assert extract_commands(markdown) == [
+        "python -m kgreedy.train r.json --output runs/r",
+        "python -m kgreedy.predict e digit.png",
+        "TF_CONFIG='{\"a\": 1}' python -m kgreedy.train r.json",
+        "python3 -m venv .venv",
+        "python -m kgreedy.x A_DIR [--flag N]",
+    ]
+    assert is_synopsis("python -m kgreedy.x A_DIR [--flag N]")
+    assert is_synopsis("python -m kgreedy.export RUN_DIR")
+    assert is_synopsis("python tools/benchmark.py RECIPE --json out.json")
+    assert not is_synopsis('python -m pip install -e ".[test]" && python -m pytest -q')
+    assert not is_synopsis("TF_CONFIG='{\"a\": 1}' python -m kgreedy.train r.json")
+
+
+# --------------------------------------------------------- the mapping ----
+
+def test_every_readme_command_is_in_the_table():
+    runnable = [c for c in readme_commands() if not is_synopsis(c)]
+    missing = [c for c in runnable if c not in COMMANDS]
+    stale = [c for c in COMMANDS if c not in runnable]
+    problems = []
+    if missing:
+        problems.append(
+            "README commands that no test runs; add each to COMMANDS in "
+            "tests/test_readme_commands.py, as tiny(...) (run here on tiny data) or "
+            "covered(...) (the test that runs it):\n" + "\n".join(f"  {c}" for c in missing))
+    if stale:
+        problems.append("COMMANDS entries no longer in the README; update or remove them:\n"
+                        + "\n".join(f"  {c}" for c in stale))
+    assert not problems, "\n".join(problems)
+
+
+def _test_functions(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+@pytest.mark.parametrize("command", [c for c, how in COMMANDS.items()
+                                     if not isinstance(how, Tiny)])
+def test_covered_commands_name_a_test_that_runs_them(command):
+    ways = COMMANDS[command]
+    for how in ways if isinstance(ways, tuple) else (ways,):
+        file, _, function = how.where.partition("::")
+        path = ROOT / file
+        assert path.is_file(), f"{command!r} is mapped to {how.where}, which does not exist"
+        if function:
+            assert function in _test_functions(path), (
+                f"{command!r} is mapped to {how.where}: {file} has no function {function}")
+        text = path.read_text(encoding="utf-8")
+        absent = [n for n in how.needles if n not in text]
+        assert not absent, (f"{command!r} is mapped to {how.where}, but {file} no longer "
+                            f"contains {absent}: does it still run the command?")
+
+
+# ---------------------------------------------------------- synopses ----
+
+def _help_text(cli):
+    """`--help` of a `-m module` or a script path, run in this process (argparse only)."""
+    if cli.endswith(".py"):
+        main = runpy.run_path(str(ROOT / cli))["main"]
+    else:
+        main = importlib.import_module(cli).main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0, f"{cli} --help exited with {exit_.value.code}"
+    return out.getvalue()
+
+
+def _cli_of(synopsis):
+    words = synopsis.split()
+    assert words[0] == "python", f"unexpected synopsis form: {synopsis}"
+    return words[2] if words[1] == "-m" else words[1]
+
+
+def test_synopsis_flags_are_accepted_by_the_command_line():
+    synopses = [c for c in readme_commands() if is_synopsis(c)]
+    by_cli = {}
+    for synopsis in synopses:
+        by_cli.setdefault(_cli_of(synopsis), []).append(synopsis)
+    assert {"kgreedy.train", "kgreedy.export", "kgreedy.tune", "kgreedy.predict",
+            "kgreedy.probe", "kgreedy.report"} <= set(by_cli), sorted(by_cli)
+    unknown = []
+    for cli, shown in by_cli.items():
+        help_text = _help_text(cli)
+        accepted = set(FLAG.findall(help_text))
+        unknown += [f"{cli}: {flag} (README: {s})" for s in shown
+                    for flag in FLAG.findall(s) if flag not in accepted]
+    assert not unknown, ("README synopses name flags their command line does not accept:\n"
+                         + "\n".join(unknown))
+
+
+# ------------------------------------------------ running on tiny data ----
+
+def write_photo_folder(root):
+    """photos/{train,val}/{cat,dog}: JPEGs of different sizes and aspect ratios and a
+    PNG per class, each a noisy image whose colour depends on the class. The
+    evaluation folder is val/, one of the names the image-folder loader accepts."""
+    rng = np.random.default_rng(0)
+    colours = {"cat": (200, 80, 40), "dog": (40, 90, 210)}
+    files = {"train": [("a.jpg", 40, 30), ("b.jpg", 23, 57), ("c.jpg", 64, 64),
+                       ("d.jpg", 100, 75), ("e.png", 31, 47)],
+             "val": [("f.jpg", 50, 20), ("g.png", 64, 64)]}
+    for split, shapes in files.items():
+        for cls, colour in colours.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for name, width, height in shapes:
+                pixels = rng.normal(colour, 30, (height, width, 3)).clip(0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
+
+
+def _setup_group(group, scratch):
+    """Prepares the scratch directory; returns the values for {name} in extras."""
+    (scratch / "recipes").symlink_to(ROOT / "recipes", target_is_directory=True)
+    if group == "cifar10":
+        if not (SHARED_TFDS / "cifar10").is_dir():
+            pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
+        return {"tfds": str(SHARED_TFDS)}
+    if group == "photos":
+        write_photo_folder(scratch / "photos")
+    return {}
+
+
+def _check_outputs(argv, scratch):
+    """What a successful command leaves in its --output directory."""
+    out = scratch / argv[argv.index("--output") + 1]
+    if argv[2] == "kgreedy.train":
+        summary = json.loads((out / "summary.json").read_text())
+        if "export.enabled=false" in argv:
+            return
+        export = scratch / summary["final"]["export_path"]  # absolute stays absolute
+        assert export.parent.parent.resolve() == (out / "export").resolve(), export
+        assert (export / "saved_model.pb").is_file(), f"no SavedModel in {export}"
+        if (scratch / "photos").is_dir():
+            _check_both_signatures_answer(export, scratch / "photos")
+    elif argv[2] == "kgreedy.tune":
+        assert (out / "tuning.json").is_file()
+        best = load_recipe(out / "best_recipe.json")  # a valid train recipe
+        assert best.train.epochs_per_stage > 1, "the base's own epochs, not the trials'"
+
+
+def _check_both_signatures_answer(export, photos):
+    """The image-folder export answers raw pixels of any size and encoded files."""
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(export))
+    pixels = tf.random.uniform([2, 50, 70, 3], 0, 255)
+    out = model.signatures["serving_default"](images=pixels)
+    assert tuple(out["probabilities"].shape) == (2, 2)
+    files = sorted((photos / "val").rglob("*.*"))
+    out = model.signatures["serve_encoded"](
+        image_bytes=tf.constant([f.read_bytes() for f in files]))
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, rtol=1e-5)
+    assert set(out["class_names"].numpy().astype(str)) <= {"cat", "dog"}
+
+
+TINY_GROUPS = sorted({how.group for how in COMMANDS.values() if isinstance(how, Tiny)})
+
+
+@pytest.mark.parametrize("group", [
+    pytest.param(g, marks=pytest.mark.xfail(strict=False, reason=PENDING[g]))
+    if g in PENDING else g for g in TINY_GROUPS])
+def test_readme_commands_run_on_tiny_data(group, tmp_path):
+    values = _setup_group(group, tmp_path)
+    for command, how in COMMANDS.items():  # table order within a group
+        if not isinstance(how, Tiny) or how.group != group:
+            continue
+        argv = shlex.split(command)
+        assert argv[:2] == ["python", "-m"] and not {"&&", "|", ";"} & set(argv), (
+            f"tiny() runs plain `python -m ...` commands only: {command}")
+        argv += [arg.format(**values) for arg in how.extra]
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (
+            f"README command failed with exit status {proc.returncode}:\n  {command}\n"
+            f"run as: {shlex.join(argv)}\n(in {tmp_path})\n{proc.stderr[-3000:]}")
+        _check_outputs(argv, tmp_path)
