@@ -210,7 +210,8 @@ class TrainConfig:
     cache_features: str = _key(
         "auto", choices=CACHE_MODES,
         doc="run the frozen blocks once per stage and train on their cached output; "
-            "auto: when data.augment is none (greedy mode, one worker)")
+            "auto: when data.augment is none (greedy mode, one worker) and the frozen "
+            "blocks cost enough FLOPs per cached byte (kgreedy/cache.py)")
     cache_memory_mb: int = _key(
         1024, low=0, doc="cached features up to this size stay in memory, else on disk "
                          "in the run directory (removed after the stage)")

@@ -107,6 +107,9 @@ COMMANDS = {
     "python tools/recipe_reference.py":
         covered("tests/test_docs.py::test_readme_recipe_reference_matches_the_code",
                 "recipe_reference.py", "reference_table"),
+    "python tools/cache_cost.py":
+        covered("tests/test_benchmark_folder.py::"
+                "test_cache_cost_measures_both_sides_of_the_trade", "cache_cost.py"),
     # Several GPUs and several machines.
     "python -m kgreedy.train recipes/quickstart.json --set distribute.strategy=mirrored "
     "--set distribute.logical_cpus=2 --output runs/mirrored":

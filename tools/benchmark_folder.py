@@ -68,7 +68,7 @@ def make_photos(root, count, seed=0):
         base = np.stack([np.sin(x / (20 + 7 * label) + c) * np.cos(y / (30 + 5 * c))
                          for c in range(3)], -1)
         pixels = np.clip(127 + 100 * base + rng.normal(0, 12, (h, w, 3)), 0, 255)
-        split = "val" if (i // 10) % 10 == 9 else "train"
+        split = "val" if (i // 10) % 10 == 0 else "train"  # the first 10 of every 100
         path = os.path.join(root, split, f"class{label}", f"{i:05d}.jpg")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(pixels.astype(np.uint8)).save(path, "JPEG", quality=90)
@@ -179,6 +179,10 @@ def main(argv=None):
     return cli.EXIT_OK
 
 
+def run_main(argv=None):
+    """`main` with kgreedy's exit statuses and one-line errors."""
+    raise SystemExit(cli.run(main, argv))
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    raise SystemExit(cli.run(main))
+    run_main()

@@ -1,6 +1,6 @@
 """What the frozen-prefix feature cache trades, measured on this machine.
 
-    python tools/cache_cost.py
+    python tools/cache_cost.py [--examples N]
 
 Prints (1) the forward GFLOP/s of frozen conv blocks of typical shapes (inference
 mode, batch 64) and (2) the GB/s at which the cache's stores give features back
@@ -8,6 +8,7 @@ through tf.data (in memory and on disk). Their ratio is the prefix FLOPs per
 cached byte above which caching pays: kgreedy.cache.MIN_FLOPS_PER_BYTE.
 """
 
+import argparse
 import os
 import sys
 import tempfile
@@ -52,17 +53,23 @@ def read_rate(directory, side=32, channels=64, count=2000, batch=64):
     return count * side * side * channels * 4 / seconds / 1e9
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python tools/cache_cost.py",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=2000,
+                        help="32x32x64 feature maps read back per store (default 2000)")
+    args = parser.parse_args(argv)
     rates = [conv_rate(*c) for c in CONVS]
     for (side, cin, cout), rate in zip(CONVS, rates):
         print(f"conv {cin}->{cout} at {side}x{side}: {rate:.1f} GFLOP/s")
-    memory = read_rate(None)
+    memory = read_rate(None, count=args.examples)
     with tempfile.TemporaryDirectory() as d:
-        disk = read_rate(os.path.join(d, "store"))
+        disk = read_rate(os.path.join(d, "store"), count=args.examples)
     print(f"feature read: memory {memory:.2f} GB/s, disk {disk:.2f} GB/s")
     best = max(rates)
     print(f"break-even prefix FLOPs per cached byte: memory {best / memory:.0f}, "
           f"disk {best / disk:.0f} (at the best conv rate)")
+    return {"conv_gflops": rates, "memory_gbps": memory, "disk_gbps": disk}
 
 
 if __name__ == "__main__":
