@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import warnings
 
 import numpy as np
@@ -19,18 +18,17 @@ import tensorflow as tf
 from kgreedy import folders, image_cache, tfds_prepare
 from kgreedy.errors import DataError
 from kgreedy.files import write_json
-from kgreedy.images import decode_image as _decode_uint8
 from kgreedy.stores import Examples
+# decode_image and eval_transform are part of this module's interface (the export
+# and tools use them from here).
+from kgreedy.transforms import (decode_image, eval_transform,  # noqa: F401
+                                match_channels, train_transform)
 
 # tf.distribute reads dataset options while tracing the input function and warns
 # that graph-mode options may be stale; ours are set in that same function.
 warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options",
                         category=UserWarning)
 _STATS_SAMPLE = 2048  # images read to measure mean/std when the recipe gives none
-# augment imagenet: training images are kept (and cropped from) with their shorter
-# side at most this many times the model's input side. Random crops then come from
-# enough pixels, and a folder of large photos is decoded and shrunk only once.
-TRAIN_SIDE_FACTOR = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +105,7 @@ class Datasets:
         self.info = info or {}
         self.scratch = scratch
         self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
-        self._augment = _train_transform(config, spec)
+        self._augment = train_transform(config, spec)
 
     @property
     def train_source(self):
@@ -363,126 +361,6 @@ def _folder_layout(config, seed=0):
                                config.eval_fraction, seed)
 
 
-# ------------------------------------------------------------- transforms ----
-
-def _resize_shorter(images, side):
-    """Resizes images ([H,W,C] or [N,H,W,C]) so that the shorter side is `side`
-    (rounded), keeping the aspect ratio."""
-    shape = tf.shape(images)
-    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
-    scale = side / tf.minimum(h, w)
-    new_h = tf.cast(tf.round(h * scale), tf.int32)
-    new_w = tf.cast(tf.round(w * scale), tf.int32)
-    return tf.image.resize(images, tf.stack([new_h, new_w]))
-
-
-def eval_transform(images, spec):
-    """Eval-time resize/crop of raw images ([H,W,C] or [N,H,W,C]) to the model input.
-
-    Used by the eval pipeline and by the exported serving signatures, so both see
-    exactly the same pixels. The result has the static shape [..., size, size, C]
-    that the heads' pooling and flattening need.
-    """
-    size = spec.image_shape[0]
-    images = tf.cast(images, tf.float32)
-    if spec.eval_resize == "none":
-        return images
-    if spec.eval_resize == "resize":
-        return tf.image.resize(images, (size, size))
-    images = _resize_shorter(images, size / spec.crop_fraction)
-    shape = tf.shape(images)
-    top, left = (shape[-3] - size) // 2, (shape[-2] - size) // 2
-    images = images[..., top:top + size, left:left + size, :]
-    # The slice bounds are tensors, so the static shape is lost; the shorter side is
-    # at least size / crop_fraction >= size, so the crop is always size x size.
-    return tf.ensure_shape(images, images.shape[:-3].concatenate(
-        [size, size, images.shape[-1]]))
-
-
-def _to_uint8(images):
-    return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-
-
-def prepare_function(spec, split):
-    """`fn(uint8 [H,W,C]) -> uint8`: what an image file's pixels become before they
-    are kept for the run (`data.cache`) and transformed per epoch.
-
-    Without `augment: imagenet` that is the eval-time resize to the model's size,
-    the same for both splits. With it, eval images are resized as `eval_transform`
-    resizes them (the centre crop stays for `eval_transform`), and train images
-    keep their aspect ratio and at most `TRAIN_SIDE_FACTOR` times the model's side
-    on their shorter side, for the random resized crops. Cached or not, a run sees
-    the same pixels.
-
-    Args:
-        spec: the `DatasetSpec`.
-        split: `train` or `eval`.
-    """
-    size = spec.image_shape[0]
-
-    def fn(image):
-        if spec.eval_resize != "resize_crop":
-            same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size]))
-            return tf.cond(same, lambda: image, lambda: _to_uint8(
-                tf.image.resize(tf.cast(image, tf.float32), (size, size))))
-        if split == "eval":
-            return _to_uint8(_resize_shorter(tf.cast(image, tf.float32),
-                                             size / spec.crop_fraction))
-        side = TRAIN_SIDE_FACTOR * size
-        shorter = tf.minimum(tf.shape(image)[0], tf.shape(image)[1])
-        return tf.cond(shorter <= side, lambda: image, lambda: _to_uint8(
-            _resize_shorter(tf.cast(image, tf.float32), side)))
-
-    return fn
-
-
-def _match_channels(image, channels):
-    have = image.shape[-1]
-    if have == channels:
-        return image
-    if channels == 1:
-        return tf.image.rgb_to_grayscale(image)
-    return tf.image.grayscale_to_rgb(image)
-
-
-def decode_image(data, channels):
-    """Decodes image file bytes (see `kgreedy.images`) to float32 [H, W, channels]
-    on the 0..255 scale."""
-    return tf.cast(_decode_uint8(data, channels), tf.float32)
-
-
-def _train_transform(config, spec):
-    """`fn(image, seed)`: the training transform; `seed` is an int64 [2] tensor.
-
-    Stateless random ops only, so a draw depends on the seed alone and not on how
-    many examples went before (resume, sharding, parallel map order).
-    """
-    size = spec.image_shape[0]
-    if config.augment == "cifar":
-        def fn(image, seed):
-            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            image = eval_transform(image, spec)
-            image = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
-            image = tf.image.stateless_random_crop(image, (size, size, spec.image_shape[2]),
-                                                   seed=crop_seed)
-            return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    elif config.augment == "imagenet":
-        def fn(image, seed):
-            box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(image), tf.zeros([0, 0, 4]), seed=box_seed, min_object_covered=0.0,
-                aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-                max_attempts=10, use_image_if_no_bounding_boxes=True)
-            image = tf.slice(image, begin, box)
-            image = tf.image.resize(image, (size, size))
-            return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    else:
-        def fn(image, seed):
-            del seed  # no augmentation
-            return eval_transform(image, spec)
-    return fn
-
-
 # ------------------------------------------------------------------- load ----
 
 def _measure_stats(images):
@@ -544,66 +422,13 @@ def _tfds_sources(config, spec):
     def split(name):
         ds = builder.as_dataset(split=name, as_supervised=True,
                                 read_config=tfds.ReadConfig(try_autocache=False))
-        return ds.map(lambda image, label: (_match_channels(tf.cast(image, tf.float32),
+        return ds.map(lambda image, label: (match_channels(tf.cast(image, tf.float32),
                                                             spec.image_shape[2]),
                                             tf.cast(label, tf.int32)),
                       num_parallel_calls=tf.data.AUTOTUNE)
 
     train_name, eval_name = tfds_split_names(config)
     return split(train_name), split(eval_name), spec
-
-
-def _cache_mode(config, spec, layout, cache_dir):
-    """`data.cache` resolved: `auto` keeps images in memory when their estimated size
-    is within `data.cache_memory_mb`, else on disk."""
-    if config.cache != "auto":
-        return config.cache
-    size, channels = spec.image_shape[0], spec.image_shape[2]
-    if spec.eval_resize == "resize_crop":
-        # Photos are mostly 4:3; the shorter side is at most what `prepare_function`
-        # keeps, so this is an upper estimate for photos larger than that.
-        eval_bytes = (size / spec.crop_fraction) ** 2 * 4 / 3 * channels
-        train_bytes = (TRAIN_SIDE_FACTOR * size) ** 2 * 4 / 3 * channels
-    else:
-        eval_bytes = train_bytes = size * size * channels
-    estimate = len(layout.train) * train_bytes + len(layout.eval) * eval_bytes
-    return "memory" if estimate <= config.cache_memory_mb * 2 ** 20 else "disk"
-
-
-def _folder_sources(config, spec, seed, cache_dir, progress):
-    layout = _folder_layout(config, seed)
-    folders.check_not_empty(layout)
-    mode = _cache_mode(config, spec, layout, cache_dir)
-    scratch = None
-    if mode == "disk" and cache_dir is None:
-        cache_dir = scratch = tempfile.mkdtemp(prefix="kgreedy-images-")
-    if progress is not None:
-        where = {"memory": "in memory", "disk": f"on disk in {cache_dir}",
-                 "none": "not kept (decoded every epoch)"}[mode]
-        progress.message(f"{layout.describe()}; decoded images {where}")
-    channels = spec.image_shape[2]
-    splits, skipped = [], {}
-    try:
-        for name, split in (("train", layout.train), ("eval", layout.eval)):
-            examples, skipped[name] = image_cache.read_split(
-                name, split, layout.root, channels, prepare_function(spec, name), mode,
-                None if cache_dir is None else os.path.join(cache_dir, name),
-                config.bad_files, progress)
-            splits.append(examples)
-    except BaseException:
-        for examples in splits:
-            examples.remove()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    train, evals = splits
-    spec = dataclasses.replace(spec, num_train=train.count, num_eval=evals.count)
-    info = {"train_from": layout.train.origin, "eval_from": layout.eval.origin,
-            "cache": mode,
-            "skipped_files": sum(map(len, skipped.values())),
-            "skipped_examples": [f for name in ("train", "eval")
-                                 for f in skipped[name]][:image_cache.SHOWN_BAD_FILES]}
-    return train, evals, spec, info, scratch
 
 
 def load(config, spec, *, batch_size, eval_batch_size=None, seed=0, cache_dir=None,
@@ -637,8 +462,8 @@ def load(config, spec, *, batch_size, eval_batch_size=None, seed=0, cache_dir=No
         train = Examples.from_arrays(x_train, y_train)
         evals = Examples.from_arrays(x_eval, y_eval)
     elif config.source == "image_folder":
-        train, evals, spec, info, scratch = _folder_sources(config, spec, seed, cache_dir,
-                                                            progress)
+        train, evals, spec, info, scratch = image_cache.load_folder(
+            config, spec, _folder_layout(config, seed), cache_dir, progress)
         sampler = Datasets(train, evals, spec, config, batch_size, eval_batch_size, seed)
         spec = _with_stats(config, spec,
                            lambda: sampler.sample(train, _STATS_SAMPLE, seed).map(

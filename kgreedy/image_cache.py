@@ -9,12 +9,16 @@ epochs do no JPEG/PNG work. With `data.cache: none` the pass only checks the fil
 and every epoch decodes them again.
 """
 
+import dataclasses
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 
+from kgreedy import folders, transforms
 from kgreedy.errors import DataError
 from kgreedy.images import decode_image
 from kgreedy.stores import Examples, PackedStore
@@ -119,3 +123,69 @@ def read_split(name, split, root, channels, prepare, cache, directory=None,
                              f"left out: {', '.join(skipped[:SHOWN_BAD_FILES])}"
                              f"{' ...' if len(skipped) > SHOWN_BAD_FILES else ''}")
     return examples, skipped
+
+
+def _cache_mode(config, spec, layout, cache_dir):
+    """`data.cache` resolved: `auto` keeps images in memory when their estimated size
+    is within `data.cache_memory_mb`, else on disk."""
+    if config.cache != "auto":
+        return config.cache
+    size, channels = spec.image_shape[0], spec.image_shape[2]
+    if spec.eval_resize == "resize_crop":
+        # Photos are mostly 4:3; the shorter side is at most what `prepare_function`
+        # keeps, so this is an upper estimate for photos larger than that.
+        eval_bytes = (size / spec.crop_fraction) ** 2 * 4 / 3 * channels
+        train_bytes = (transforms.TRAIN_SIDE_FACTOR * size) ** 2 * 4 / 3 * channels
+    else:
+        eval_bytes = train_bytes = size * size * channels
+    estimate = len(layout.train) * train_bytes + len(layout.eval) * eval_bytes
+    return "memory" if estimate <= config.cache_memory_mb * 2 ** 20 else "disk"
+
+
+def load_folder(config, spec, layout, cache_dir=None, progress=None):
+    """Reads an image folder's train and eval files once (`read_split` each).
+
+    Args:
+        config: the recipe's `DataConfig`.
+        spec: the `DatasetSpec` from `data.describe`.
+        layout: the folder's `folders.Layout`.
+        cache_dir: where a disk cache goes (default: a temporary folder, returned
+            as `scratch` for the caller to remove).
+        progress: a `Progress`, or None.
+
+    Returns:
+        (train `Examples`, eval `Examples`, the spec with the counts read, the
+        summary's `data` entry, scratch folder or None).
+    """
+    folders.check_not_empty(layout)
+    mode = _cache_mode(config, spec, layout, cache_dir)
+    scratch = None
+    if mode == "disk" and cache_dir is None:
+        cache_dir = scratch = tempfile.mkdtemp(prefix="kgreedy-images-")
+    if progress is not None:
+        where = {"memory": "in memory", "disk": f"on disk in {cache_dir}",
+                 "none": "not kept (decoded every epoch)"}[mode]
+        progress.message(f"{layout.describe()}; decoded images {where}")
+    channels = spec.image_shape[2]
+    splits, skipped = [], {}
+    try:
+        for name, split in (("train", layout.train), ("eval", layout.eval)):
+            examples, skipped[name] = read_split(
+                name, split, layout.root, channels, transforms.prepare_function(spec, name), mode,
+                None if cache_dir is None else os.path.join(cache_dir, name),
+                config.bad_files, progress)
+            splits.append(examples)
+    except BaseException:
+        for examples in splits:
+            examples.remove()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    train, evals = splits
+    spec = dataclasses.replace(spec, num_train=train.count, num_eval=evals.count)
+    info = {"train_from": layout.train.origin, "eval_from": layout.eval.origin,
+            "cache": mode,
+            "skipped_files": sum(map(len, skipped.values())),
+            "skipped_examples": [f for name in ("train", "eval")
+                                 for f in skipped[name]][:SHOWN_BAD_FILES]}
+    return train, evals, spec, info, scratch

@@ -372,7 +372,7 @@ def _validate(recipe):
     if data.source == "image_folder":
         if not data.data_dir:
             raise RecipeError("data.data_dir", "is required when data.source is "
-                              "'image_folder' (the root holding train/ and eval/)", None)
+                              "'image_folder' (the folder of class folders, or of train/ and val/)", None)
         if data.image_size is None:
             raise RecipeError("data.image_size", "is required when data.source is "
                               "'image_folder' (images are resized to it)", None)

@@ -19,7 +19,6 @@ It prints a table and, with `--json`, writes the figures and the machine.
 Exit status: 0 done; 2 bad usage or an unusable folder.
 """
 
-import argparse
 import json
 import os
 import platform
