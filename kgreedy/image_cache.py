@@ -74,10 +74,14 @@ def read_split(name, split, root, channels, prepare, cache, directory=None,
           .ignore_errors()
           .prefetch(tf.data.AUTOTUNE))
     good = np.zeros(len(paths), bool)
+    count = 0
     start = last = time.perf_counter()
     try:
         for index, image in ds.as_numpy_iterator():
+            if bad_files == "error" and index > count:
+                break  # a file before this one failed: no need to read on
             good[index] = True
+            count += 1
             if store is not None:
                 store.append(image)
             now = time.perf_counter()
@@ -85,8 +89,6 @@ def read_split(name, split, root, channels, prepare, cache, directory=None,
                 last = now
                 progress.status(f"  reading {name} images: {index + 1:,}/{len(paths):,} "
                                 f"files, {(index + 1) / (now - start):,.0f} files/s")
-            if bad_files == "error" and not good[:index].all():
-                break
     except BaseException:
         if store is not None:
             store.remove()
