@@ -18,9 +18,10 @@ from kgreedy.stores import Examples, PackedStore
 
 # Prefix FLOPs per cached byte above which the cache pays for itself: the frozen
 # blocks' forward pass it saves must cost more than reading the features back
-# (and, on disk, writing them once). Measured with tools/cache_cost.py on the
-# 2-core CPU of docs/BENCHMARKS.md: forward convs at 5-120 GFLOP/s, features read
-# back at about 0.8 GB/s from memory and 0.4 GB/s from disk.
+# (and, on disk, writing them once). tools/cache_cost.py on the quiet 2-core CPU of
+# docs/BENCHMARKS.md: forward convs at 16-250 GFLOP/s, features read back at 2.3 GB/s
+# from memory and 1.2 GB/s from disk, so break-even near 110 and 200; disk is set
+# higher for the one-off write and the disk space.
 MIN_FLOPS_PER_BYTE = {"memory": 100, "disk": 300}
 
 
