@@ -127,20 +127,44 @@ def read_split(name, split, root, channels, prepare, cache, directory=None,
     return examples, skipped
 
 
-def _cache_mode(config, spec, layout, cache_dir):
+_SIZE_SAMPLE = 32  # files whose headers estimate a split's kept size
+
+
+def _kept_bytes(split, side, shrink_only, channels):
+    """Estimated bytes of a split kept with its shorter side at `side` (never
+    enlarged when `shrink_only`), from the image sizes in a few files' headers."""
+    from PIL import Image  # reads the header only; the pixels are TensorFlow's job
+
+    picks = np.linspace(0, len(split) - 1, min(_SIZE_SAMPLE, len(split))).astype(int)
+    sizes = []
+    for i in picks:
+        try:
+            with Image.open(split.paths[i]) as image:
+                sizes.append(image.size)
+        except (OSError, ValueError):
+            continue  # a bad file: read_split will say so
+    if not sizes:
+        return len(split) * side * side * 4 / 3 * channels
+    per_image = []
+    for w, h in sizes:
+        scale = side / min(w, h)
+        scale = min(scale, 1.0) if shrink_only else scale
+        per_image.append(round(w * scale) * round(h * scale) * channels)
+    return len(split) * float(np.mean(per_image))
+
+
+def _cache_mode(config, spec, layout):
     """`data.cache` resolved: `auto` keeps images in memory when their estimated size
     is within `data.cache_memory_mb`, else on disk."""
     if config.cache != "auto":
         return config.cache
     size, channels = spec.image_shape[0], spec.image_shape[2]
     if spec.eval_resize == "resize_crop":
-        # Photos are mostly 4:3; the shorter side is at most what `prepare_function`
-        # keeps, so this is an upper estimate for photos larger than that.
-        eval_bytes = (size / spec.crop_fraction) ** 2 * 4 / 3 * channels
-        train_bytes = (transforms.TRAIN_SIDE_FACTOR * size) ** 2 * 4 / 3 * channels
+        estimate = (_kept_bytes(layout.train, transforms.TRAIN_SIDE_FACTOR * size, True,
+                                channels)
+                    + _kept_bytes(layout.eval, size / spec.crop_fraction, False, channels))
     else:
-        eval_bytes = train_bytes = size * size * channels
-    estimate = len(layout.train) * train_bytes + len(layout.eval) * eval_bytes
+        estimate = (len(layout.train) + len(layout.eval)) * size * size * channels
     return "memory" if estimate <= config.cache_memory_mb * 2 ** 20 else "disk"
 
 
@@ -160,7 +184,7 @@ def load_folder(config, spec, layout, cache_dir=None, progress=None):
         summary's `data` entry, scratch folder or None).
     """
     folders.check_not_empty(layout)
-    mode = _cache_mode(config, spec, layout, cache_dir)
+    mode = _cache_mode(config, spec, layout)
     scratch = None
     if mode == "disk" and cache_dir is None:
         cache_dir = scratch = tempfile.mkdtemp(prefix="kgreedy-images-")
