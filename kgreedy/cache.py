@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kgreedy.stores import Examples, PackedStore
+from kgreedy.stores import Examples, HasSplits, PackedStore
 
 
 # Prefix FLOPs per cached byte above which the cache pays for itself: the frozen
@@ -55,7 +55,7 @@ def use_cache(recipe, datasets, stage, num_workers, net):
     return per_byte >= MIN_FLOPS_PER_BYTE["memory" if cache.in_memory else "disk"]
 
 
-class FeatureCache:
+class FeatureCache(HasSplits):
     """Output of blocks 1..stage-1 for every train and eval example, computed once.
 
     Examples keep the order of `datasets.train_source`/`eval_source`, so the seeded
@@ -88,16 +88,6 @@ class FeatureCache:
         self.train_split = None  # `stores.Examples`, or a stream for TFDS
         self.eval_split = None
         self.seconds = None
-
-    @property
-    def train_source(self):
-        """The cached train features as a dataset, in the source's order."""
-        return _ordered(self.train_split)
-
-    @property
-    def eval_source(self):
-        """The cached eval features as a dataset, in the source's order."""
-        return _ordered(self.eval_split)
 
     def describe(self):
         where = "in memory" if self.in_memory else f"on disk in {self.directory}"
@@ -153,7 +143,3 @@ class FeatureCache:
         self.train_split = self.eval_split = None
         if not self.in_memory:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _ordered(split):
-    return split.ordered() if isinstance(split, Examples) else split

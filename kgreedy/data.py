@@ -18,7 +18,7 @@ import tensorflow as tf
 from kgreedy import folders, image_cache, tfds_prepare
 from kgreedy.errors import DataError
 from kgreedy.files import write_json
-from kgreedy.stores import Examples
+from kgreedy.stores import Examples, HasSplits, ordered
 # decode_image and eval_transform are part of this module's interface (the export
 # and tools use them from here).
 from kgreedy.transforms import (decode_image, eval_transform,  # noqa: F401
@@ -68,7 +68,7 @@ class DatasetSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-class Datasets:
+class Datasets(HasSplits):
     """Train and eval pipelines of (images float32 [B,H,W,C], labels int32 [B]).
 
     The train order and augmentation are pure functions of (seed, epoch, position):
@@ -107,16 +107,6 @@ class Datasets:
         self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
         self._augment = train_transform(config, spec)
 
-    @property
-    def train_source(self):
-        """The train examples, in their fixed order, untransformed."""
-        return _ordered(self.train_split)
-
-    @property
-    def eval_source(self):
-        """The eval examples, in their fixed order, untransformed."""
-        return _ordered(self.eval_split)
-
     def stage_steps(self, train, num_workers=1):
         """Train steps per epoch of a stage: one pass, capped by
         `train.steps_per_epoch`. Each worker reads its own shard, so an epoch is as
@@ -141,7 +131,7 @@ class Datasets:
     def eval_view(self, source):
         """`source` examples through the eval-time resize/crop, in order, unbatched."""
         spec = self.spec
-        return _ordered(source).map(lambda x, y: (eval_transform(x, spec), y),
+        return ordered(source).map(lambda x, y: (eval_transform(x, spec), y),
                                     num_parallel_calls=tf.data.AUTOTUNE)
 
     @property
@@ -251,11 +241,6 @@ class Datasets:
     def eval(self):
         """The eval pipeline in global batches."""
         return self.eval_for()
-
-
-def _ordered(split):
-    """A split as a dataset of (image, label) in its fixed order."""
-    return split.ordered() if isinstance(split, Examples) else split
 
 
 def _as_is(features, seed):

@@ -173,3 +173,24 @@ class Examples:
     def remove(self):
         if self.store is not None:
             self.store.remove()
+
+
+def ordered(split):
+    """A split (`Examples` or a `tf.data.Dataset`) as a dataset of (image, label) in
+    its fixed order."""
+    return split.ordered() if isinstance(split, Examples) else split
+
+
+class HasSplits:
+    """`train_source` and `eval_source` of a class holding `train_split` and
+    `eval_split` (`Examples` or streams): the examples in their fixed order."""
+
+    @property
+    def train_source(self):
+        """The train examples, in their fixed order, untransformed."""
+        return ordered(self.train_split)
+
+    @property
+    def eval_source(self):
+        """The eval examples, in their fixed order, untransformed."""
+        return ordered(self.eval_split)
