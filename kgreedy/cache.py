@@ -50,9 +50,15 @@ def use_cache(recipe, datasets, stage, num_workers, net):
         return True
     if datasets.augmented or num_workers != 1:
         return False
-    cache = FeatureCache(net, stage, datasets, None, recipe.train.cache_memory_mb)
+    in_memory = feature_bytes(net, stage, datasets) <= recipe.train.cache_memory_mb * 2 ** 20
     per_byte = prefix_flops(net, stage) / (4 * np.prod(net.stage_shapes[stage - 2]))
-    return per_byte >= MIN_FLOPS_PER_BYTE["memory" if cache.in_memory else "disk"]
+    return per_byte >= MIN_FLOPS_PER_BYTE["memory" if in_memory else "disk"]
+
+
+def feature_bytes(net, stage, datasets):
+    """Bytes of the output of blocks 1..stage-1 for every train and eval example."""
+    examples = (datasets.spec.num_train or 0) + (datasets.spec.num_eval or 0)
+    return int(np.prod(net.stage_shapes[stage - 2])) * 4 * examples
 
 
 class FeatureCache(HasSplits):
@@ -81,9 +87,7 @@ class FeatureCache(HasSplits):
         self.directory = directory
         self.memory_mb = memory_mb
         self.batch_size = batch_size
-        shape = net.stage_shapes[stage - 2]
-        examples = (datasets.spec.num_train or 0) + (datasets.spec.num_eval or 0)
-        self.bytes = int(np.prod(shape)) * 4 * examples
+        self.bytes = feature_bytes(net, stage, datasets)
         self.in_memory = self.bytes <= memory_mb * 2 ** 20
         self.train_split = None  # `stores.Examples`, or a stream for TFDS
         self.eval_split = None
@@ -115,11 +119,9 @@ class FeatureCache(HasSplits):
             store = PackedStore(np.float32, self.net.stage_shapes[self.stage - 2][-1],
                                 None if self.in_memory else os.path.join(self.directory,
                                                                          split))
-            labels = []
-            for features, batch_labels in self._batches(source, prefix):
+            for features, _ in self._batches(source, prefix):
                 store.extend(features.numpy())
-                labels.append(batch_labels.numpy())
-            return Examples.from_store(store.finish(), np.concatenate(labels))
+            return Examples.from_store(store.finish(), source.labels)
         if self.in_memory:
             features, labels = zip(*((f.numpy(), y.numpy())
                                      for f, y in self._batches(source, prefix)))

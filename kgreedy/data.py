@@ -333,8 +333,8 @@ def _describe_tfds(config):
                        counts.get("eval_split"))
 
 
-def _describe_folder(config, layout=None):
-    layout = layout or _folder_layout(config)
+def _describe_folder(config):
+    layout = _folder_layout(config)
     size = config.image_size
     return DatasetSpec((size, size, config.channels or 3), len(layout.classes),
                        layout.classes, _eval_resize_kind(config, None),

@@ -88,12 +88,10 @@ class PackedStore:
             self._flat = tf.constant(flat)
         self._offsets_t = tf.constant(np.array(self._offsets, np.int64))
         self._shapes_t = tf.constant(np.array(self._shapes, np.int32).reshape(-1, 3))
-        return self
-
-    def fixed_shape(self):
-        """The common [H, W, C] of every array, or None when they differ."""
         shapes = set(self._shapes)
-        return tuple(shapes.pop()) if len(shapes) == 1 else None
+        self._static_shape = (tuple(shapes.pop()) if len(shapes) == 1
+                              else (None, None, self.channels))
+        return self
 
     def read(self, index):
         """The array at `index` (a scalar int64 tensor), in TensorFlow ops."""
@@ -104,8 +102,7 @@ class PackedStore:
         else:
             flat = self._flat[start:end]
         array = tf.reshape(flat, self._shapes_t[index])
-        shape = self.fixed_shape()
-        array.set_shape(shape if shape is not None else (None, None, self.channels))
+        array.set_shape(self._static_shape)
         return array
 
     def _read_disk(self, start, end):

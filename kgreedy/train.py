@@ -105,15 +105,14 @@ def main(argv=None):
         # collectives), but only the chief into the real run directory.
         scratch = tempfile.mkdtemp(prefix=f"kgreedy-{worker.task.replace(':', '-')}-")
         try:
-            with _load_data(recipe, spec, os.path.join(scratch, "cache", "images"),
-                            None) as datasets:
+            with _load_data(recipe, spec, scratch, None) as datasets:
                 GreedyTrainer(recipe, datasets, RunDir(scratch), strategy, progress,
                               source=RunDir(output)).fit(resume=args.resume)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return cli.EXIT_OK
     run = RunDir(output)
-    with _load_data(recipe, spec, run.path("cache", "images"), progress) as datasets:
+    with _load_data(recipe, spec, output, progress) as datasets:
         os.makedirs(output, exist_ok=True)
         with RunLock(output) as lock:
             if lock.warning:
@@ -127,10 +126,11 @@ def main(argv=None):
 
 
 @contextlib.contextmanager
-def _load_data(recipe, spec, cache_dir, progress):
-    """The run's `Datasets`, closed (decoded images freed, disk cache removed) when
-    the run ends. A data error leaves no run directory that was not there before."""
-    output = os.path.dirname(os.path.dirname(cache_dir))
+def _load_data(recipe, spec, output, progress):
+    """The run's `Datasets`, its disk image cache in `output`/cache/images, closed
+    (decoded images freed, disk cache removed) when the run ends. A data error leaves
+    no run directory that was not there before."""
+    cache_dir = os.path.join(output, "cache", "images")
     existed = os.path.isdir(output)
     try:
         datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,

@@ -38,6 +38,8 @@ def eval_transform(images, spec):
     if spec.eval_resize == "none":
         return images
     if spec.eval_resize == "resize":
+        if tuple(images.shape[-3:-1]) == (size, size):
+            return images  # already the model's size (kept images): resizing is a no-op
         return tf.image.resize(images, (size, size))
     images = _resize_shorter(images, size / spec.crop_fraction)
     shape = tf.shape(images)
