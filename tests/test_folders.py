@@ -315,6 +315,7 @@ def test_cli_trains_a_train_test_folder_with_bad_files_and_reports_them(tmp_path
                      "--set", "data.augment=imagenet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "from test/" in result.stdout
+    assert "read 8 train images" in result.stdout  # the first pass reports itself
     assert "3 train file(s) cannot be decoded" in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["skipped_files"] == 3
