@@ -1,14 +1,15 @@
-"""What every command-line front end shares: argument errors and exit statuses."""
+"""What every command-line front end shares: argument errors, exit statuses, and the
+translation of library errors (which name parameters) into the flags a user typed."""
 
 import argparse
+import contextlib
 import sys
 
-from kgreedy.errors import KgreedyError, Preempted, TrainingStopped
+from kgreedy.base.errors import KgreedyError, TrainingStopped
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # anything unexpected; the traceback is printed
 EXIT_USAGE = 2    # bad usage, recipe or data configuration: one line on stderr
-EXIT_PREEMPTED = Preempted.exit_status  # 75: SIGTERM, checkpoint written; rerun with --resume
 
 
 def fail(message):
@@ -56,3 +57,19 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         print("kgreedy: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def flags(**names):
+    """Re-raises a `KgreedyError` about a library parameter as one about its flag.
+
+    The library names its own parameters (`stage: must be between 1 and 3`); a user
+    of the command line typed `--stage`, so the front end maps one to the other:
+    `with cli.flags(stage="--stage"): ...`.
+    """
+    try:
+        yield
+    except KgreedyError as e:
+        if e.path in names:
+            raise e.at(names[e.path]) from None
+        raise

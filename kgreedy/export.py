@@ -1,28 +1,6 @@
-"""Export of the deployed model as a SavedModel in TF Serving's layout (DESIGN.md §6).
-
-`export_saved_model` writes `EXPORT_ROOT/VERSION/` with two signatures under the tag
-`serve`:
-
-- `serving_default`: `images` float32 [batch, H, W, C] of raw pixels.
-- `serve_encoded`: `image_bytes` string [batch] of PNG or JPEG files (what TF
-  Serving's REST API receives as `{"b64": ...}`).
-
-Both return `probabilities` float32 [batch, classes], `class_ids` int64 [batch] and
-`class_names` string [batch]. Preprocessing (eval resize/crop through
-`data.eval_transform`, normalisation through the model's `standardize` layer) is
-inside the graph, so a client sends pixels on the dataset's own scale. Inputs of the
-wrong rank or channel count fail inside the graph with an error naming the input:
-TF Serving feeds tensors to the session without checking them against the
-signature's shapes.
-
-Every version directory also holds `assets.extra/tf_serving_warmup_requests`, the
-warm-up requests TF Serving replays at load time, and the object graph keeps the
-class names as `class_names` (a one-variable collection) for `kgreedy.predict`.
-
-Command line::
-
-    python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
-"""
+"""`python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
+[--heads last|ensemble]`: exports a trained run as a SavedModel for TF Serving
+(`kgreedy.serving.export`) and prints the version directory it wrote."""
 
 import sys
 
@@ -30,336 +8,25 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     from kgreedy import quiet
     quiet.install(sys.argv[1:])
 
-import os
-import re
-import shutil
-import tempfile
-import uuid
-import warnings
+from kgreedy import cli
+from kgreedy.base.errors import KgreedyError
+from kgreedy.serving.export import export_saved_model
+from kgreedy.training import rundir
 
-import keras
-import tensorflow as tf
+FLAGS = {"stage": "--stage", "version": "--version", "keep_versions": "--keep-versions",
+         "heads": "--heads"}
 
-from kgreedy import cli, data, rundir
-from kgreedy.errors import KgreedyError
-from kgreedy.files import umask_mode
-
-_VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit also accepts '²'
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-_DELETING = ".deleting-"  # prefix of versions being pruned: not an integer, so ignored
-
-
-# ---------------------------------------------------------------- versions ----
-
-def existing_versions(export_root):
-    """Integer version directories below `export_root`, ascending (empty if none)."""
-    if not os.path.isdir(export_root):
-        return []
-    return sorted(int(name) for name in os.listdir(export_root)
-                  if _VERSION_RE.fullmatch(name) and int(name) > 0
-                  and os.path.isdir(os.path.join(export_root, name)))
-
-
-def _check_version(version):
-    # bool is an int subclass; True is not a version anyone means.
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise KgreedyError("--version", "must be a positive integer", version)
-
-
-def _exists_error(version, export_root):
-    return KgreedyError("--version", f"version {version} already exists in {export_root}; "
-                        "exported versions are never overwritten", version)
-
-
-def _check_keep_versions(keep_versions):
-    if keep_versions is not None and (isinstance(keep_versions, bool)
-                                      or not isinstance(keep_versions, int)
-                                      or keep_versions < 1):
-        raise KgreedyError("--keep-versions", "must be a positive integer or None",
-                           keep_versions)
-
-
-def prune_versions(export_root, keep_versions, protect=()):
-    """Deletes all versions below `export_root` but the newest `keep_versions`.
-
-    A version goes in two steps: it is renamed to a name that is not an integer
-    (TF Serving then sees it vanish whole and unloads it), and only then deleted, so
-    no server ever loads a half-deleted version. Leftovers of an interrupted prune
-    (`.deleting-*`) are removed too.
-
-    Args:
-        export_root: TF Serving's model base path.
-        keep_versions: how many of the newest versions to keep (>= 1).
-        protect: versions never deleted whatever their number (the one just
-            written, which may be older than others when `version` was given).
-
-    Returns:
-        The deleted versions, ascending.
-
-    Raises:
-        OSError: a version could not be renamed or deleted.
-    """
-    _check_keep_versions(keep_versions)
-    versions = existing_versions(export_root)
-    keep = set(versions[-keep_versions:]) | set(protect)
-    deleted = []
-    for version in versions:
-        if version in keep:
-            continue
-        doomed = os.path.join(export_root, f"{_DELETING}{version}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(os.path.join(export_root, str(version)), doomed)
-        except FileNotFoundError:
-            continue  # a concurrent prune took it
-        shutil.rmtree(doomed)
-        deleted.append(version)
-    for name in os.listdir(export_root):
-        if name.startswith(_DELETING):
-            shutil.rmtree(os.path.join(export_root, name), ignore_errors=True)
-    return deleted
-
-
-# -------------------------------------------------------------- signatures ----
-
-def _outputs(logits, class_names):
-    """The serving outputs of a batch of logits."""
-    logits = tf.cast(logits, tf.float32)  # mixed-precision models give bfloat16/float16
-    class_ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
-    return {"probabilities": tf.nn.softmax(logits, axis=-1),
-            "class_ids": class_ids,
-            "class_names": tf.gather(class_names, class_ids)}
-
-
-def _build_archive(model, spec):
-    """An `ExportArchive` holding `model` with both serving signatures."""
-    height, width, channels = spec.image_shape
-    class_names = tf.constant([str(name) for name in spec.class_names])
-    # Without resizing, a batch of another size could only fail deep inside the
-    # model, so the signature itself states the size; with resizing any size works.
-    if spec.eval_resize == "none":
-        images_spec = tf.TensorSpec([None, height, width, channels], tf.float32, name="images")
-    else:
-        images_spec = tf.TensorSpec([None, None, None, channels], tf.float32, name="images")
-    bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
-
-    num_classes = len(spec.class_names)
-
-    def classify(images):
-        # images: model-sized, already through eval_transform (never twice: a
-        # second resize_crop would crop again). An empty batch is a valid request,
-        # but TensorFlow 2.21's CPU conv2d returns an empty tensor with the input's
-        # channel count for it (tf.nn.conv2d of [0,8,8,1] gives [0,8,8,1]) and the
-        # next layer fails; so it is answered without running the model.
-        def empty():
-            return {"probabilities": tf.zeros([0, num_classes]),
-                    "class_ids": tf.zeros([0], tf.int64),
-                    "class_names": tf.zeros([0], tf.string)}
-
-        return tf.cond(tf.shape(images)[0] > 0,
-                       lambda: _outputs(model(images, training=False), class_names), empty)
-
-    def decode_one(image_bytes):
-        image = data.eval_transform(data.decode_image(image_bytes, channels), spec)
-        size = tf.shape(image)[:2]
-        ok = tf.reduce_all(tf.equal(size, [height, width]))
-
-        def wrong_size():
-            # Only reachable with eval_resize "none": an image of another size is the
-            # client's error, not something to resize silently. The failing Assert
-            # sits in a cond branch on the data path because grappler drops plain
-            # control edges from an Assert to EnsureShape, and EnsureShape would
-            # then fail first with a message about internal tensor names.
-            message = (f"image_bytes: images must be {height}x{width} pixels (this "
-                       f"model does not resize: eval_resize is {spec.eval_resize}); "
-                       "received height, width")
-            with tf.control_dependencies([tf.debugging.Assert(ok, [message, size])]):
-                return tf.zeros([height, width, channels])
-
-        return tf.cond(ok, lambda: tf.reshape(image, [height, width, channels]),
-                       wrong_size)
-
-    # The argument names are the signature input names TF Serving shows.
-    def serving_default(images):
-        # The signature's TensorSpec is not enforced on requests (TF Serving and the
-        # loaded signature functions feed any shape), so check it first, while the
-        # error can still name the input: "Shape of tensor images [1,8,8,3] is not
-        # compatible with expected shape [?,8,8,1]". Later ops would fail with
-        # internal names, or resize silently.
-        images = tf.ensure_shape(images, images_spec.shape)
-        # resize_crop slices with computed offsets, which loses the static shape
-        # that the head's flatten/dense need; ensure_shape restores it.
-        return classify(tf.ensure_shape(data.eval_transform(images, spec),
-                                        [None, height, width, channels]))
-
-    def serve_encoded(image_bytes):
-        # A scalar string would otherwise fail in map_fn as "slice index 0 out of
-        # bounds".
-        image_bytes = tf.ensure_shape(image_bytes, bytes_spec.shape)
-        # Images of one request may differ in size, so decode and transform one by
-        # one; the fixed output signature lets map_fn stack them into a batch.
-        images = tf.map_fn(decode_one, image_bytes, fn_output_signature=tf.TensorSpec(
-            [height, width, channels], tf.float32))
-        return classify(images)
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    # serving_default first: ExportArchive also aliases its first endpoint to it.
-    archive.add_endpoint("serving_default", serving_default, input_signature=[images_spec])
-    archive.add_endpoint("serve_encoded", serve_encoded, input_signature=[bytes_spec])
-    # The signatures return the top class's name only; top-k listings need them all.
-    archive.add_variable_collection("class_names", [tf.Variable(
-        class_names, trainable=False, name="class_names")])
-    return archive
-
-
-# ----------------------------------------------------------------- warm-up ----
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-def _field(number, payload):
-    """One length-delimited protobuf field (wire type 2)."""
-    if isinstance(payload, str):
-        payload = payload.encode("utf-8")
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _prediction_log(model_name, signature_name, inputs):
-    """A serialized `tensorflow.serving.PredictionLog` holding one PredictRequest.
-
-    tensorflow-serving-api is a test dependency only, and exporting must not need
-    it, so the few fields are encoded by hand; the wire format is protobuf's stable
-    one, and the tests parse these bytes with the real protos. Field numbers:
-    PredictionLog.predict_log = 6, PredictLog.request = 1, PredictRequest.model_spec
-    = 1 and .inputs = 2 (a map: entries with key = 1, value = 2), ModelSpec.name = 1
-    and .signature_name = 3.
-    """
-    model_spec = _field(1, model_name) + _field(3, signature_name)
-    request = _field(1, model_spec) + b"".join(
-        _field(2, _field(1, name) + _field(2, tf.make_tensor_proto(value).SerializeToString()))
-        for name, value in inputs.items())
-    return _field(6, _field(1, request))
-
-
-def write_warmup_requests(version_dir, model_name, image_shape):
-    """Writes `assets.extra/tf_serving_warmup_requests` into `version_dir`.
-
-    TF Serving replays these requests when it loads the version, before it is
-    marked available, so the first client does not pay for graph optimisation and
-    kernel set-up; a request that fails makes the load fail. One record per
-    signature: a batch of one all-zero image, as pixels for `serving_default` and as
-    a PNG for `serve_encoded`, both of the model's input size (which every export
-    accepts, resizing or not).
-
-    Args:
-        version_dir: the (temporary) version directory.
-        model_name: recorded as the requests' `model_spec.name`.
-        image_shape: (height, width, channels) of the model input.
-    """
-    zeros = tf.zeros([1, *image_shape], tf.float32)
-    png = tf.io.encode_png(tf.zeros(image_shape, tf.uint8))
-    path = os.path.join(version_dir, WARMUP_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tf.io.TFRecordWriter(path) as writer:
-        writer.write(_prediction_log(model_name, "serving_default", {"images": zeros}))
-        writer.write(_prediction_log(model_name, "serve_encoded",
-                                     {"image_bytes": tf.reshape(png, [1])}))
-
-
-# ------------------------------------------------------------------ export ----
-
-def export_saved_model(net, spec, export_root, stage=None, version=None,
-                       keep_versions=None, heads="last"):
-    """Exports the deployed model of `net` as version `version` below `export_root`.
-
-    The version directory appears whole or not at all: the SavedModel and its
-    warm-up requests are written to a temporary directory inside `export_root`
-    whose name is not an integer (TF Serving ignores it), then renamed. An existing
-    version is never overwritten. The model name in the warm-up requests is the
-    name of `export_root` (RUN_DIR/export/MODEL_NAME).
-
-    Args:
-        net: a `GreedyNet` with trained weights.
-        spec: the `DatasetSpec` the net was trained on (eval resize, class names).
-        export_root: TF Serving's model base path; created when missing.
-        stage: export blocks 1..stage with head `stage` (default: the last stage).
-        version: a positive integer (default: the largest existing version + 1,
-            or 1).
-        keep_versions: after a successful export, delete all but the newest N
-            versions (never the one just written); None keeps all. A failure to
-            delete is a warning: the new version is in place.
-        heads: `last` serves head `stage`; `ensemble` serves the weighted ensemble
-            of heads 1..stage (`GreedyNet.deployed_model`), same signatures.
-
-    Returns:
-        The path of the version directory.
-
-    Raises:
-        KgreedyError: `stage`, `version` or `keep_versions` is out of range, or the
-            version exists.
-    """
-    if stage is not None and not (isinstance(stage, int) and 1 <= stage <= net.num_stages):
-        raise KgreedyError("--stage", f"must be between 1 and {net.num_stages}", stage)
-    _check_keep_versions(keep_versions)
-    if heads not in ("last", "ensemble"):
-        raise KgreedyError("--heads", "must be 'last' or 'ensemble'", heads)
-    export_root = os.path.abspath(export_root)
-    if version is None:
-        version = (existing_versions(export_root) or [0])[-1] + 1
-    _check_version(version)
-    target = os.path.join(export_root, str(version))
-    if os.path.exists(target):
-        raise _exists_error(version, export_root)
-
-    archive = _build_archive(net.deployed_model(stage, heads), spec)
-    os.makedirs(export_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
-    try:
-        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide it from TF Serving
-        archive.write_out(tmp, verbose=False)
-        write_warmup_requests(tmp, os.path.basename(export_root), spec.image_shape)
-        # Another export may have taken the version meanwhile. rename() would
-        # replace an empty directory, so check again just before it; a non-empty
-        # one makes rename() fail instead of overwriting.
-        if os.path.exists(target):
-            raise _exists_error(version, export_root)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if os.path.exists(target):
-                raise _exists_error(version, export_root) from None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if keep_versions is not None:
-        try:
-            prune_versions(export_root, keep_versions, protect=[version])
-        except OSError as e:
-            warnings.warn(f"exported {target}, but deleting old versions failed: {e}",
-                          stacklevel=2)
-    return target
-
-
-# ---------------------------------------------------------------- command ----
 
 def main(argv=None):
-    """`python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
-    [--heads last|ensemble]`."""
+    """Parses the arguments, exports, prints the path; returns the exit status."""
     parser = cli.ArgumentParser(
         prog="python -m kgreedy.export",
         description="Export a trained run as a SavedModel for TF Serving into "
                     "RUN_DIR/export/MODEL_NAME/VERSION/ and print that path.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of kgreedy.train")
     parser.add_argument("--stage", type=int, default=None,
-                        help="export blocks 1..N with head N (default: last trained stage)")
+                        help="export blocks 1..N with head N (default: the last "
+                             "finished stage)")
     parser.add_argument("--version", type=cli.positive_int, default=None,
                         help="version directory (default: largest existing + 1)")
     parser.add_argument("--keep-versions", type=cli.positive_int, default=None,
@@ -370,14 +37,15 @@ def main(argv=None):
                              "(default: the recipe's export.heads)")
     cli.add_verbose(parser)
     args = parser.parse_args(argv)
-    recipe, spec, net, stage = rundir.load_trained(args.run_dir, args.stage)
-    heads = args.heads or recipe.export.heads
-    if heads == "ensemble" and recipe.train.mode == "end_to_end":
-        raise KgreedyError("--heads", "'ensemble' needs a greedy run: an end-to-end run "
-                           "trains only the last head", heads)
-    export_root = rundir.RunDir(args.run_dir).export_root(recipe.model_name)
-    print(export_saved_model(net, spec, export_root, stage, args.version,
-                             keep_versions=args.keep_versions, heads=heads))
+    with cli.flags(**FLAGS):
+        recipe, spec, net, stage = rundir.load_trained(args.run_dir, args.stage)
+        heads = args.heads or recipe.export.heads
+        if heads == "ensemble" and recipe.train.mode == "end_to_end":
+            raise KgreedyError("heads", "'ensemble' needs a greedy run: an end-to-end "
+                               "run trains only the last head", heads)
+        export_root = rundir.RunDir(args.run_dir).export_root(recipe.model_name)
+        print(export_saved_model(net, spec, export_root, stage, args.version,
+                                 keep_versions=args.keep_versions, heads=heads))
     return cli.EXIT_OK
 
 

@@ -22,7 +22,7 @@ import os
 import re
 
 from kgreedy import cli
-from kgreedy.errors import KgreedyError
+from kgreedy.base.errors import KgreedyError
 
 _VERSION_RE = re.compile(r"[0-9]+")
 

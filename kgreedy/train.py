@@ -22,14 +22,17 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from kgreedy import cli, data, distribute
-from kgreedy.errors import KgreedyError
-from kgreedy.greedy import GreedyTrainer
-from kgreedy.network import GreedyNet, parameter_table
-from kgreedy.progress import Progress
-from kgreedy.recipe import check_against_data, load_recipe, recipe_from_dict
-from kgreedy.rundir import RunDir
-from kgreedy.runlock import RunLock
+from kgreedy import cli
+from kgreedy import data
+from kgreedy.training import distribute
+from kgreedy.base.errors import KgreedyError
+from kgreedy.training.controller import GreedyTrainer
+from kgreedy.model.network import parameter_table
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.training.rundir import RunDir
+from kgreedy.training.runlock import RunLock
 
 
 def parse_args(argv):
@@ -51,7 +54,7 @@ def parse_args(argv):
 
 def print_dry_run(recipe, spec):
     channels = spec.image_shape[2]
-    net = GreedyNet(recipe, spec.image_shape, spec.num_classes,
+    net = from_recipe(recipe, spec.image_shape, spec.num_classes,
                     [0.0] * channels, [1.0] * channels)
     rows = parameter_table(net)
     print(f"recipe {recipe.name}: {recipe.train.mode}, {len(rows)} stages, k={recipe.aux.k}, "
@@ -78,8 +81,17 @@ def prepare_output(path, resume):
                            "or choose another directory", path)
 
 
+FLAGS = {"overrides": "--set", "run_dir": "--output"}
+
+
 def main(argv=None):
+    """Parses the arguments and trains; returns the exit status."""
     args = parse_args(argv)
+    with cli.flags(**FLAGS):
+        return _main(args)
+
+
+def _main(args):
     recipe = load_recipe(args.recipe, args.set)
     # Both must happen before TensorFlow runs its first op.
     distribute.configure_devices(recipe.distribute)

@@ -27,15 +27,18 @@ import time
 import tensorflow as tf
 from keras_tuner.src import config as keras_tuner_config
 
-from kgreedy import cli, data, distribute
-from kgreedy.errors import KgreedyError, TrainingStopped
-from kgreedy.files import write_json
-from kgreedy.progress import Progress
-from kgreedy.recipe import recipe_from_dict
-from kgreedy.runlock import RunLock
-from kgreedy.search_space import (OBJECTIVES, candidate_recipe, check_base,
-                                  load_tune_recipe, searched_values)
-from kgreedy.trials import TRIAL_INFO, ConfigError, Search, best_net, fmt, make_tuner
+from kgreedy import cli
+from kgreedy import data
+from kgreedy.training import distribute
+from kgreedy.base.errors import KgreedyError, TrainingStopped
+from kgreedy.base.files import write_json
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.training.runlock import RunLock
+from kgreedy.config.tune_recipe import check_base, load_tune_recipe
+from kgreedy.config.vocabulary import OBJECTIVES
+from kgreedy.tuning.space import candidate_recipe, searched_values
+from kgreedy.tuning.search import TRIAL_INFO, ConfigError, Search, best_net, fmt, make_tuner
 
 TUNE_RECIPE, TUNING, BEST_RECIPE = "tune_recipe.json", "tuning.json", "best_recipe.json"
 CONTEXT = "kgreedy_context.json"  # in a search's project: what the search builds on
@@ -257,8 +260,17 @@ def prepare_output(path, tune):
     return True
 
 
+FLAGS = {"overrides": "--set", "run_dir": "--output"}
+
+
 def main(argv=None):
+    """Parses the arguments and searches; returns the exit status."""
     args = parse_args(argv)
+    with cli.flags(**FLAGS):
+        return _main(args)
+
+
+def _main(args):
     tune = load_tune_recipe(args.tune_recipe, args.set)
     base = tune.base
     distribute.configure_devices(base.distribute)  # before TensorFlow's first op

@@ -16,19 +16,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import architectures
-from kgreedy.ensemble import evaluate_heads
-from kgreedy.errors import DataError, RecipeError
-from kgreedy.network import GreedyNet, ensemble_weights, parameter_table
-from kgreedy.recipe import check_against_data, load_recipe, recipe_from_dict
-from kgreedy.tfds_prepare import manual_dir
+from kgreedy.config import architectures
+from kgreedy.model.ensemble import evaluate_heads
+from kgreedy.base.errors import DataError, RecipeError
+from kgreedy.model.network import ensemble_weights, parameter_table
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.data.tfds import manual_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 
 def _net(recipe, size, channels=3, classes=10):
-    return GreedyNet(recipe, (size, size, channels), classes, [0.0] * channels,
+    return from_recipe(recipe, (size, size, channels), classes, [0.0] * channels,
                      [1.0] * channels)
 
 

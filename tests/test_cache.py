@@ -9,13 +9,13 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
-from kgreedy.cache import FeatureCache, prefix_flops, use_cache
-from kgreedy.errors import RecipeError
-from kgreedy.greedy import GreedyTrainer
-from kgreedy.network import GreedyNet
-from kgreedy.progress import Progress
-from kgreedy.recipe import recipe_from_dict
-from kgreedy.rundir import RunDir
+from kgreedy.training.cache import FeatureCache, prefix_flops, use_cache
+from kgreedy.base.errors import RecipeError
+from kgreedy.training.controller import GreedyTrainer
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.training.rundir import RunDir
 
 
 def recipe(cache="auto", augment="none", **train):
@@ -41,7 +41,7 @@ def test_cached_features_give_the_same_logits(tmp_path, memory_mb):
     r = recipe()
     datasets = load(r)
     spec = datasets.spec
-    net = GreedyNet(r, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    net = from_recipe(r, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     cache = FeatureCache(net, 3, datasets, str(tmp_path / "cache"), memory_mb=memory_mb)
     assert cache.in_memory == bool(memory_mb)
     cache.build()
@@ -96,7 +96,7 @@ def test_training_on_cached_features_matches_training_through_the_prefix(tmp_pat
 def test_when_the_cache_is_used():
     datasets = load(recipe())
     spec = datasets.spec
-    net = GreedyNet(recipe(), spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    net = from_recipe(recipe(), spec.image_shape, spec.num_classes, spec.mean, spec.std)
     # auto: stage 3's prefix (two convs, the second after psi) costs 153 FLOPs per
     # cached byte, worth caching; stage 2's (one 1->8 conv at 8x8) costs 4.5,
     # cheaper to recompute than to read back.

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy.checkpoints import checkpoint_paths, restore_latest_good
-from kgreedy.errors import KgreedyError
+from kgreedy.training.checkpoints import checkpoint_paths, restore_latest_good
+from kgreedy.base.errors import KgreedyError
 
 OLD = ([1.0, 2.0, 3.0] * 100, 7)
 NEW = ([4.0, 5.0, 6.0] * 100, 8)
@@ -127,7 +127,7 @@ def test_all_corrupt_raises(saved):
     warnings = []
     with pytest.raises(KgreedyError) as info:
         restore_latest_good(checkpoint, directory, warnings.append)
-    assert str(info.value) == (f"--resume: every checkpoint in {directory} is unreadable; "
+    assert str(info.value) == (f"{directory}: every checkpoint is unreadable; "
                                "received ['ckpt-1', 'ckpt-2']")
     assert len(warnings) == 2
     assert warnings[0].endswith(f"falling back to {prefixes[0]}")

@@ -13,9 +13,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from kgreedy import data
-from kgreedy.data import DatasetSpec, eval_transform
-from kgreedy.errors import DataError
-from kgreedy.recipe import recipe_from_dict
+from kgreedy.data.datasets import DatasetSpec, eval_transform
+from kgreedy.base.errors import DataError
+from kgreedy.config.recipe import recipe_from_dict
 
 SHARED_TFDS = Path(__file__).resolve().parents[2] / "shared" / "tfds"
 
@@ -467,9 +467,9 @@ def test_tfds_cifar10_describe_and_load(shared_tfds):
 
 
 def test_tfds_cifar10_trains_a_few_steps(shared_tfds, tmp_path):
-    from kgreedy.greedy import GreedyTrainer
-    from kgreedy.progress import Progress
-    from kgreedy.rundir import RunDir
+    from kgreedy.training.controller import GreedyTrainer
+    from kgreedy.base.progress import Progress
+    from kgreedy.training.rundir import RunDir
 
     recipe = recipe_from_dict({
         "name": "cifar_smoke",

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import data, distribute
-from kgreedy.errors import RecipeError
-from kgreedy.greedy import GreedyTrainer
-from kgreedy.progress import Progress
-from kgreedy.recipe import DistributeConfig, check_against_data, recipe_from_dict
-from kgreedy.rundir import RunDir
+from kgreedy import data
+from kgreedy.training import distribute
+from kgreedy.base.errors import RecipeError
+from kgreedy.training.controller import GreedyTrainer
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import DistributeConfig, check_against_data, recipe_from_dict
+from kgreedy.training.rundir import RunDir
 
 
 def recipe(**overrides):

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import data, rundir
-from kgreedy.greedy import GreedyTrainer
-from kgreedy.optim import StageSchedule, l2_penalty, make_optimizer
-from kgreedy.progress import Progress
-from kgreedy.recipe import recipe_from_dict
-from kgreedy.rundir import RunDir
+from kgreedy import data
+from kgreedy.training import rundir
+from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.optim import StageSchedule, l2_penalty, make_optimizer
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.training.rundir import RunDir
 
 STEPS = 3
 

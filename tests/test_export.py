@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import cli, data, export, rundir
-from kgreedy.errors import KgreedyError
-from kgreedy.network import GreedyNet
-from kgreedy.recipe import recipe_from_dict
+from kgreedy import cli, export
+from kgreedy import data
+from kgreedy.training import rundir
+from kgreedy.base.errors import KgreedyError
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import recipe_from_dict
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
           "aux": {"k": 2, "width": 8}}
@@ -89,7 +91,7 @@ def trained():
     spec = data.describe(recipe.data)
     datasets = data.load(recipe.data, spec, batch_size=64)
     spec = datasets.spec
-    net = GreedyNet(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     for stage in (1, 2):
         model = net.deployed_model(stage)
         model.compile(keras.optimizers.Adam(0.01),
@@ -211,7 +213,7 @@ def test_stage_export_matches_that_stage(trained, tmp_path):
 def test_bad_stage_is_rejected(trained, tmp_path, stage):
     _, spec, net, _ = trained
     root = tmp_path / "models"
-    with pytest.raises(KgreedyError, match="--stage"):
+    with pytest.raises(KgreedyError, match="^stage: "):
         export.export_saved_model(net, spec, str(root), stage=stage)
     assert not root.exists()
 
@@ -230,7 +232,7 @@ def test_versions_count_up_and_are_never_overwritten(trained, tmp_path):
     with pytest.raises(KgreedyError) as info:
         export.export_saved_model(net, spec, str(root), version=1)
     assert str(info.value).startswith(
-        f"--version: version 1 already exists in {root}; exported versions are never "
+        f"version: version 1 already exists in {root}; exported versions are never "
         "overwritten")
     assert _tree(root) == before and marker.stat().st_mtime_ns == mtime
     assert _tmp_dirs(root) == []
@@ -250,7 +252,7 @@ def test_next_version_ignores_non_versions(trained, tmp_path):
 @pytest.mark.parametrize("version", [0, -1, True, "2", 1.0])
 def test_bad_version_is_rejected(trained, tmp_path, version):
     _, spec, net, _ = trained
-    with pytest.raises(KgreedyError, match="--version: must be a positive integer"):
+    with pytest.raises(KgreedyError, match="version: must be a positive integer"):
         export.export_saved_model(net, spec, str(tmp_path / "models"), version=version)
     assert not (tmp_path / "models").exists()
 
@@ -485,7 +487,7 @@ def test_failed_pruning_warns_and_keeps_the_new_version(trained, tmp_path, monke
 @pytest.mark.parametrize("keep", [0, -1, True, "2", 1.5])
 def test_bad_keep_versions_is_rejected_before_writing(trained, tmp_path, keep):
     _, spec, net, _ = trained
-    with pytest.raises(KgreedyError, match="--keep-versions: must be a positive integer"):
+    with pytest.raises(KgreedyError, match="keep_versions: must be a positive integer"):
         export.export_saved_model(net, spec, str(tmp_path / "models"), keep_versions=keep)
     assert not (tmp_path / "models").exists()
 
@@ -521,7 +523,7 @@ def test_ensemble_export_serves_the_weighted_heads(trained, tmp_path):
 def test_export_and_summaries_are_readable_by_other_users(trained, tmp_path):
     """mkdtemp/mkstemp make 0700/0600 entries; a TF Serving daemon running as another
     user must still read the export (umask 022 here: 0755 directories, 0644 files)."""
-    from kgreedy.files import write_json
+    from kgreedy.base.files import write_json
 
     _, spec, net, _ = trained
     old = os.umask(0o022)

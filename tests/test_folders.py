@@ -1,4 +1,4 @@
-"""Image folders as users have them (kgreedy.folders, kgreedy.image_cache and the
+"""Image folders as users have them (kgreedy.folders, kgreedy.data.image_cache and the
 folder path of kgreedy.data): layouts and split names, a real shuffle, files of
 every kind, bad files, the decoded-image cache and the static eval shape."""
 
@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kgreedy import data, folders
-from kgreedy.errors import DataError
-from kgreedy.network import GreedyNet
-from kgreedy.recipe import DataConfig, recipe_from_dict
+from kgreedy import data
+from kgreedy.data import folders
+from kgreedy.base.errors import DataError
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import DataConfig, recipe_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +148,7 @@ def test_every_batch_is_a_uniform_draw_and_resume_continues_the_order(tmp_path):
 
 def test_statistics_and_probe_samples_draw_from_every_class(tmp_path, monkeypatch):
     root = class_sorted_folder(tmp_path / "sorted")
-    monkeypatch.setattr(data, "_STATS_SAMPLE", 40)  # one class's worth of files
+    monkeypatch.setattr(data.datasets, "_STATS_SAMPLE", 40)  # one class's worth of files
     c = config(root, image_size=4)
     datasets = data.load(c, data.describe(c), batch_size=16, seed=0)
     labels = np.concatenate([y.numpy() for _, y in
@@ -288,7 +289,7 @@ def test_resize_crop_eval_batches_have_a_static_shape_for_every_head(tmp_path, h
     datasets = data.load(recipe.data, spec, batch_size=4)
     assert tuple(datasets.eval.element_spec[0].shape) == (None, 16, 16, 3)
     spec = datasets.spec
-    net = GreedyNet(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     logits = tf.function(lambda x: net.deployed_model()(x, training=False))
     for images, _ in datasets.eval:
         assert tuple(logits(images).shape) == (images.shape[0], 2)

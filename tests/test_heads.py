@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy.errors import RecipeError
-from kgreedy.heads import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
-from kgreedy.network import GreedyNet, head_designs, head_widths
-from kgreedy.recipe import HEAD_TYPES, recipe_from_dict
+from kgreedy.base.errors import RecipeError
+from kgreedy.model.heads import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
+from kgreedy.config.designs import head_designs, head_widths
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.config.vocabulary import HEAD_TYPES
 
 
 def _recipe(aux):
@@ -102,7 +104,7 @@ def test_conv_head_checkpoint_layout_is_unchanged():
 
 
 def test_net_uses_aux_head_for_every_stage():
-    net = GreedyNet(_recipe({"head": "mlp_sr"}), (8, 8, 1), 10, [0.0], [1.0])
+    net = from_recipe(_recipe({"head": "mlp_sr"}), (8, 8, 1), 10, [0.0], [1.0])
     assert [type(h) for h in net.heads] == [MlpSrHead] * 3
     assert [h.width for h in net.heads] == [4, 8, 16]
     assert tuple(net.deployed_model(3)(tf.zeros([2, 8, 8, 1])).shape) == (2, 10)
@@ -116,7 +118,7 @@ def test_per_stage_overrides_the_aux_keys_for_their_stage():
         {"kind": "linear", "k": 2, "width": 4, "pool_size": 4, "reduction": None},
         {"kind": "conv", "k": 2, "width": 5, "pool_size": 2, "reduction": None},
         {"kind": "conv", "k": 2, "width": 16, "pool_size": 2, "reduction": None}]
-    net = GreedyNet(recipe, (8, 8, 1), 10, [0.0], [1.0])
+    net = from_recipe(recipe, (8, 8, 1), 10, [0.0], [1.0])
     assert [type(h) for h in net.heads] == [LinearHead, AuxHead, AuxHead]
     assert net.heads[0].pool_size == 4 and net.heads[1].width == 5
     assert recipe_from_dict(recipe.to_dict()) == recipe
@@ -140,11 +142,11 @@ def test_bad_head_keys_name_the_key(aux, path):
 
 def test_mlp_sr_and_linear_heads_restore_from_a_checkpoint(tmp_path):
     recipe = _recipe({"per_stage": [{"head": "mlp_sr"}, {"head": "linear"}]})
-    net = GreedyNet(recipe, (8, 8, 1), 10, [0.0], [1.0])
+    net = from_recipe(recipe, (8, 8, 1), 10, [0.0], [1.0])
     for w in net.heads[0].weights + net.heads[1].weights:
         w.assign(tf.random.normal(w.shape))
     path = tf.train.Checkpoint(heads=net.heads).save(str(tmp_path / "ckpt"))
-    fresh = GreedyNet(recipe, (8, 8, 1), 10, [0.0], [1.0])
+    fresh = from_recipe(recipe, (8, 8, 1), 10, [0.0], [1.0])
     tf.train.Checkpoint(heads=fresh.heads).restore(path).assert_existing_objects_matched()
     for a, b in zip(net.heads[0].weights + net.heads[1].weights,
                     fresh.heads[0].weights + fresh.heads[1].weights):

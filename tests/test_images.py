@@ -1,4 +1,4 @@
-"""Tests of kgreedy.images: file names and TF-only decoding of every file kind.
+"""Tests of kgreedy.data.images: file names and TF-only decoding of every file kind.
 
 Each file is written by PIL (a second, independent codec) with known pixels;
 lossless formats must decode exactly, JPEGs within a few levels.
@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kgreedy.images import IMAGE_EXTENSIONS, decode_image, is_image_name
+from kgreedy.data.images import IMAGE_EXTENSIONS, decode_image, is_image_name
 
 H, W = 7, 13  # odd sizes, not square, so a transposed or flipped decode shows
 _RNG = np.random.default_rng(7)

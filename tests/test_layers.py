@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy.heads import AuxHead
-from kgreedy.layers import ConvBlock, InvertibleDownsampling, Standardize
-from kgreedy.network import GreedyNet, head_widths
-from kgreedy.recipe import recipe_from_dict
+from kgreedy.model.heads import AuxHead
+from kgreedy.model.layers import ConvBlock, InvertibleDownsampling, Standardize
+from kgreedy.config.designs import head_widths
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import recipe_from_dict
 
 
 def test_psi_is_exactly_invertible():
@@ -86,7 +87,7 @@ def _recipe(**model):
 
 
 def test_layer_and_weight_names_say_stage_and_role():
-    net = GreedyNet(_recipe(), (8, 8, 1), 10, [0.0], [1.0])
+    net = from_recipe(_recipe(), (8, 8, 1), 10, [0.0], [1.0])
     assert [b.name for b in net.blocks] == ["stage1_block", "stage2_block", "stage3_block"]
     assert [h.name for h in net.heads] == ["stage1_head", "stage2_head", "stage3_head"]
     paths = {w.path for w in net.blocks[1].weights + net.heads[1].weights}

@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
-from kgreedy.greedy import GreedyTrainer
-from kgreedy.progress import Progress
-from kgreedy.recipe import recipe_from_dict
-from kgreedy.rundir import RunDir
+from kgreedy.training.controller import GreedyTrainer
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.training.rundir import RunDir
 
 
 @pytest.mark.parametrize("train", [

@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kgreedy.recipe import load_recipe
+from kgreedy.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from kgreedy import cli, data
+from kgreedy import cli
+from kgreedy import data
 from kgreedy import train as train_cli
-from kgreedy.errors import KgreedyError, RecipeError
-from kgreedy.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.base.errors import KgreedyError, RecipeError
+from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

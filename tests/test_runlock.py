@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from kgreedy.errors import KgreedyError
-from kgreedy.runlock import RunLock
+from kgreedy.base.errors import KgreedyError
+from kgreedy.training.runlock import RunLock
 
 
 def write_lock(run_dir, pid, host=None, started="2024-01-01T00:00:00+00:00"):
@@ -65,7 +65,7 @@ def test_live_holder_is_refused(tmp_path, live_pid):
     with pytest.raises(KgreedyError) as info:
         RunLock(tmp_path).acquire()
     message = str(info.value)
-    assert message.startswith("--output: is in use by another kgreedy process "
+    assert message.startswith("run_dir: is in use by another kgreedy process "
                               f"(pid {live_pid} on {socket.gethostname()} since "
                               "2024-05-06T07:08:09+00:00); wait for it to finish or stop it")
     assert str(tmp_path) in message
@@ -126,8 +126,8 @@ def test_lock_on_another_host_is_refused(tmp_path):
 def test_second_lock_in_another_process_is_refused(tmp_path):
     # A real second process, not a hand-written lock file: the full path.
     with RunLock(tmp_path):
-        code = ("import sys; from kgreedy.runlock import RunLock; "
-                "from kgreedy.errors import KgreedyError\n"
+        code = ("import sys; from kgreedy.training.runlock import RunLock; "
+                "from kgreedy.base.errors import KgreedyError\n"
                 "try:\n    RunLock(sys.argv[1]).acquire()\n"
                 "except KgreedyError as e:\n    print(e); sys.exit(3)\n")
         done = subprocess.run([sys.executable, "-c", code, str(tmp_path)],

@@ -15,9 +15,10 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from kgreedy import cli, data, export, predict
-from kgreedy.network import GreedyNet
-from kgreedy.recipe import recipe_from_dict
+from kgreedy import cli, export, predict
+from kgreedy import data
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import recipe_from_dict
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
           "aux": {"k": 2, "width": 8}, "export": {"model_name": "digits"}}
@@ -45,7 +46,7 @@ def trained():
     recipe = recipe_from_dict(RECIPE)
     datasets = data.load(recipe.data, data.describe(recipe.data), batch_size=64)
     spec = datasets.spec
-    net = GreedyNet(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     for stage in (1, 2):
         model = net.deployed_model(stage)
         model.compile(keras.optimizers.Adam(0.01),
@@ -105,7 +106,7 @@ def test_serve_encoded_converts_grey_to_rgb_and_resizes_like_eval(trained, tmp_p
     spec, _, _ = trained
     spec = dataclasses.replace(spec, image_shape=(8, 8, 3), eval_resize="resize_crop",
                                mean=spec.mean * 3, std=spec.std * 3)
-    net = GreedyNet(recipe_from_dict(RECIPE), spec.image_shape, 10, spec.mean, spec.std)
+    net = from_recipe(recipe_from_dict(RECIPE), spec.image_shape, 10, spec.mean, spec.std)
     loaded = tf.saved_model.load(export.export_saved_model(net, spec, str(tmp_path)))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 17, [h, w, 1]).astype(np.uint8)

@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from kgreedy import cli, train, tune, trials
-from kgreedy.network import GreedyNet
-from kgreedy.recipe import load_recipe
-from kgreedy.search_space import load_tune_recipe
+from kgreedy import cli, train, tune
+from kgreedy.tuning import search as trials
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import load_recipe
+from kgreedy.config.tune_recipe import load_tune_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {"name": "tiny", "seed": 0,
@@ -254,7 +255,7 @@ def test_per_stage_scope_picks_a_design_per_stage(tmp_path):
         assert entry.width == design["width"] * j
     assert len(best_recipe.aux.per_stage) == 2
     assert best_recipe.train.optimizer.learning_rate == pytest.approx(lr)
-    net = GreedyNet(best_recipe, (8, 8, 1), 10, [0.0], [1.0])
+    net = from_recipe(best_recipe, (8, 8, 1), 10, [0.0], [1.0])
     kinds = {"conv": "AuxHead", "mlp_sr": "MlpSrHead", "linear": "LinearHead"}
     assert [type(h).__name__ for h in net.heads] == [
         kinds[best[f"stage{j}"]["design"]["head"]] for j in (1, 2)]

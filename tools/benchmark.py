@@ -39,9 +39,9 @@ import time
 # No TensorFlow here: the parent stays small, because a child's ru_maxrss starts at
 # its parent's RSS (Linux carries the high-water mark across fork and exec).
 from kgreedy import cli
-from kgreedy.errors import DataError, KgreedyError
-from kgreedy.files import write_json
-from kgreedy.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.base.errors import DataError, KgreedyError
+from kgreedy.base.files import write_json
+from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 
 FLOPS_NOTE = ("needed work per image: forward of the frozen blocks 1..j-1 + 3x the forward "
               "of block j and head j (forward+backward); end to end: 3x the forward of "
@@ -395,9 +395,9 @@ def synthetic(tf, recipe, shape, num_classes):
 
 
 def build_net(recipe, shape, num_classes, mean=None, std=None):
-    from kgreedy.network import GreedyNet
+    from kgreedy.model.from_recipe import from_recipe
 
-    return GreedyNet(recipe, shape, num_classes, mean or [0.0] * shape[2],
+    return from_recipe(recipe, shape, num_classes, mean or [0.0] * shape[2],
                      std or [1.0] * shape[2])
 
 
@@ -471,7 +471,7 @@ def probe(tf, recipe, spec):
     """What the parent needs once: shapes, FLOPs, the machine, the roofline."""
     import keras
 
-    from kgreedy.stage import StageLoop
+    from kgreedy.training.stage import StageLoop
 
     shape, num_classes, available, warnings = input_shape(recipe)
     flops, e2e_flops = stage_flops(tf, build_net(recipe, shape, num_classes))
@@ -485,7 +485,7 @@ def probe(tf, recipe, spec):
 def measure_stage_loop(tf, recipe, spec):
     """kgreedy's StageLoop step on an in-memory batch, cached features or the real pipeline."""
     from kgreedy import data
-    from kgreedy.stage import StageLoop
+    from kgreedy.training.stage import StageLoop
 
     strategy, j, kind = tf.distribute.get_strategy(), spec["stage"], spec["kind"]
     shape, num_classes = shape_of(recipe, spec)
@@ -512,7 +512,7 @@ def measure_minimal(tf, recipe, spec):
     """The overhead floor: one tf.function with a tf.range loop and a GradientTape."""
     import keras
 
-    from kgreedy.optim import l2_penalty, make_optimizer
+    from kgreedy.training.optim import l2_penalty, make_optimizer
 
     j, config = spec["stage"], recipe.train.optimizer
     shape, num_classes = shape_of(recipe, spec)
@@ -558,7 +558,7 @@ def measure_end_to_end(tf, recipe, spec):
     """
     import keras
 
-    from kgreedy.optim import make_optimizer
+    from kgreedy.training.optim import make_optimizer
 
     shape, num_classes = shape_of(recipe, spec)
     net = build_net(recipe, shape, num_classes)
@@ -602,8 +602,8 @@ def child_main(spec):
     import tensorflow as tf
 
     import kgreedy.data  # noqa: F401  (part of the import baseline)
-    import kgreedy.network  # noqa: F401
-    import kgreedy.stage  # noqa: F401
+    import kgreedy.model.network  # noqa: F401
+    import kgreedy.training.stage  # noqa: F401
 
     # On demand, so a waiting child holds only what it used and the peak is its own.
     for gpu in tf.config.list_physical_devices("GPU"):

@@ -30,8 +30,8 @@ import time
 import numpy as np
 
 from kgreedy import cli
-from kgreedy.errors import KgreedyError
-from kgreedy.files import write_json
+from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("none", "memory")
@@ -76,7 +76,7 @@ def make_photos(root, count, seed=0):
 def pipeline_figures(folder, args, mode):
     """Seconds of the first pass and of each input-pipeline epoch in `mode`."""
     from kgreedy import data
-    from kgreedy.recipe import DataConfig
+    from kgreedy.config.recipe import DataConfig
 
     config = DataConfig(source="image_folder", data_dir=folder, image_size=args.image_size,
                         channels=3, augment=args.augment, cache=mode, mean=(0.0,),

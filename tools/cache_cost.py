@@ -5,7 +5,7 @@
 Prints (1) the forward GFLOP/s of frozen conv blocks of typical shapes (inference
 mode, batch 64) and (2) the GB/s at which the cache's stores give features back
 through tf.data (in memory and on disk). Their ratio is the prefix FLOPs per
-cached byte above which caching pays: kgreedy.cache.MIN_FLOPS_PER_BYTE.
+cached byte above which caching pays: kgreedy.training.cache.MIN_FLOPS_PER_BYTE.
 """
 
 import argparse
@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kgreedy.layers import ConvBlock  # noqa: E402
-from kgreedy.stores import Examples, PackedStore  # noqa: E402
+from kgreedy.model.layers import ConvBlock  # noqa: E402
+from kgreedy.data.stores import Examples, PackedStore  # noqa: E402
 
 CONVS = [(64, 3, 32), (32, 32, 64), (32, 128, 128), (16, 256, 256)]  # side, in, out
 

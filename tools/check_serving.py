@@ -367,7 +367,7 @@ def _check_export_dir(export_dir):
     Runs before TensorFlow is imported, so that a mistyped path gives one line and
     not TensorFlow's start-up chatter as well.
     """
-    from kgreedy.errors import KgreedyError
+    from kgreedy.base.errors import KgreedyError
 
     if not os.path.isdir(export_dir):
         raise KgreedyError("EXPORT_DIR", "not a directory", export_dir)
@@ -388,7 +388,7 @@ def _read_saved_model(export_dir):
     from google.protobuf import message, text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from kgreedy.errors import KgreedyError
+    from kgreedy.base.errors import KgreedyError
 
     pb, pbtxt = (os.path.join(export_dir, name)
                  for name in ("saved_model.pb", "saved_model.pbtxt"))
@@ -712,7 +712,7 @@ def check(export_dir, tolerance=1e-4, seed=0, out=print):
         KgreedyError: `export_dir` is not a SavedModel, or tensorflow-serving-api is
             missing.
     """
-    from kgreedy.errors import KgreedyError
+    from kgreedy.base.errors import KgreedyError
 
     export_dir = os.path.abspath(export_dir)
     _check_export_dir(export_dir)

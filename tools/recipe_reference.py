@@ -6,7 +6,7 @@ the two agree, so the documentation cannot drift from the code.
     python tools/recipe_reference.py
 """
 
-from kgreedy.recipe import describe_keys
+from kgreedy.config.recipe import describe_keys
 
 
 def reference_table():

@@ -35,9 +35,9 @@ def machine():
 def run_row(run_dir):
     """One table row for a finished run directory."""
     from kgreedy import data
-    from kgreedy.ensemble import evaluate_heads
+    from kgreedy.model.ensemble import evaluate_heads
     from kgreedy.report import read_run
-    from kgreedy.rundir import load_trained
+    from kgreedy.training.rundir import load_trained
 
     files = read_run(run_dir)
     summary, epochs = files["summary"], files["metrics"]
@@ -94,7 +94,7 @@ def main(argv=None):
           f"Python {info['python']}\n")
     print(markdown(rows))
     if args.json:
-        from kgreedy.files import write_json
+        from kgreedy.base.files import write_json
 
         write_json(args.json, {"machine": info, "runs": rows})
     return 0

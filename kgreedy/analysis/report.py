@@ -1,0 +1,301 @@
+"""A run's training curves and accuracy-vs-depth plots, and a Markdown report.
+
+Reads RUN_DIR's recipe.json, metrics.jsonl, summary.json and, when present,
+probes.json (`kgreedy.probe`), and writes into the output directory (default
+RUN_DIR/report/):
+
+- `loss.png`, `accuracy.png`, `learning_rate.png`: train/val curves over the run's
+  epochs, one colour per stage, dotted lines at stage boundaries;
+- `depth.png`: each stage's head accuracy, the probe accuracy of each block and the
+  ensemble accuracy, against depth;
+- `report.md`: the recipe, the plots and a per-stage table.
+
+Every file is written atomically (temporary file, then a rename). Plotting uses
+matplotlib's Agg canvas directly, never pyplot, so it needs no display and leaves
+no global state behind in the calling process.
+
+"""
+
+import json
+import os
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import read_json, write_atomic, write_text
+
+PLOTS = ("loss", "accuracy", "learning_rate", "depth")
+
+
+# ------------------------------------------------------------------- files ----
+
+def _read_metrics(path):
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise KgreedyError("RUN_DIR", f"metrics.jsonl line {number} is not "
+                                   f"valid JSON ({e})", path) from None
+    if not records:
+        raise KgreedyError("RUN_DIR", "metrics.jsonl has no epoch records yet", path)
+    return records
+
+
+def read_run(run_dir):
+    """Reads what a report needs from a run directory.
+
+    Args:
+        run_dir: a run directory written by `kgreedy.train`.
+
+    Returns:
+        A dict with `recipe` (the raw recipe.json), `metrics` (a list of epoch
+        records), `summary` and `probes` (None without probes.json).
+
+    Raises:
+        KgreedyError: the directory, or one of the files it must hold, is missing
+            or unreadable.
+    """
+    if not os.path.isdir(run_dir):
+        raise KgreedyError("RUN_DIR", "is not a directory", run_dir)
+    paths = {name: os.path.join(run_dir, name)
+             for name in ("recipe.json", "metrics.jsonl", "summary.json", "probes.json")}
+    for name in ("recipe.json", "metrics.jsonl", "summary.json"):
+        if not os.path.isfile(paths[name]):
+            raise KgreedyError("RUN_DIR", f"not a kgreedy run directory with results: "
+                               f"{name} is missing", run_dir)
+    summary = read_json(paths["summary.json"], "summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
+        raise KgreedyError("summary.json", "has no 'stages' list", paths["summary.json"])
+    probes = (read_json(paths["probes.json"], "probes.json")
+              if os.path.isfile(paths["probes.json"]) else None)
+    return {"recipe": read_json(paths["recipe.json"], "recipe.json"),
+            "metrics": _read_metrics(paths["metrics.jsonl"]),
+            "summary": summary, "probes": probes}
+
+
+def save_png(figure, path):
+    """Renders a matplotlib `Figure` to `path` as a PNG, atomically.
+
+    Args:
+        figure: a `matplotlib.figure.Figure` (not tied to pyplot).
+        path: the PNG file; its directory must exist.
+    """
+    FigureCanvasAgg(figure)  # attaches the headless Agg canvas to the figure
+    write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=100,
+                                                bbox_inches="tight"), binary=True)
+
+
+# ------------------------------------------------------------------- plots ----
+
+def _figure():
+    figure = Figure(figsize=(7, 4))
+    return figure, figure.add_subplot()
+
+
+def _curves_figure(metrics, keys, ylabel, title, log_y=False):
+    """One figure of per-epoch `keys` (solid first, dashed second) over the run's
+    epochs; each stage has its own colour and its first epoch starts a new span."""
+    figure, ax = _figure()
+    stages = sorted({r["stage"] for r in metrics})
+    colours = {s: f"C{i % 10}" for i, s in enumerate(stages)}
+    styles = (("-", "o"), ("--", "x"))
+    position = 0
+    for stage in stages:
+        records = [r for r in metrics if r["stage"] == stage]
+        xs = list(range(position + 1, position + len(records) + 1))
+        if position:
+            ax.axvline(position + 0.5, color="grey", linestyle=":", linewidth=1)
+        for key, (style, marker) in zip(keys, styles):
+            points = [(x, r[key]) for x, r in zip(xs, records) if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker=marker if len(points) < 30 else None,
+                        markersize=4, color=colours[stage],
+                        label=f"stage {stage} {key.replace('_', ' ')}")
+        position += len(records)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (all stages in order)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2 if len(stages) > 1 else 1)
+    return figure
+
+
+def head_accuracies(summary):
+    """{stage: head val_accuracy} of the stages in summary.json."""
+    return {s["stage"]: s.get("val_accuracy") for s in summary.get("stages", [])}
+
+
+def ensemble_accuracy(summary):
+    """summary["final"]["ensemble_val_accuracy"], or None."""
+    return (summary.get("final") or {}).get("ensemble_val_accuracy")
+
+
+def depth_figure(summary, probes=None):
+    """Accuracy against depth: each stage's head val accuracy, the linear probe's eval
+    (and train, dotted) accuracy of each block from `probes` (probes.json), and
+    the ensemble's val accuracy as a horizontal line.
+
+    Args:
+        summary: the run's summary.json.
+        probes: probes.json, or None.
+
+    Returns:
+        A `matplotlib.figure.Figure`.
+    """
+    figure, ax = _figure()
+    heads = {j: a for j, a in head_accuracies(summary).items() if a is not None}
+    depths = set(heads)
+    if probes:
+        blocks = probes["blocks"]
+        depths |= {b["block"] for b in blocks}
+        xs = [b["block"] for b in blocks]
+        ax.plot(xs, [b["probe_eval_accuracy"] for b in blocks], "-o", color="C0",
+                label="linear probe, eval")
+        ax.plot(xs, [b["probe_train_accuracy"] for b in blocks], ":", marker=".",
+                color="C0", alpha=0.6, label="linear probe, train")
+    if heads:
+        ax.plot(sorted(heads), [heads[j] for j in sorted(heads)], "-s", color="C1",
+                label="auxiliary head (val)")
+    ensemble = ensemble_accuracy(summary)
+    if ensemble is not None:
+        ax.axhline(ensemble, color="C2", linestyle="--", label="ensemble of heads (val)")
+    if depths:
+        ax.set_xticks(sorted(depths))
+    ax.set_xlabel("block (depth)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
+
+
+def write_plots(run, output):
+    """Writes the report's PNGs into `output`; returns {plot name: file name}."""
+    metrics = run["metrics"]
+    figures = {
+        "loss": _curves_figure(metrics, ("train_loss", "val_loss"), "loss",
+                               "loss (solid: train, dashed: val)", log_y=True),
+        "accuracy": _curves_figure(metrics, ("train_accuracy", "val_accuracy"), "accuracy",
+                                   "accuracy (solid: train, dashed: val)"),
+        "learning_rate": _curves_figure(metrics, ("learning_rate",), "learning rate",
+                                        "learning rate"),
+        "depth": depth_figure(run["summary"], run["probes"]),
+    }
+    for name in PLOTS:
+        save_png(figures[name], os.path.join(output, f"{name}.png"))
+    return {name: f"{name}.png" for name in PLOTS}
+
+
+# ---------------------------------------------------------------- markdown ----
+
+def _number(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def _shape(shape):
+    return "x".join(map(str, shape)) if shape else "-"
+
+
+def stage_rows(summary, metrics):
+    """Per stage of summary.json: its entry plus `images_per_second`, the mean of
+    its epochs' images/s in metrics.jsonl (None without records)."""
+    rows = []
+    for entry in summary["stages"]:
+        speeds = [r["images_per_second"] for r in metrics
+                  if r["stage"] == entry["stage"] and r.get("images_per_second")]
+        rows.append({**entry, "images_per_second":
+                     sum(speeds) / len(speeds) if speeds else None})
+    return rows
+
+
+def _table(columns, rows):
+    """Markdown table lines; `columns`: (title, key, format) with format None for
+    shapes. A missing value shows as '-'."""
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = [_shape(row.get(key)) if fmt is None else _number(row.get(key), fmt)
+                 for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+_STAGE_COLUMNS = (("stage", "stage", "d"), ("output", "output_shape", None),
+                  ("trainable", "trainable_params", ","), ("frozen", "frozen_params", ","),
+                  ("deployed", "deployed_params", ","), ("val acc", "val_accuracy", ".4f"),
+                  ("train acc", "train_accuracy", ".4f"), ("seconds", "seconds", ".1f"),
+                  ("images/s", "images_per_second", ",.0f"))
+_PROBE_COLUMNS = (("block", "block", "d"), ("output", "output_shape", None),
+                  ("features", "features", "d"),
+                  ("probe train acc", "probe_train_accuracy", ".4f"),
+                  ("probe eval acc", "probe_eval_accuracy", ".4f"),
+                  ("head val acc", "head_val_accuracy", ".4f"))
+_TITLES = {"loss": "Loss", "accuracy": "Accuracy", "learning_rate": "Learning rate",
+           "depth": "Accuracy vs depth"}
+
+
+def markdown(run, plots):
+    """The text of report.md: recipe, tables and the plots (relative links)."""
+    recipe, summary, probes = run["recipe"], run["summary"], run["probes"]
+    lines = [f"# Run report: {recipe.get('name', '?')}", ""]
+    if recipe.get("description"):
+        lines += [recipe["description"], ""]
+    lines += [f"Mode: {recipe.get('train', {}).get('mode', 'greedy')}; "
+              f"{len(recipe.get('model', {}).get('blocks', []))} blocks; "
+              f"{len(run['metrics'])} epochs recorded.", "", "## Stages", ""]
+    lines += _table(_STAGE_COLUMNS, stage_rows(summary, run["metrics"])) + [""]
+    final = summary.get("final")
+    if final:
+        text = (f"**Final** (stage {final.get('stage')}): val accuracy "
+                f"{_number(final.get('val_accuracy'), '.4f')}")
+        if final.get("ensemble_val_accuracy") is not None:
+            text += f", ensemble val accuracy {final['ensemble_val_accuracy']:.4f}"
+        lines.append(text + f"; export {final.get('export_path') or 'none'}; "
+                     f"{_number(final.get('seconds'), '.1f')} s in all.")
+    else:
+        lines.append("**Final**: not yet (the run has not finished).")
+    if probes:
+        lines += ["", "## Linear probes", "",
+                  f"Logistic regression on each block's output, average-pooled to "
+                  f"{_shape(probes.get('pooled_to'))} and standardised; "
+                  f"{probes.get('train_examples')} train and {probes.get('eval_examples')} "
+                  "eval examples, without augmentation (`kgreedy.probe`).", ""]
+        lines += _table(_PROBE_COLUMNS, probes["blocks"])
+    lines += ["", "## Plots"]
+    for name, file in plots.items():
+        lines += ["", f"### {_TITLES[name]}", "", f"![{_TITLES[name]}]({file})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir, output=None):
+    """Writes the plots and report.md of a run.
+
+    Args:
+        run_dir: a run directory written by `kgreedy.train`.
+        output: the report directory (default: RUN_DIR/report); created if missing.
+
+    Returns:
+        The path of report.md.
+
+    Raises:
+        KgreedyError: the run directory lacks what a report needs, or `output` is
+            not a directory.
+    """
+    run = read_run(run_dir)
+    output = os.path.abspath(output or os.path.join(run_dir, "report"))
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise KgreedyError("output", "exists and is not a directory", output)
+    os.makedirs(output, exist_ok=True)
+    plots = write_plots(run, output)
+    path = os.path.join(output, "report.md")
+    write_text(path, markdown(run, plots))
+    return path

@@ -1,0 +1,429 @@
+"""The training recipe: its schema, `--set` overrides, and the checks across keys.
+
+A recipe is one JSON object. Every key is declared below with its type, default and
+allowed range (`kgreedy.config.schema`); an unknown key, a wrong type or a value out
+of range raises `RecipeError` naming the JSON path (`model.blocks[2].downsample`) and
+the received value, before anything is written to disk.
+"""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+
+from kgreedy.base.errors import KgreedyError, RecipeError
+from kgreedy.base.files import read_json
+from kgreedy.config import architectures
+from kgreedy.config.designs import head_designs
+from kgreedy.config.schema import build, setting, to_plain
+from kgreedy.config.vocabulary import (AUGMENTS, BAD_FILES, CACHE_MODES, DOWNSAMPLES,
+                                       EXPORT_HEADS, HEAD_TYPES, IMAGE_CACHES, MODES,
+                                       NAME_RE, OPTIMIZERS, PRECISIONS, SCHEDULES, SOURCES,
+                                       STRATEGIES, WEIGHT_DECAY_TYPES)
+
+ARCHITECTURE_NAMES = tuple(architectures.ARCHITECTURES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are augmented (`data.*`)."""
+
+    source: str = setting("digits", choices=SOURCES,
+                       doc="where images come from; digits is embedded (scikit-learn)")
+    name: typing.Optional[str] = setting(None, doc="TFDS dataset name, e.g. cifar10")
+    data_dir: typing.Optional[str] = setting(
+        None, doc="TFDS data_dir, or the image_folder root (train/ with eval/, val/, "
+                  "validation/ or test/; or train/ alone; or class folders directly)")
+    train_split: typing.Optional[str] = setting(
+        None, doc="TFDS split, or image_folder folder, to train on (default: train)")
+    eval_split: typing.Optional[str] = setting(
+        None, doc="TFDS split to evaluate on (default: test), or image_folder folder "
+                  "(default: whichever of eval, val, validation, test is present)")
+    eval_fraction: float = setting(0.2, low=0.0, high=1.0, open_low=True, open_high=True,
+                                doc="digits, and image folders without an eval folder: "
+                                    "stratified, seeded held-out fraction")
+    image_size: typing.Optional[int] = setting(
+        None, low=1, doc="side of the square model input; default: the dataset's own")
+    channels: typing.Optional[int] = setting(
+        None, choices=(1, 3), doc="image channels; default: the dataset's own (3 for folders)")
+    augment: str = setting("none", choices=AUGMENTS, doc="training augmentation")
+    eval_crop_fraction: float = setting(0.875, low=0.0, high=1.0, open_low=True,
+                                     doc="imagenet augment: eval centre crop / resize side")
+    mean: typing.Optional[typing.Tuple[float, ...]] = setting(
+        None, doc="per-channel mean on the raw scale; default: measured on train data")
+    std: typing.Optional[typing.Tuple[float, ...]] = setting(
+        None, doc="per-channel std on the raw scale; default: measured on train data")
+    shuffle_buffer: int = setting(10000, low=1, doc="tfds: tf.data shuffle buffer (examples); "
+                                                 "digits and image folders shuffle all "
+                                                 "example indices every epoch instead")
+    cache: str = setting("auto", choices=IMAGE_CACHES,
+                      doc="image_folder: keep decoded, resized images for the run; auto: "
+                          "in memory up to data.cache_memory_mb, else on disk in the run "
+                          "directory (cache/images, removed at the end); none: decode "
+                          "every epoch")
+    cache_memory_mb: int = setting(2048, low=1, doc="image_folder: the in-memory limit of "
+                                                 "data.cache auto")
+    bad_files: str = setting("skip", choices=BAD_FILES,
+                          doc="image_folder: a file that cannot be decoded is left out "
+                              "(counted and named in the log and summary.json), or "
+                              "stops the run naming it (error)")
+    download: bool = setting(False, doc="tfds: download and prepare when missing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """One trunk block (`model.blocks[i]`): [downsample] -> conv3x3 -> [BN] -> ReLU."""
+
+    width: int = setting(low=1, doc="output channels of the block's conv")
+    downsample: str = setting("none", choices=DOWNSAMPLES, doc="downsampling before the conv")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The trunk (`model.*`)."""
+
+    architecture: typing.Optional[str] = setting(
+        None, choices=ARCHITECTURE_NAMES,
+        doc="a named model of kgreedy/architectures.py (paper_cifar10 and paper_imagenet "
+            "pick their k=1 or k>=2 variant by aux.k); fills model.blocks and the model's "
+            "defaults of the keys below and of aux.*")
+    blocks: typing.Tuple[BlockConfig, ...] = setting(
+        (), doc="the trunk, one block per stage (required without model.architecture)")
+    batch_norm: bool = setting(True, doc="BN after every conv (blocks and heads)")
+    conv_bias: bool = setting(False, doc="trunk convs keep a bias even before BN "
+                                      "(torchvision's VGG does; vgg11 sets it)")
+    sync_batch_norm: bool = setting(
+        False, doc="BN batch statistics over all replicas (several devices/workers)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxStageConfig:
+    """One stage's auxiliary design (`aux.per_stage[i]`, stage i+1); null keeps aux.*."""
+
+    head: typing.Optional[str] = setting(None, choices=HEAD_TYPES, doc="this stage's head type")
+    k: typing.Optional[int] = setting(None, low=1, doc="this stage's k")
+    width: typing.Optional[int] = setting(
+        None, low=1, doc="this stage's head width, as is (not doubled at downsamplings)")
+    pool_size: typing.Optional[int] = setting(None, low=1, doc="this stage's pool_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxConfig:
+    """The auxiliary problem (`aux.*`), DESIGN.md section 1."""
+
+    head: str = setting("conv", choices=HEAD_TYPES,
+                     doc="conv: the paper's (k-1 conv3x3, pool, BN, linear); mlp_sr: "
+                         "Decoupled Greedy Learning's MLP-SR (pool to side/4, k-1 conv1x1, "
+                         "pool, 3 hidden dense layers, linear); linear: pool and one linear "
+                         "layer (k, width unused); vgg: VGG's classifier (max-pool, "
+                         "FC-4096, FC-4096, linear, dropout 0.5)")
+    k: int = setting(2, low=1, doc="hidden layers of the auxiliary problem, block included")
+    width: int = setting(128, low=1, doc="width of the head's k-1 conv layers at block 1")
+    grow_with_downsample: bool = setting(
+        True, doc="double the head width at every downsampling after block 1, as the "
+                  "official code does")
+    pool_size: int = setting(2, low=1, doc="the head averages the map to pool_size x pool_size")
+    reduction: typing.Optional[int] = setting(
+        None, low=1, doc="conv and mlp_sr heads first average the map to 1/reduction of "
+                         "its side (default: conv 1, i.e. not at all; mlp_sr 4)")
+    last_head: typing.Optional[str] = setting(
+        None, choices=HEAD_TYPES, doc="head type of the last stage, the deployed "
+                                      "classifier (default: aux.head); vgg: VGG's FC-4096 x2")
+    last_width: typing.Optional[int] = setting(
+        None, low=1, doc="width of the last stage's head, the paper's M~_f (default: "
+                         "aux.width grown as the other stages')")
+    per_stage: typing.Tuple[AuxStageConfig, ...] = setting(
+        (), doc="optional per-stage designs (default: none, every stage uses the keys "
+                "above); item i overrides them for stage i+1 (what a per_stage search "
+                "writes)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """A fresh optimizer is built from this at every stage (`train.optimizer.*`)."""
+
+    name: str = setting("sgd", choices=OPTIMIZERS, doc="a new one at every stage")
+    learning_rate: float = setting(0.1, low=0.0, open_low=True,
+                                doc="initial rate of every stage")
+    momentum: float = setting(0.9, low=0.0, high=1.0, open_high=True, doc="sgd only")
+    nesterov: bool = setting(False, doc="sgd only")
+    beta_1: float = setting(0.9, low=0.0, high=1.0, open_high=True, doc="adamw only")
+    beta_2: float = setting(0.999, low=0.0, high=1.0, open_high=True, doc="adamw only")
+    weight_decay: float = setting(5e-4, low=0.0, doc="see weight_decay_type")
+    weight_decay_type: str = setting(
+        "l2", choices=WEIGHT_DECAY_TYPES,
+        doc="l2: added to the gradient before momentum (PyTorch, the paper); "
+            "decoupled: w -= lr*wd*w (Keras, AdamW)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Per-stage learning-rate schedule (`train.lr_schedule.*`)."""
+
+    name: str = setting("step", choices=SCHEDULES, doc="restarts at every stage")
+    decay_every_epochs: int = setting(15, low=1, doc="step: epochs between decays")
+    decay_factor: float = setting(0.2, low=0.0, high=1.0, open_low=True, doc="step: multiplier")
+    warmup_epochs: int = setting(0, low=0, doc="linear warm-up at the start of each stage")
+    final_fraction: float = setting(0.0, low=0.0, high=1.0, doc="cosine: final lr / initial lr")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop (`train.*`)."""
+
+    mode: str = setting("greedy", choices=MODES,
+                     doc="greedy: stage by stage; end_to_end: the deployed network "
+                         "(all blocks + last head) trained jointly, as a baseline")
+    epochs_per_stage: int = setting(10, low=1, doc="epochs of each stage (end_to_end: in all)")
+    batch_size: int = setting(128, low=1, doc="global batch size")
+    eval_batch_size: typing.Optional[int] = setting(None, low=1, doc="default: batch_size")
+    steps_per_epoch: typing.Optional[int] = setting(
+        None, low=1, doc="cap on steps per epoch (default: one pass over the train split)")
+    steps_per_execution: int = setting(
+        8, low=1, doc="train steps run per tf.function call (fewer host round trips)")
+    checkpoint_every_steps: typing.Optional[int] = setting(
+        None, low=1, doc="also checkpoint mid-epoch every N steps (default: per epoch)")
+    deterministic: bool = setting(
+        False, doc="op determinism: a resumed run ends bitwise equal to an unbroken one")
+    cache_features: str = setting(
+        "auto", choices=CACHE_MODES,
+        doc="run the frozen blocks once per stage and train on their cached output; "
+            "auto: when data.augment is none (greedy mode, one worker) and the frozen "
+            "blocks cost enough FLOPs per cached byte (kgreedy/cache.py)")
+    cache_memory_mb: int = setting(
+        1024, low=0, doc="cached features up to this size stay in memory, else on disk "
+                         "in the run directory (removed after the stage)")
+    mixed_precision: str = setting(
+        "none", choices=PRECISIONS,
+        doc="Keras mixed-precision policy; mixed_float16 adds dynamic loss scaling")
+    jit_compile: bool = setting(False, doc="XLA-compile the forward and backward pass")
+    optimizer: OptimizerConfig = setting(OptimizerConfig())
+    lr_schedule: ScheduleConfig = setting(ScheduleConfig())
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributeConfig:
+    """The tf.distribute strategy (`distribute.*`)."""
+
+    strategy: str = setting("auto", choices=STRATEGIES,
+                         doc="auto: mirrored over several local GPUs, else default")
+    devices: typing.Optional[typing.Tuple[str, ...]] = setting(
+        None, doc="mirrored only: device names, e.g. [\"/gpu:0\", \"/gpu:1\"]")
+    logical_cpus: int = setting(
+        1, low=1, doc="split the CPU into N logical devices (mirrored without GPUs)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """The SavedModel written after training (`export.*`)."""
+
+    enabled: bool = setting(True, doc="export after training")
+    model_name: typing.Optional[str] = setting(None, pattern=NAME_RE,
+                                            doc="default: the recipe name")
+    version: typing.Optional[int] = setting(None, low=1, doc="default: next free version")
+    keep_versions: typing.Optional[int] = setting(
+        None, low=1, doc="after exporting, delete all but the newest N versions "
+                         "(default: keep all)")
+    heads: str = setting("last", choices=EXPORT_HEADS,
+                      doc="last: trunk + last head; ensemble: trunk + every head, logits "
+                          "averaged with weights 2^j (the paper's Z = sum_j 2^j z_j, "
+                          "normalised); greedy runs only")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A whole recipe. Build with `load_recipe` or `recipe_from_dict`."""
+
+    name: str = setting(pattern=NAME_RE, doc="run name; also the default export model name")
+    description: str = setting("", doc="free text: what the recipe reproduces, assumptions")
+    seed: int = setting(0, low=0, doc="seeds weights, the digits split and the shuffle order")
+    data: DataConfig = setting(DataConfig())
+    model: ModelConfig = setting(doc="the trunk")
+    aux: AuxConfig = setting(AuxConfig())
+    train: TrainConfig = setting(TrainConfig())
+    distribute: DistributeConfig = setting(DistributeConfig())
+    export: ExportConfig = setting(ExportConfig())
+
+    @property
+    def model_name(self):
+        return self.export.model_name or self.name
+
+    def to_dict(self):
+        """Plain JSON-ready dict; `recipe_from_dict(r.to_dict()) == r`."""
+        return to_plain(dataclasses.asdict(self))
+
+
+def validate(recipe):
+    """Checks that span several keys."""
+    if not recipe.model.blocks:
+        raise RecipeError("model.blocks", "needs at least one block (or set "
+                          "model.architecture)", [])
+    data = recipe.data
+    if data.source == "tfds" and not data.name:
+        raise RecipeError("data.name", "is required when data.source is 'tfds'", data.name)
+    if data.source == "image_folder":
+        if not data.data_dir:
+            raise RecipeError("data.data_dir", "is required when data.source is "
+                              "'image_folder' (the folder of class folders, or of train/ and val/)", None)
+        if data.image_size is None:
+            raise RecipeError("data.image_size", "is required when data.source is "
+                              "'image_folder' (images are resized to it)", None)
+    for key in ("mean", "std"):
+        stats = getattr(data, key)
+        if stats is not None and len(stats) not in (1, data.channels or len(stats)):
+            raise RecipeError(f"data.{key}", "needs one value per channel", list(stats))
+    if data.std is not None and any(s <= 0 for s in data.std):
+        raise RecipeError("data.std", "values must be > 0", list(data.std))
+    if data.augment == "imagenet" and data.image_size is None:
+        raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
+    if len(recipe.aux.per_stage) > len(recipe.model.blocks):
+        raise RecipeError("aux.per_stage", f"has more entries than the "
+                          f"{len(recipe.model.blocks)} stages of model.blocks",
+                          len(recipe.aux.per_stage))
+    if recipe.train.cache_features == "on" and recipe.data.augment != "none":
+        raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
+                          f"features cannot be augmented (data.augment is "
+                          f"{recipe.data.augment!r}); use 'auto' or 'off'", "on")
+    if recipe.train.cache_features == "on" and recipe.train.mode == "end_to_end":
+        raise RecipeError("train.cache_features", "'on' does not apply to train.mode "
+                          "'end_to_end' (every block trains)", "on")
+    if recipe.distribute.logical_cpus > 1 and recipe.distribute.strategy not in ("auto",
+                                                                               "mirrored"):
+        raise RecipeError("distribute.logical_cpus", "only applies to strategies 'auto' and "
+                          f"'mirrored', not {recipe.distribute.strategy!r}",
+                          recipe.distribute.logical_cpus)
+    if recipe.export.heads == "ensemble" and recipe.train.mode == "end_to_end":
+        raise RecipeError("export.heads", "'ensemble' needs train.mode 'greedy': an "
+                          "end-to-end run trains only the last head", "ensemble")
+    if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
+        raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
+                          list(recipe.distribute.devices))
+
+
+def recipe_from_dict(raw):
+    """Builds and validates a `Recipe` from a parsed JSON object."""
+    if not isinstance(raw, dict):
+        raise RecipeError("", "a recipe must be a JSON object", raw)
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("architecture") is not None:
+        raw = architectures.expand(json.loads(json.dumps(raw)))
+    recipe = build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def parse_override(text):
+    """Splits `KEY=VALUE`; the value is parsed as JSON, else taken as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise KgreedyError("overrides", "expected KEY=VALUE with a dotted KEY", text)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key, value
+
+
+def apply_overrides(raw, overrides):
+    """Returns a copy of `raw` with each `KEY=VALUE` in `overrides` applied.
+
+    KEY is a dotted path; list items are addressed by index (`model.blocks.0.width`).
+    Missing objects along the path are created, so a key the recipe left at its
+    default can be set; unknown keys are caught by validation afterwards.
+    """
+    raw = json.loads(json.dumps(raw))
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise KgreedyError("overrides", f"{where}: no list item {part!r} "
+                                       f"(the list has {len(node)} items)", text)
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise KgreedyError("overrides", f"{where}: cannot descend into a "
+                                   f"{type(node).__name__}", text)
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def load_recipe(path, overrides=()):
+    """Reads a recipe file, applies `--set` overrides, and validates it.
+
+    Args:
+        path: a JSON recipe file.
+        overrides: `KEY=VALUE` strings, applied in order.
+
+    Returns:
+        A frozen `Recipe`.
+
+    Raises:
+        KgreedyError: the file is missing or not JSON, or an override is malformed.
+        RecipeError: a key is unknown, of the wrong type or out of range.
+    """
+    return recipe_from_dict(apply_overrides(read_json(path, kind="recipe file"),
+                                            overrides))
+
+
+
+def check_against_data(recipe, image_size, num_replicas=1):
+    """Checks what needs the data's image size and the replica count.
+
+    Args:
+        recipe: a validated `Recipe`.
+        image_size: the side of the model input.
+        num_replicas: replicas of the distribution strategy.
+
+    Raises:
+        RecipeError: the image is too small for the downsamplings and the head's
+            pooling, or the global batch does not split over the replicas.
+    """
+    size, sides = image_size, []
+    for i, block in enumerate(recipe.model.blocks):
+        if block.downsample != "none":
+            if size < 2 or (block.downsample == "psi" and size % 2):
+                raise RecipeError(
+                    f"model.blocks[{i}].downsample",
+                    f"the feature map is {size}x{size} before this block, too small for "
+                    f"another downsampling (image_size {image_size}, "
+                    f"{sum(b.downsample != 'none' for b in recipe.model.blocks)} "
+                    "downsamplings)", block.downsample)
+            size //= 2
+        own = recipe.aux.per_stage[i] if i < len(recipe.aux.per_stage) else None
+        if own is not None and own.pool_size is not None and size < own.pool_size:
+            raise RecipeError(
+                f"aux.per_stage[{i}].pool_size",
+                f"the feature map after block {i + 1} is {size}x{size}, smaller than "
+                "this pool size", own.pool_size)
+        if size < recipe.aux.pool_size and (own is None or own.pool_size is None):
+            raise RecipeError(
+                f"model.blocks[{i}].downsample",
+                f"the feature map is {size}x{size} after this block, smaller than "
+                f"aux.pool_size {recipe.aux.pool_size}: image_size {image_size} is too "
+                "small for the number of downsamplings", block.downsample)
+        sides.append(size)
+    last = len(sides) - 1
+    for i, design in enumerate(head_designs(recipe)):
+        if design["kind"] == "vgg" and sides[i] < 2:
+            key = ("aux.last_head" if i == last and recipe.aux.last_head == "vgg" else
+                   f"aux.per_stage[{i}].head" if i < len(recipe.aux.per_stage)
+                   and recipe.aux.per_stage[i].head == "vgg" else "aux.head")
+            raise RecipeError(key, f"the vgg head of stage {i + 1} max-pools a "
+                              f"{sides[i]}x{sides[i]} map, which needs at least 2x2 "
+                              f"(image_size {image_size})", "vgg")
+    for key in ("batch_size", "eval_batch_size"):
+        value = getattr(recipe.train, key)
+        if value is not None and value % num_replicas:
+            raise RecipeError(f"train.{key}", f"must be divisible by the {num_replicas} "
+                              "replicas of the distribution strategy", value)
+
+

@@ -1,0 +1,147 @@
+"""Strict JSON into frozen dataclasses: the machinery under every recipe schema.
+
+A schema is a tree of frozen, keyword-only dataclasses whose fields are declared with
+`key(default, choices=..., low=..., doc=...)`. `build` converts a parsed JSON object
+into it: an unknown key, a wrong type or a value out of range raises `RecipeError`
+naming the JSON path (`model.blocks[2].downsample`) and the value received.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import field
+
+from kgreedy.base.errors import RecipeError
+
+
+def setting(default=dataclasses.MISSING, *, choices=None, low=None, high=None,
+         open_low=False, open_high=False, pattern=None, doc=""):
+    """Declares a recipe key with its default and allowed values."""
+    meta = dict(choices=choices, low=low, high=high, open_low=open_low,
+                open_high=open_high, pattern=pattern, doc=doc)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def to_plain(value):
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def _type_name(tp):
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number",
+                "bool": "true or false"}.get(tp.__name__, f"an object ({tp.__name__})")
+    return str(tp)
+
+
+def convert(tp, value, path):
+    """Converts a JSON value to the declared type `tp`, or raises RecipeError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return convert(args[0], value, path)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise RecipeError(path, "expected a list", value)
+        return tuple(convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(path, "expected an object", value)
+        return build(tp, value, path)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise RecipeError(path, f"expected {_type_name(tp)}", value)
+    return value
+
+
+def _check_range(meta, value, path):
+    if value is None:
+        return
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise RecipeError(path, f"must be one of {allowed}", value)
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta["open_low"] and value == low)):
+        raise RecipeError(path, f"must be {'>' if meta['open_low'] else '>='} {low}", value)
+    if high is not None and (value > high or (meta["open_high"] and value == high)):
+        raise RecipeError(path, f"must be {'<' if meta['open_high'] else '<='} {high}", value)
+    if meta.get("pattern") is not None and not meta["pattern"].match(value):
+        raise RecipeError(path, "must be letters, digits, '_', '.' or '-' "
+                          "and start with a letter or digit", value)
+
+
+def build(cls, raw, path):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise RecipeError(join(path, key), "unknown key; known keys are "
+                              + ", ".join(known), raw[key])
+    kwargs = {}
+    for name, f in known.items():
+        key_path = join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(key_path, "is required")
+            continue
+        value = convert(hints[name], raw[name], key_path)
+        _check_range(f.metadata, value, key_path)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def describe_keys(cls, prefix=""):
+    """Yields (path, type, default, doc) for every key, for the README reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            yield from describe_keys(tp, path)
+            continue
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            default = ("required" if f.default is dataclasses.MISSING
+                       and f.default_factory is dataclasses.MISSING else "[]")
+            yield (path, "list of objects", default, f.metadata.get("doc", ""))
+            yield from describe_keys(typing.get_args(tp)[0], path + "[]")
+            continue
+        default = "required" if f.default is dataclasses.MISSING else json.dumps(f.default)
+        choices = f.metadata.get("choices")
+        doc = f.metadata.get("doc", "")
+        if choices:
+            doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, choices))
+        yield (path, _json_type(tp), default, doc)
+
+
+def _json_type(tp):
+    """A type as a JSON user reads it: `integer or null`, `list of numbers`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_json_type(args[0])} or null"
+    if origin is tuple:
+        item = _json_type(typing.get_args(tp)[0])
+        return "list of " + {"integer": "integers", "number": "numbers",
+                             "string": "strings"}.get(item, item)
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))

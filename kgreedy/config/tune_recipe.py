@@ -1,0 +1,158 @@
+"""Tune recipes (`kgreedy.tune`): a base train recipe and a search space.
+
+A tune recipe is a base train recipe (a path relative to the tune recipe, or an
+inline object) plus a search space over the auxiliary design (head type, k, width,
+pool size) and the learning rate. It is strict like a train recipe: unknown keys,
+wrong types and values out of range raise `RecipeError` naming the key. What the
+space means to keras-tuner is `kgreedy.tuning.space`.
+"""
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+
+from kgreedy.base.errors import KgreedyError, RecipeError
+from kgreedy.base.files import read_json
+from kgreedy.config.recipe import Recipe, apply_overrides, check_against_data, validate
+from kgreedy.config.schema import build, setting
+from kgreedy.config.vocabulary import HEAD_TYPES, NAME_RE, OBJECTIVES, SCOPES, TUNERS
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearningRateRange:
+    """`search.learning_rate`: the range of train.optimizer.learning_rate."""
+
+    min: float = setting(low=0.0, open_low=True, doc="smallest rate")
+    max: float = setting(low=0.0, open_low=True, doc="largest rate")
+    sampling: str = setting("log", choices=("log", "linear"), doc="how rates are drawn")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """`search.*`: values to try; null keeps the base recipe's value."""
+
+    head: typing.Optional[typing.Tuple[str, ...]] = setting(HEAD_TYPES, doc="aux.head choices")
+    k: typing.Optional[typing.Tuple[int, ...]] = setting((1, 2, 3), doc="aux.k choices")
+    width: typing.Optional[typing.Tuple[int, ...]] = setting(None, doc="aux.width choices")
+    pool_size: typing.Optional[typing.Tuple[int, ...]] = setting((1, 2, 4),
+                                                              doc="aux.pool_size choices")
+    learning_rate: typing.Optional[LearningRateRange] = setting(None, doc="learning-rate range")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneRecipe:
+    """A whole tune recipe. Build with `load_tune_recipe` or `tune_recipe_from_dict`."""
+
+    name: str = setting(pattern=NAME_RE, doc="search name; default output runs/<name>")
+    description: str = setting("", doc="free text")
+    base: Recipe = setting(doc="the train recipe to tune: a path relative to this file, "
+                            "or an inline recipe object")
+    search: SearchSpace = setting(SearchSpace())
+    tuner: str = setting("random", choices=TUNERS, doc="keras-tuner algorithm")
+    max_trials: int = setting(10, low=1, doc="random, bayesian: trials per search")
+    objective: str = setting("val_accuracy", choices=tuple(OBJECTIVES),
+                          doc="eval metric of the last trained stage")
+    scope: str = setting("joint", choices=SCOPES,
+                      doc="joint: one design for stages 1..N, scored on stage N; "
+                          "per_stage: stage by stage, each keeps its best design")
+    stages: typing.Optional[int] = setting(None, low=1,
+                                        doc="N stages trained (default: all base blocks)")
+    epochs_per_trial: int = setting(3, low=1, doc="epochs per stage in a trial; "
+                                               "hyperband: its max_epochs")
+    steps_per_epoch: typing.Optional[int] = setting(
+        None, low=1, doc="cap on train steps per epoch in trials (default: the base's)")
+    hyperband_factor: int = setting(3, low=2, doc="hyperband: reduction factor")
+    max_consecutive_failed_trials: typing.Optional[int] = setting(
+        None, low=1, doc="stop after this many failed trials in a row (default: never)")
+    seed: typing.Optional[int] = setting(None, low=0, doc="tuner seed (default: base seed)")
+
+    @property
+    def num_stages(self):
+        return self.stages or len(self.base.model.blocks)
+
+    def to_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _prefixed(error, prefix):
+    return RecipeError(f"{prefix}.{error.path}" if error.path else prefix, error.message,
+                       *([] if error.received is KgreedyError._MISSING else [error.received]))
+
+
+def _check_choices(space):
+    for key in ("head", "k", "width", "pool_size"):
+        values = getattr(space, key)
+        if values is None:
+            continue
+        if not values:
+            raise RecipeError(f"search.{key}", "needs at least one value (null: keep "
+                              "the base recipe's)", [])
+        if len(set(values)) != len(values):
+            raise RecipeError(f"search.{key}", "has a value twice", list(values))
+        for i, value in enumerate(values):
+            if key == "head" and value not in HEAD_TYPES:
+                raise RecipeError(f"search.head[{i}]", "must be one of "
+                                  + ", ".join(map(repr, HEAD_TYPES)), value)
+            if key != "head" and value < 1:
+                raise RecipeError(f"search.{key}[{i}]", "must be >= 1", value)
+    lr = space.learning_rate
+    if lr is not None and lr.min > lr.max:
+        raise RecipeError("search.learning_rate.max", f"must be >= min ({lr.min})", lr.max)
+
+
+def tune_recipe_from_dict(raw):
+    """Builds and validates a `TuneRecipe` from a parsed JSON object (base inline)."""
+    if not isinstance(raw, dict):
+        raise RecipeError("", "a tune recipe must be a JSON object", raw)
+    if isinstance(raw.get("base"), str):
+        raise RecipeError("base", "a path is resolved by load_tune_recipe; pass an object",
+                          raw["base"])
+    tune = build(TuneRecipe, raw, "")
+    try:
+        validate(tune.base)
+    except RecipeError as e:
+        raise _prefixed(e, "base") from None
+    base = tune.base
+    _check_choices(tune.search)
+    if tune.stages is not None and tune.stages > len(base.model.blocks):
+        raise RecipeError("stages", f"must be <= the {len(base.model.blocks)} blocks of "
+                          "base.model.blocks", tune.stages)
+    if base.train.mode != "greedy":
+        raise RecipeError("base.train.mode", "must be 'greedy': trials train stage by "
+                          "stage", base.train.mode)
+    if base.distribute.strategy == "multi_worker":
+        raise RecipeError("base.distribute.strategy", "'multi_worker' is not supported "
+                          "by the search (one process runs every trial)", "multi_worker")
+    if base.aux.per_stage:
+        raise RecipeError("base.aux.per_stage", "must be empty: the search chooses the "
+                          "auxiliary design", len(base.aux.per_stage))
+    return tune
+
+
+def load_tune_recipe(path, overrides=()):
+    """Reads a tune recipe, inlines its base, applies `--set` overrides, validates.
+
+    Args:
+        path: the tune recipe JSON file.
+        overrides: `KEY=VALUE` strings (`max_trials=3`, `base.train.batch_size=32`).
+
+    Raises:
+        KgreedyError: a file is missing or not JSON, or an override is malformed.
+        RecipeError: a key of the tune recipe or of its base is wrong.
+    """
+    raw = read_json(path, kind="tune recipe file")
+    if isinstance(raw, dict) and isinstance(raw.get("base"), str):
+        base_path = os.path.join(os.path.dirname(os.path.abspath(path)), raw["base"])
+        raw = {**raw, "base": read_json(base_path, "base", kind="recipe file")}
+    return tune_recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def check_base(tune, image_size, num_replicas):
+    """Checks the base recipe against the data as `kgreedy.train` would: what fails
+    here is a configuration mistake, not a searched design (exit status 2)."""
+    try:
+        check_against_data(tune.base, image_size, num_replicas)
+    except RecipeError as e:
+        raise _prefixed(e, "base") from None

@@ -1,0 +1,24 @@
+"""The words of kgreedy's recipes and exports: every closed set of choices, in one
+TF-free module that the config, the model and the front ends all import (so a choice
+is spelled once)."""
+
+import re
+
+SOURCES = ("digits", "tfds", "image_folder")
+AUGMENTS = ("none", "cifar", "imagenet")
+DOWNSAMPLES = ("none", "psi", "maxpool", "avgpool", "stride")
+HEAD_TYPES = ("conv", "mlp_sr", "linear", "vgg")
+OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_DECAY_TYPES = ("l2", "decoupled")
+SCHEDULES = ("constant", "step", "cosine")
+MODES = ("greedy", "end_to_end")
+CACHE_MODES = ("auto", "on", "off")
+IMAGE_CACHES = ("auto", "memory", "disk", "none")
+BAD_FILES = ("skip", "error")
+PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+EXPORT_HEADS = ("last", "ensemble")  # what an export serves: the last head, or all
+TUNERS = ("random", "hyperband", "bayesian")
+SCOPES = ("joint", "per_stage")
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}  # tuner objective: direction
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # recipe, model and search names

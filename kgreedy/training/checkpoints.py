@@ -1,0 +1,107 @@
+"""Finding checkpoints and restoring the newest one that is intact."""
+
+import os
+import re
+
+import tensorflow as tf
+
+from kgreedy.base.errors import KgreedyError
+
+_PREFIX = re.compile(r"^ckpt-(\d+)\.index$")
+
+# What reading a damaged checkpoint raises. The C++ checkpoint reader raises
+# RuntimeError, which `py_checkpoint_reader` turns into an `OpError` (missing file,
+# bad checksum, bad index), but INVALID_ARGUMENT and OUT_OF_RANGE statuses arrive
+# as a plain `ValueError` and `IndexError`: a truncated `.data-*` file gives
+# `IndexError("Read less bytes than requested")`.
+_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError)
+
+
+def checkpoint_paths(directory):
+    """The checkpoint prefixes in a directory, oldest first.
+
+    Uses the `checkpoint` state file that `tf.train.CheckpointManager` keeps; when
+    it is missing or corrupt, scans for `ckpt-N.index` files and sorts them by N.
+
+    Args:
+        directory: a checkpoint directory; it need not exist.
+
+    Returns:
+        A list of prefixes (`directory/ckpt-N`), empty when there are none.
+    """
+    if not tf.io.gfile.isdir(directory):
+        return []
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError):
+        # An empty state file raises ValueError and a binary one UnicodeDecodeError;
+        # a text one that does not parse comes back as None.
+        state = None
+    if state is not None:
+        # TensorFlow has made relative paths absolute, and refuses a state without
+        # `model_checkpoint_path`; older state files list only that one.
+        paths = list(state.all_model_checkpoint_paths)
+        if state.model_checkpoint_path not in paths:
+            paths.append(state.model_checkpoint_path)
+        return paths
+    numbered = []
+    for name in tf.io.gfile.listdir(directory):
+        match = _PREFIX.match(name)
+        if match:
+            numbered.append((int(match.group(1)), os.path.join(directory, name[:-6])))
+    return [prefix for _, prefix in sorted(numbered)]
+
+
+def _unreadable(prefix):
+    """Why the checkpoint at `prefix` cannot be restored, or None if it reads."""
+    name = os.path.basename(prefix)
+    if not tf.io.gfile.exists(prefix + ".index"):
+        return f"{name}.index is missing"
+    # Listing rather than globbing: the run directory may contain `[` or `*`.
+    if not any(f.startswith(name + ".data-")
+               for f in tf.io.gfile.listdir(os.path.dirname(prefix) or ".")):
+        return f"{name}.data-* is missing"
+    try:
+        # Reading every tensor is what catches a truncated or bit-flipped data
+        # file; opening the reader only checks the index.
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except _READ_ERRORS as e:
+        message = (getattr(e, "message", None) or str(e)).strip()
+        first = message.splitlines()[0] if message else type(e).__name__
+        return first if len(first) <= 160 else first[:157] + "..."
+    return None
+
+
+def restore_latest_good(checkpoint, directory, warn):
+    """Restores the newest checkpoint in `directory` whose files all read.
+
+    A checkpoint damaged by a crash or a full disk mid-save is skipped with a
+    warning rather than failing the resume; the previous one is used instead.
+
+    Args:
+        checkpoint: the `tf.train.Checkpoint` to restore into.
+        directory: the checkpoint directory.
+        warn: called with one message per checkpoint skipped.
+
+    Returns:
+        The prefix restored, or None when the directory holds no checkpoints.
+
+    Raises:
+        KgreedyError: there are checkpoints but none of them reads.
+        AssertionError: the good checkpoint does not match `checkpoint`'s objects
+            (a different recipe), from `assert_existing_objects_matched`.
+    """
+    newest_first = checkpoint_paths(directory)[::-1]
+    if not newest_first:
+        return None
+    for i, prefix in enumerate(newest_first):
+        reason = _unreadable(prefix)
+        if reason is None:
+            checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()
+            return prefix
+        fallback = newest_first[i + 1] if i + 1 < len(newest_first) else "none"
+        warn(f"checkpoint {prefix} is unreadable ({reason}); falling back to {fallback}")
+    raise KgreedyError(directory, "every checkpoint is unreadable",
+                       [os.path.basename(p) for p in newest_first[::-1]])

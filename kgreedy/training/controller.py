@@ -1,0 +1,298 @@
+"""The outer controller: stage order, evaluation, checkpoints, summaries and export.
+
+`GreedyTrainer` walks the stages of a recipe; each stage is trained by a fresh
+`StageLoop` (kgreedy.stage). The trainer knows nothing of a specific dataset: it
+gets ready-made `Datasets`.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import keras
+import tensorflow as tf
+
+from kgreedy import export
+from kgreedy import data
+from kgreedy.training.cache import FeatureCache, use_cache
+from kgreedy.training.checkpoints import restore_latest_good
+from kgreedy.training.distribute import WorkerInfo
+from kgreedy.model.ensemble import evaluate_heads
+from kgreedy.base.errors import NonFiniteLoss, Preempted
+from kgreedy.base.files import write_json
+from kgreedy.model.network import parameter_table
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.base.progress import Progress
+from kgreedy.training.records import RunRecords
+from kgreedy.training.rundir import stage_checkpoint
+from kgreedy.training.stage import StageLoop
+
+
+class GreedyTrainer:
+    """Trains a recipe stage by stage (or end to end) and exports the result.
+
+    Checkpoints: `checkpoints/stage{j}` keeps the last two of stage j, written at
+    every epoch end, every `train.checkpoint_every_steps` steps and on SIGTERM;
+    each holds blocks and heads 1..j, the optimizer (step counter and slots, hence
+    the learning-rate position), the epoch counter and the epoch's metric sums.
+    With the data order a function of (seed, epoch, step), that is all a resume
+    needs to continue exactly where the run stopped.
+
+    Args:
+        recipe: a validated `Recipe`.
+        datasets: `kgreedy.data.Datasets` (spec with normalisation statistics).
+        run: the `RunDir` to write into; it must exist.
+        strategy: the `tf.distribute.Strategy` to train under.
+        progress: a `Progress` (default: stdout).
+        callbacks: objects with optional `on_stage_end(trainer, stage, loop)`; for
+            tests and tools that need to look between stages.
+        source: the `RunDir` to resume from (default: `run`). A non-chief worker
+            writes to a temporary directory but resumes from the chief's.
+    """
+
+    def __init__(self, recipe, datasets, run, strategy, progress=None, callbacks=(),
+                 source=None):
+        self.recipe = recipe
+        self.datasets = datasets
+        self.run = run
+        self.source = source or run
+        self.strategy = strategy
+        self.progress = progress or Progress()
+        self.callbacks = list(callbacks)
+        self.worker = WorkerInfo(strategy)
+        spec = datasets.spec
+        # Global Keras state: set on every trainer so one run's policy never leaks
+        # into the next in the same process.
+        precision = recipe.train.mixed_precision
+        keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)
+        with strategy.scope():
+            self.net = from_recipe(recipe, spec.image_shape, spec.num_classes,
+                                 spec.mean, spec.std)
+        self.table = parameter_table(self.net)
+        self.steps_per_epoch = datasets.stage_steps(recipe.train, self.worker.num_workers)
+        self.eval_data = datasets.distributed_eval(strategy)
+        self._stop_requested = False
+
+    @property
+    def end_to_end(self):
+        return self.recipe.train.mode == "end_to_end"
+
+    def stages(self):
+        """Stages to train: 1..J greedily, or only J (every block) end to end."""
+        num = self.net.num_stages
+        return [num] if self.end_to_end else list(range(1, num + 1))
+
+    def fit(self, resume=False):
+        """Trains every stage not yet done, then exports. Returns the summary dict.
+
+        Raises:
+            NonFiniteLoss: a loss was NaN/inf; the last good checkpoint is kept.
+            Preempted: SIGTERM arrived; a checkpoint of the current step was written.
+        """
+        if not resume:
+            write_json(self.run.recipe, self.recipe.to_dict())
+            data.save_spec(self.datasets.spec, self.run.dataset)
+        records = RunRecords(self.run, self._existing_summary() if resume else None)
+        if self.datasets.info:
+            records.summary["data"] = self.datasets.info
+        done = {s for s in records.completed_stages() if s in self.stages()}
+        if done:
+            self._restore_stage(max(done))
+            self.progress.message(f"resuming after stage {max(done)}")
+        previous_handler = self._catch_sigterm()
+        try:
+            for stage in self.stages():
+                if stage not in done:
+                    self._fit_stage(stage, records, resume)
+            final = self._finish(records)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            records.close()
+        return {**records.summary, "final": final}
+
+    # ------------------------------------------------------------ helpers ----
+
+    def _catch_sigterm(self):
+        # Python runs signal handlers between bytecodes, so the handler only sets a
+        # flag; the loop sees it after the steps in flight and checkpoints.
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            del signum, frame
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _stop_agreed(self):
+        """Whether any worker got SIGTERM; every worker must agree on when to stop,
+        or the others would wait forever in the next collective."""
+        if self.worker.num_workers == 1:
+            return self._stop_requested
+        flag = tf.constant(1.0 if self._stop_requested else 0.0)
+        total = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            self.strategy.run(lambda: flag), axis=None)
+        return float(total) > 0
+
+    def _existing_summary(self):
+        if os.path.isfile(self.source.summary):
+            return self.source.read_json(self.source.summary)
+        return None
+
+    def _restore_stage(self, stage):
+        restore_latest_good(stage_checkpoint(self.net, stage),
+                            self.source.checkpoints(stage), self.progress.warning)
+
+    def _check_finite(self, loop, stage):
+        bad = int(loop.first_bad_step.numpy())
+        if bad:
+            epoch_of_bad = (bad - 1) // self.steps_per_epoch + 1
+            step_in_epoch = (bad - 1) % self.steps_per_epoch + 1
+            last = tf.train.latest_checkpoint(self.run.checkpoints(stage))
+            raise NonFiniteLoss(
+                f"stage {stage}, epoch {epoch_of_bad}, step {step_in_epoch}: the loss is "
+                f"not finite (NaN or inf); stopped without saving; last good checkpoint: "
+                f"{last or 'none in this stage'}; lower train.optimizer.learning_rate or "
+                "check the data")
+
+    # -------------------------------------------------------------- stage ----
+
+    def _fit_stage(self, stage, records, resume):
+        cache = None
+        if use_cache(self.recipe, self.datasets, stage, self.worker.num_workers,
+                     self.net):
+            cache = FeatureCache(self.net, stage, self.datasets,
+                                 self.run.path("cache", f"stage{stage}"),
+                                 self.recipe.train.cache_memory_mb)
+            self.progress.message(f"stage {stage}: {cache.describe()}")
+            cache.build()
+            self.progress.message(f"stage {stage}: cached in {cache.seconds:.1f}s")
+        try:
+            self._fit_stage_on(stage, records, resume, cache)
+        finally:
+            if cache is not None:
+                cache.remove()
+
+    def _fit_stage_on(self, stage, records, resume, cache):
+        epochs = self.recipe.train.epochs_per_stage
+        steps = self.steps_per_epoch
+        loop = StageLoop(self.net, stage, self.recipe.train, self.strategy, steps,
+                         end_to_end=self.end_to_end, cached_features=cache is not None)
+        train_source = eval_data = None
+        if cache is None:
+            eval_data = self.eval_data
+        else:
+            train_source = cache.train_split
+            eval_data = self.datasets.distributed_eval(self.strategy, cache.eval_split)
+        with self.strategy.scope():
+            epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        checkpoint = stage_checkpoint(self.net, stage, epoch=epoch_var, **loop.state())
+        manager = tf.train.CheckpointManager(checkpoint, self.run.checkpoints(stage),
+                                             max_to_keep=2)
+        if resume:
+            restored = restore_latest_good(checkpoint, self.source.checkpoints(stage),
+                                           self.progress.warning)
+            if restored:
+                done = int(epoch_var.numpy())
+                records.rewind(stage, done)
+                self.progress.message(f"stage {stage}: resuming at epoch {done + 1}, step "
+                                      f"{loop.step - done * steps} of {steps}")
+        row = self.table[stage - 1]
+        if self.end_to_end:
+            row = {**row, "trainable_params": row["deployed_params"], "frozen_params": 0}
+        self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)
+        stage_start = time.perf_counter()
+        every = self.recipe.train.checkpoint_every_steps
+        record = None
+        for epoch in range(int(epoch_var.numpy()) + 1, epochs + 1):
+            learning_rate = loop.learning_rate
+            start_step = loop.step - (epoch - 1) * steps
+            last_shown = [time.perf_counter()]
+
+            def after_chunk(done, images_per_second, epoch=epoch, last_shown=last_shown):
+                # Reading metrics is a collective across workers: only a single
+                # worker shows live progress.
+                now = time.perf_counter()
+                if self.worker.num_workers == 1 and self.progress.live \
+                        and now - last_shown[0] >= 0.5:
+                    loss, acc = loop.metrics()
+                    self.progress.step(stage, epoch, epochs, done, steps, loss, acc,
+                                       images_per_second)
+                    last_shown[0] = now
+                stop = self._stop_agreed()
+                if stop or (every and done % every == 0 and done < steps):
+                    self._check_finite(loop, stage)
+                    manager.save(checkpoint_number=loop.step)
+                if stop:
+                    raise Preempted(f"preempted (SIGTERM): checkpoint written at stage "
+                                    f"{stage}, epoch {epoch}, step {done} of {steps} in "
+                                    f"{self.run.checkpoints(stage)}; rerun with --resume "
+                                    "to continue")
+                return False
+
+            train_data = self.datasets.distributed_train(
+                self.strategy, stage, epoch, self.recipe.train, start_step, train_source)
+            result = loop.train_epoch(train_data, start_step, after_chunk, align=every)
+            self._check_finite(loop, stage)
+            result.pop("completed")
+            result.update(loop.evaluate(eval_data))
+            record = {"stage": stage, "epoch": epoch, **result,
+                      "learning_rate": learning_rate}
+            # Record first, then checkpoint: a kill in between repeats the epoch, and
+            # the resume rewinds metrics.jsonl to the checkpoint.
+            records.epoch(record, (stage - 1) * epochs + epoch)
+            epoch_var.assign(epoch)
+            manager.save(checkpoint_number=loop.step)
+            self.progress.epoch_end(record, epochs, steps)
+        if record is None:  # resumed after this stage's last epoch: read its record
+            last = [r for r in records.epochs() if r["stage"] == stage]
+            record = last[-1] if last else {**loop.evaluate(eval_data),
+                                            "train_loss": None, "train_accuracy": None}
+        entry = {"stage": stage, "val_accuracy": record["val_accuracy"],
+                 "val_loss": record["val_loss"],
+                 "train_accuracy": record["train_accuracy"],
+                 "train_loss": record["train_loss"],
+                 "trainable_params": row["trainable_params"],
+                 "frozen_params": row["frozen_params"],
+                 "deployed_params": row["deployed_params"],
+                 "output_shape": row["output_shape"], "epochs": epochs,
+                 "seconds": time.perf_counter() - stage_start}
+        records.stage(entry)
+        self.progress.stage_end(entry)
+        for callback in self.callbacks:
+            if hasattr(callback, "on_stage_end"):
+                callback.on_stage_end(self, stage, loop)
+
+    def _finish(self, records):
+        last = records.summary["stages"][-1]
+        final = {"stage": last["stage"], "val_accuracy": last["val_accuracy"],
+                 "train_accuracy": last["train_accuracy"],
+                 "deployed_params": last["deployed_params"],
+                 "seconds": sum(e["seconds"] for e in records.summary["stages"]),
+                 "ensemble_val_accuracy": None, "head_val_accuracies": None,
+                 "export_heads": self.recipe.export.heads, "export_path": None}
+        if not self.end_to_end and self.worker.is_chief:
+            # One pass through the frozen trunk scores every head and the paper's
+            # ensemble (an end-to-end run trains the last head only). Other workers'
+            # summaries are thrown away, so they skip it.
+            scores = evaluate_heads(self.net, self.datasets.eval)
+            final["ensemble_val_accuracy"] = scores["ensemble_val_accuracy"]
+            final["head_val_accuracies"] = scores["head_val_accuracies"]
+            self.progress.message(
+                f"heads: last {scores['head_val_accuracies'][-1]:.4f}, ensemble of "
+                f"{len(scores['head_val_accuracies'])} (weights 2^j) "
+                f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
+                "eval examples")
+        if self.recipe.export.enabled:
+            path = export.export_saved_model(
+                self.net, self.datasets.spec, self.run.export_root(self.recipe.model_name),
+                stage=last["stage"], version=self.recipe.export.version,
+                keep_versions=self.recipe.export.keep_versions,
+                heads=self.recipe.export.heads)
+            final["export_path"] = path
+            self.progress.message(f"exported {path}")
+        records.final(final)
+        return final

@@ -1,0 +1,78 @@
+"""What a run leaves behind: metrics.jsonl, TensorBoard scalars, summary.json."""
+
+import json
+import os
+
+import tensorflow as tf
+
+from kgreedy.base.files import append_jsonl, write_json, write_text
+
+_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+            "learning_rate", "images_per_second")
+
+
+class RunRecords:
+    """Writes the run's metrics, TensorBoard events and summary.
+
+    metrics.jsonl gets one object per epoch; TensorBoard gets the same scalars under
+    `stage{j}/...` (step: epoch within the stage) and `all/...` (step: epochs since
+    the start of the run); summary.json is rewritten atomically after every stage.
+
+    Args:
+        run: a `RunDir`.
+        summary: an existing summary to extend (on resume), or None.
+    """
+
+    def __init__(self, run, summary=None):
+        self.run = run
+        self.summary = summary or {"stages": [], "final": None}
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            os.makedirs(self.run.tensorboard, exist_ok=True)
+            self._writer = tf.summary.create_file_writer(self.run.tensorboard)
+        return self._writer
+
+    def epoch(self, record, global_epoch):
+        append_jsonl(self.run.metrics, record)
+        with self.writer.as_default():
+            for key in _SCALARS:
+                tf.summary.scalar(f"stage{record['stage']}/{key}", record[key],
+                                  step=record["epoch"])
+                tf.summary.scalar(f"all/{key}", record[key], step=global_epoch)
+        self.writer.flush()
+
+    def epochs(self):
+        """The epoch records in metrics.jsonl, in order."""
+        if not os.path.isfile(self.run.metrics):
+            return []
+        with open(self.run.metrics, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def rewind(self, stage, epoch):
+        """Drops epoch records after (stage, epoch): the checkpoint a run resumes from.
+
+        A run killed between writing an epoch's record and its checkpoint repeats
+        that epoch; without this its record would appear twice.
+        """
+        kept = [r for r in self.epochs() if (r["stage"], r["epoch"]) <= (stage, epoch)]
+        if os.path.isfile(self.run.metrics):
+            write_text(self.run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def completed_stages(self):
+        return [entry["stage"] for entry in self.summary["stages"]]
+
+    def stage(self, entry):
+        self.summary["stages"] = [e for e in self.summary["stages"]
+                                  if e["stage"] != entry["stage"]] + [entry]
+        write_json(self.run.summary, self.summary)
+
+    def final(self, final):
+        self.summary["final"] = final
+        write_json(self.run.summary, self.summary)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,106 @@
+"""The run directory (DESIGN.md section 5): paths, and rebuilding a trained net from it."""
+
+import os
+
+import tensorflow as tf
+
+from kgreedy import data
+from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import read_json
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config.recipe import recipe_from_dict
+
+
+class RunDir:
+    """Paths inside one run directory.
+
+    Args:
+        root: the directory given as `--output`.
+    """
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    @property
+    def recipe(self):
+        return self.path("recipe.json")
+
+    @property
+    def dataset(self):
+        return self.path("dataset.json")
+
+    @property
+    def metrics(self):
+        return self.path("metrics.jsonl")
+
+    @property
+    def summary(self):
+        return self.path("summary.json")
+
+    @property
+    def tensorboard(self):
+        return self.path("tensorboard")
+
+    def checkpoints(self, stage):
+        """Checkpoint directory of one stage (`checkpoints/stage{j}`)."""
+        return self.path("checkpoints", f"stage{stage}")
+
+    def export_root(self, model_name):
+        """TF Serving model base path: versions go below it."""
+        return self.path("export", model_name)
+
+    def read_json(self, path):
+        """A JSON file of this run (`read_json`, named by its path in the run)."""
+        return read_json(path, os.path.relpath(path, self.root))
+
+
+def stage_checkpoint(net, stage, **training_state):
+    """The `tf.train.Checkpoint` of one stage: blocks and heads 1..stage, plus
+    `training_state` (optimizer, epoch counter, metric sums) while it trains."""
+    return tf.train.Checkpoint(**net.checkpoint_objects(stage), **training_state)
+
+
+def load_trained(run_dir, stage=None):
+    """Rebuilds the net of a finished stage from a run directory.
+
+    Args:
+        run_dir: a run directory written by `kgreedy.train`.
+        stage: the stage whose last checkpoint to restore (default: the last
+            stage that has a checkpoint).
+
+    Returns:
+        (recipe, spec, net, stage) with the net's weights restored.
+
+    Raises:
+        KgreedyError: the directory is not a run directory, or the stage has no
+            checkpoint.
+    """
+    run = RunDir(run_dir)
+    for needed in (run.recipe, run.dataset):
+        if not os.path.isfile(needed):
+            raise KgreedyError("RUN_DIR", f"not a kgreedy run directory: {needed} is "
+                               "missing", run_dir)
+    recipe = recipe_from_dict(run.read_json(run.recipe))
+    spec = data.load_spec(run.dataset)
+    num_stages = len(recipe.model.blocks)
+    done = [j for j in range(1, num_stages + 1)
+            if tf.train.latest_checkpoint(run.checkpoints(j))]
+    if stage is None:
+        if not done:
+            raise KgreedyError("RUN_DIR", "has no stage checkpoint yet", run_dir)
+        stage = done[-1]
+    if not 1 <= stage <= num_stages:
+        raise KgreedyError("stage", f"must be between 1 and {num_stages}", stage)
+    latest = tf.train.latest_checkpoint(run.checkpoints(stage))
+    if latest is None:
+        raise KgreedyError("stage", f"stage {stage} has no checkpoint in "
+                           f"{run.checkpoints(stage)}; stages with checkpoints: {done}", stage)
+    net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    # The file also holds the optimizer and counters, which a trained net does not
+    # need; every weight of the net must be found in it, though.
+    stage_checkpoint(net, stage).restore(latest).expect_partial() \
+        .assert_existing_objects_matched()
+    return recipe, spec, net, stage

@@ -1,0 +1,224 @@
+"""The inner loop: one stage's optimizer, traced step functions and on-device metrics.
+
+`StageLoop` knows one stage and nothing of stage order, files or the terminal; the
+controller in `kgreedy.greedy` drives it epoch by epoch.
+"""
+
+import time
+
+import keras
+import tensorflow as tf
+
+from kgreedy.training.optim import l2_penalty, make_optimizer, make_schedule
+
+
+def _sum_variable(name):
+    # ON_READ + SUM: each replica adds to its own copy without cross-device traffic
+    # per step; reading outside the replica context returns the total.
+    return tf.Variable(0.0, trainable=False, name=name,
+                       synchronization=tf.VariableSynchronization.ON_READ,
+                       aggregation=tf.VariableAggregation.SUM)
+
+
+class StageLoop:
+    """Trains stage `stage` of a `GreedyNet`: block `stage` and its head.
+
+    A stage gets a fresh optimizer and freshly traced `tf.function`s: a traced
+    function keeps the `trainable` flags it saw, and the optimizer's slots belong to
+    this stage's variables only. Blocks 1..stage-1 run with `training=False` (BN in
+    inference mode) and receive no gradient. In end-to-end mode every block up to
+    `stage` trains, with the last head.
+
+    Args:
+        net: the `GreedyNet`.
+        stage: 1-based stage index.
+        train: the recipe's `TrainConfig`.
+        strategy: a `tf.distribute.Strategy`; variables are created in its scope.
+        steps_per_epoch: train steps per epoch (full global batches).
+        end_to_end: train blocks 1..stage jointly (the baseline).
+        cached_features: the datasets yield the output of blocks 1..stage-1 (the
+            feature cache) instead of images.
+    """
+
+    def __init__(self, net, stage, train, strategy, steps_per_epoch, end_to_end=False,
+                 cached_features=False):
+        self.net = net
+        self.stage = stage
+        self.train = train
+        self.strategy = strategy
+        self.steps_per_epoch = steps_per_epoch
+        self.end_to_end = end_to_end
+        self.cached_features = cached_features
+        self.global_batch = train.batch_size
+        self.loss_scaling = train.mixed_precision == "mixed_float16"
+        with strategy.scope():
+            net.set_trainable_stage(stage, end_to_end)
+            blocks = net.blocks[:stage] if end_to_end else [net.blocks[stage - 1]]
+            self.variables = ([w for b in blocks for w in b.trainable_weights]
+                              + net.heads[stage - 1].trainable_weights)
+            self.schedule = make_schedule(train, steps_per_epoch)
+            self.optimizer = make_optimizer(train.optimizer, self.schedule)
+            if self.loss_scaling:
+                # float16 gradients underflow without it; dynamic scaling also skips
+                # steps whose scaled gradients overflow.
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            # Build the slots now, in scope, before the first traced step
+            # (keras-team/keras#23085).
+            self.optimizer.build(self.variables)
+            self.sums = {k: _sum_variable(f"stage{stage}_{k}")
+                         for k in ("loss", "correct", "count")}
+            # The stage step (1-based) whose loss was first not finite; 0 while all
+            # are. Set from the all-reduced loss, so every replica and worker agrees.
+            self.first_bad_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                              name=f"stage{stage}_first_bad_step")
+        # XLA compiles the forward and backward pass only: the optimizer update and
+        # the metric sums stay outside, where tf.distribute can all-reduce.
+        self._gradients = tf.function(self._gradients_fn, jit_compile=True) \
+            if train.jit_compile else self._gradients_fn
+        self._train_steps = tf.function(self._train_steps_fn)
+        self._evaluate = tf.function(self._evaluate_fn)
+
+    # ------------------------------------------------------------- traced ----
+
+    def _logits(self, images, training):
+        if self.cached_features:
+            return self.net.stage_logits(images, self.stage, training)
+        prefix_training = training and self.end_to_end
+        features = self.net.features(images, self.stage - 1, training=prefix_training)
+        return self.net.stage_logits(features, self.stage, training)
+
+    def _accumulate(self, labels, logits, per_example_loss):
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
+        self.sums["loss"].assign_add(tf.reduce_sum(per_example_loss))
+        self.sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
+        self.sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
+
+    def _gradients_fn(self, images, labels):
+        with tf.GradientTape() as tape:
+            logits = self._logits(images, training=True)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels, tf.cast(logits, tf.float32))
+            # Averaged over the global batch, so summing gradients over replicas gives
+            # the mean gradient whatever the replica count.
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+            penalty = l2_penalty(self.train.optimizer, self.variables)
+            if penalty is not None:
+                loss += tf.nn.scale_regularization_loss(penalty)
+            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+        return tape.gradient(scaled, self.variables), loss, logits, per_example
+
+    def _train_step(self, images, labels):
+        grads, loss, logits, per_example = self._gradients(images, labels)
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        self._accumulate(labels, logits, per_example)
+        return loss
+
+    def _train_steps_fn(self, iterator, num_steps):
+        for _ in tf.range(num_steps):
+            images, labels = next(iterator)
+            losses = self.strategy.run(self._train_step, args=(images, labels))
+            loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+            bad = tf.logical_and(self.first_bad_step == 0,
+                                 tf.logical_not(tf.math.is_finite(loss)))
+            self.first_bad_step.assign(
+                tf.where(bad, tf.cast(self.optimizer.iterations, tf.int64),
+                         self.first_bad_step))
+
+    def _eval_step(self, images, labels):
+        def evaluate():
+            logits = self._logits(images, training=False)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels, tf.cast(logits, tf.float32))
+            self._accumulate(labels, logits, per_example)
+            return tf.constant(True)
+
+        # When the last eval batch does not fill every replica, the others get an
+        # empty batch; TF 2.21's CPU conv returns a wrongly shaped result for a
+        # batch of 0, so such a batch is skipped (it adds nothing to the sums).
+        tf.cond(tf.size(labels) > 0, evaluate, lambda: tf.constant(False))
+
+    def _evaluate_fn(self, dataset):
+        for images, labels in dataset:
+            self.strategy.run(self._eval_step, args=(images, labels))
+
+    # --------------------------------------------------------------- host ----
+
+    def reset_metrics(self):
+        """Zeroes the train/eval sums (at the start of an epoch or an evaluation)."""
+        for v in self.sums.values():
+            v.assign(0.0)
+
+    def metrics(self):
+        """(mean loss, accuracy) over the examples since the last reset.
+
+        Reading syncs with the device (and, across workers, is a collective every
+        worker must join), so callers read only when someone looks.
+        """
+        count = max(float(self.sums["count"].read_value()), 1.0)
+        return (float(self.sums["loss"].read_value()) / count,
+                float(self.sums["correct"].read_value()) / count)
+
+    @property
+    def step(self):
+        """Train steps of this stage done so far (the optimizer's step counter)."""
+        return int(self.optimizer.iterations.numpy())
+
+    @property
+    def learning_rate(self):
+        """The rate the next step will use."""
+        return float(self.schedule(self.optimizer.iterations))
+
+    def state(self):
+        """What a checkpoint must hold to continue this stage mid-epoch."""
+        return {"optimizer": self.optimizer, "first_bad_step": self.first_bad_step,
+                **{f"train_{k}": v for k, v in self.sums.items()}}
+
+    def train_epoch(self, dataset, start_step=0, after_chunk=None, align=None):
+        """Runs the steps of one epoch from `start_step` over a distributed dataset.
+
+        The steps run in chunks of `train.steps_per_execution` traced steps.
+
+        Args:
+            dataset: a distributed train dataset of full global batches, already
+                positioned at `start_step`.
+            start_step: steps of this epoch done before (a mid-epoch resume); the
+                metric sums are kept then, so the epoch's figures cover all its steps.
+            after_chunk: called as `after_chunk(done, images_per_s)` after every
+                chunk; returning True ends the epoch early (preemption).
+            align: chunks end at multiples of this many steps (checkpoint steps).
+
+        Returns:
+            dict with train_loss, train_accuracy, images_per_second, seconds, and
+            `completed` (False when after_chunk stopped the epoch).
+        """
+        if start_step == 0:
+            self.reset_metrics()
+        iterator = iter(dataset)
+        chunk = self.train.steps_per_execution
+        start = time.perf_counter()
+        done = start_step
+        completed = True
+        while done < self.steps_per_epoch:
+            n = min(chunk, self.steps_per_epoch - done)
+            if align:
+                n = min(n, align - done % align)
+            self._train_steps(iterator, tf.constant(n))
+            done += n
+            if after_chunk is not None and after_chunk(
+                    done, (done - start_step) * self.global_batch
+                    / max(time.perf_counter() - start, 1e-9)):
+                completed = done >= self.steps_per_epoch
+                break
+        loss, acc = self.metrics()  # also waits for the last step to finish
+        seconds = time.perf_counter() - start
+        return {"train_loss": loss, "train_accuracy": acc,
+                "images_per_second": (done - start_step) * self.global_batch / seconds,
+                "seconds": seconds, "completed": completed}
+
+    def evaluate(self, dataset):
+        """Loss and accuracy of this stage's head over a distributed eval dataset."""
+        self.reset_metrics()
+        self._evaluate(dataset)
+        loss, acc = self.metrics()
+        return {"val_loss": loss, "val_accuracy": acc,
+                "val_examples": int(self.sums["count"].read_value())}
