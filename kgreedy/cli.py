@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import sys
 
-from kgreedy.base.errors import KgreedyError, TrainingStopped
+from kgreedy.base.errors import KgreedyError, Stopped
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # anything unexpected; the traceback is printed
@@ -46,12 +46,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(main, argv=None):
     """Runs `main(argv)`, turning `KgreedyError` into one line and exit status 2, and
-    `TrainingStopped` (non-finite loss, preemption) into one line and its status."""
+    `Stopped` (non-finite loss, preemption, a failed search) into one line and its
+    status."""
     try:
         return main(argv)
     except KgreedyError as e:
         fail(str(e))
-    except TrainingStopped as e:
+    except Stopped as e:
         print(f"kgreedy: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:

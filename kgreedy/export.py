@@ -10,11 +10,12 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
 
 from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
+from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.serving.export import export_saved_model
 from kgreedy.training import rundir
 
-FLAGS = {"stage": "--stage", "version": "--version", "keep_versions": "--keep-versions",
-         "heads": "--heads"}
+FLAGS = {"run_dir": "RUN_DIR", "stage": "--stage", "version": "--version",
+         "keep_versions": "--keep-versions", "heads": "--heads"}
 
 
 def main(argv=None):
@@ -32,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--keep-versions", type=cli.positive_int, default=None,
                         help="after exporting, delete all but the newest N versions "
                              "(never the one just written; default: keep all)")
-    parser.add_argument("--heads", choices=("last", "ensemble"), default=None,
+    parser.add_argument("--heads", choices=EXPORT_HEADS, default=None,
                         help="serve head N alone, or the ensemble of heads 1..N "
                              "(default: the recipe's export.heads)")
     cli.add_verbose(parser)

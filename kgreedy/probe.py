@@ -13,7 +13,8 @@ import os
 from kgreedy import cli
 from kgreedy.analysis.probe import print_table, probe_run
 
-FLAGS = {"stage": "--stage", "max_train": "--max-train", "max_eval": "--max-eval"}
+FLAGS = {"run_dir": "RUN_DIR", "stage": "--stage", "max_train": "--max-train",
+         "max_eval": "--max-eval"}
 
 
 def main(argv=None):

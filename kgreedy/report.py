@@ -15,7 +15,7 @@ def main(argv=None):
     parser.add_argument("--output", metavar="DIR", default=None,
                         help="report directory (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
-    with cli.flags(output="--output"):
+    with cli.flags(run_dir="RUN_DIR", output="--output"):
         print(write_report(args.run_dir, args.output))
     return cli.EXIT_OK
 

@@ -14,23 +14,23 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     quiet.install(sys.argv[1:])
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 
 import keras
-import tensorflow as tf
 
-from kgreedy import cli
-from kgreedy import data
-from kgreedy.training import distribute
+from kgreedy import cli, data
 from kgreedy.base.errors import KgreedyError
-from kgreedy.training.controller import GreedyTrainer
-from kgreedy.model.network import parameter_table
-from kgreedy.model.from_recipe import from_recipe
+from kgreedy.base.files import read_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.network import parameter_table
+from kgreedy.serving.export import Exporter
+from kgreedy.training import distribute, session
+from kgreedy.training.cache import check_cache_workers
+from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
 from kgreedy.training.runlock import RunLock
 
@@ -39,7 +39,7 @@ def parse_args(argv):
     parser = cli.ArgumentParser(
         prog="python -m kgreedy.train",
         description="Greedy layer-wise training of a CNN from a JSON recipe.")
-    parser.add_argument("recipe", help="recipe JSON file (see README: recipe reference)")
+    parser.add_argument("recipe", help="recipe JSON file (see docs/recipes.md)")
     parser.add_argument("--output", help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key by dotted path; VALUE is JSON or a "
@@ -93,18 +93,14 @@ def main(argv=None):
 
 def _main(args):
     recipe = load_recipe(args.recipe, args.set)
-    # Both must happen before TensorFlow runs its first op.
-    distribute.configure_devices(recipe.distribute)
-    if recipe.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    spec = data.describe(recipe.data)
-    strategy = distribute.make_strategy(recipe.distribute)
+    spec, strategy = session.start(recipe)
     check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
+    worker = distribute.WorkerInfo(strategy)
+    check_cache_workers(recipe, worker.num_workers)
     if args.dry_run:
         print_dry_run(recipe, spec)
         return cli.EXIT_OK
     output = args.output or os.path.join("runs", recipe.name)
-    worker = distribute.WorkerInfo(strategy)
     if worker.is_chief:
         prepare_output(output, args.resume)
         if args.resume:
@@ -119,7 +115,9 @@ def _main(args):
         try:
             with _load_data(recipe, spec, scratch, None) as datasets:
                 GreedyTrainer(recipe, datasets, RunDir(scratch), strategy, progress,
-                              source=RunDir(output)).fit(resume=args.resume)
+                              source=RunDir(output),
+                              export=_exporter(recipe, datasets.spec, RunDir(scratch))
+                              ).fit(resume=args.resume)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return cli.EXIT_OK
@@ -129,12 +127,22 @@ def _main(args):
         with RunLock(output) as lock:
             if lock.warning:
                 progress.warning(lock.warning)
-            summary = GreedyTrainer(recipe, datasets, run, strategy, progress).fit(
+            summary = GreedyTrainer(recipe, datasets, run, strategy, progress,
+                                    export=_exporter(recipe, datasets.spec, run)).fit(
                 resume=args.resume)
     final = summary["final"]
-    print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
-          f"summary {run.summary}")
+    if not summary.get("already_finished"):
+        print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
+              f"summary {run.summary}")
     return cli.EXIT_OK
+
+
+def _exporter(recipe, spec, run):
+    """The export action of a run (None when the recipe exports nothing)."""
+    if not recipe.export.enabled:
+        return None
+    return Exporter(spec, run.export_root(recipe.model_name), recipe.export.version,
+                    recipe.export.keep_versions, recipe.export.heads)
 
 
 @contextlib.contextmanager
@@ -162,8 +170,7 @@ def _load_data(recipe, spec, output, progress):
 
 
 def _check_same_recipe(output, recipe):
-    with open(os.path.join(output, "recipe.json"), encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = read_json(os.path.join(output, "recipe.json"), "resume")
     # Compared after loading, so a run written before a key was added (and so
     # without it in recipe.json) still resumes when the key is at its default.
     try:

@@ -20,206 +20,21 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     from kgreedy import quiet
     quiet.install(sys.argv[1:])
 
-import json
 import os
 import time
 
-import tensorflow as tf
-from keras_tuner.src import config as keras_tuner_config
-
-from kgreedy import cli
-from kgreedy import data
-from kgreedy.training import distribute
-from kgreedy.base.errors import KgreedyError, TrainingStopped
-from kgreedy.base.files import write_json
+from kgreedy import cli, data
+from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
-from kgreedy.config.recipe import recipe_from_dict
-from kgreedy.training.runlock import RunLock
 from kgreedy.config.tune_recipe import check_base, load_tune_recipe
-from kgreedy.config.vocabulary import OBJECTIVES
-from kgreedy.tuning.space import candidate_recipe, searched_values
-from kgreedy.tuning.search import TRIAL_INFO, ConfigError, Search, best_net, fmt, make_tuner
+from kgreedy.training import session
+from kgreedy.training.runlock import RunLock
+from kgreedy.tuning.runner import BEST_RECIPE, TUNE_RECIPE, TUNING, AuxTuning
+from kgreedy.tuning.search import ConfigError, quiet_trial_tracebacks
 
-TUNE_RECIPE, TUNING, BEST_RECIPE = "tune_recipe.json", "tuning.json", "best_recipe.json"
-CONTEXT = "kgreedy_context.json"  # in a search's project: what the search builds on
 # Keys that may change when a search is resumed: they do not change what a trial is.
 RESUMABLE_CHANGES = ("max_trials", "max_consecutive_failed_trials")
-
-
-class SearchFailed(TrainingStopped):
-    """No trial of a search completed, or too many failed in a row (exit status 1)."""
-
-
-class AuxTuning:
-    """Runs the searches of a tune recipe and writes the results.
-
-    Args:
-        tune: a validated `TuneRecipe`.
-        datasets: `kgreedy.data.Datasets` of the base recipe.
-        strategy: the base recipe's `tf.distribute.Strategy`.
-        output: the output directory (it exists).
-        progress: a `Progress`.
-    """
-
-    def __init__(self, tune, datasets, strategy, output, progress=None):
-        self.tune = tune
-        self.datasets = datasets
-        self.strategy = strategy
-        self.output = output
-        self.progress = progress or Progress()
-        self.searches = []  # (search, tuner), in order
-
-    def path(self, *parts):
-        return os.path.join(self.output, *parts)
-
-    def run(self):
-        """Runs (or resumes) every search; returns the tuning.json dict."""
-        tune = self.tune
-        if tune.scope == "joint":
-            best = self._search(tune.num_stages, context={})
-            designs, lr = [best["design"]], best["learning_rate"]
-        else:
-            designs, lr, trunk_net, context = [], None, None, {}
-            for stage in range(1, tune.num_stages + 1):
-                best = self._search(stage, context, designs, lr, trunk_net)
-                designs.append(best["design"])
-                lr = best["learning_rate"] if lr is None else lr
-                # What the next search builds on: this search and its best trial.
-                context = {"after": context, "stage": stage, "best_trial": best["trial_id"],
-                           "designs": list(designs), "learning_rate": lr}
-                if stage < tune.num_stages:
-                    trunk_net = best_net(self.searches[-1][1])
-        recipe = candidate_recipe(tune, designs, lr, name=f"{tune.name}_best")
-        recipe = recipe_from_dict(dict(recipe.to_dict(), description=self._describe(designs)))
-        write_json(self.path(BEST_RECIPE), recipe.to_dict())
-        return self._write_results(best_recipe=BEST_RECIPE)
-
-    def _search(self, stage, context, designs=(), learning_rate=None, trunk_net=None):
-        """Runs one search (per_stage: on top of `trunk_net`); returns its best row.
-
-        `context` says what the search builds on. A resumed per_stage search whose
-        earlier stages now have another best trial (more trials were allowed) is stale:
-        it is moved aside and searched again.
-        """
-        search = Search(self.tune, self.datasets, self.strategy, self.progress, self.output,
-                        stage, designs, learning_rate, trunk_net)
-        self._check_context(search.name, context)
-        tuner = make_tuner(search, self.path("tuner"))
-        self.searches.append((search, tuner))
-        done = sum(t.status in ("COMPLETED", "FAILED") for t in tuner.oracle.trials.values())
-        self.progress.message(f"search {search.name}: {self.tune.tuner}"
-                              + (f", {done} trials done before" if done else ""))
-        try:
-            tuner.search(verbose=0)
-        except RuntimeError as e:
-            if "consecutive failures" not in str(e):
-                raise
-            self._write_results()
-            raise SearchFailed(f"search {search.name} stopped: {str(e).splitlines()[0]}; "
-                               f"see {self.path(TUNING)}") from None
-        finally:
-            search.remove_cache()
-        best = tuner.oracle.get_best_trials(1)
-        if not best or best[0].status != "COMPLETED":
-            self._write_results()
-            raise SearchFailed(f"search {search.name}: no trial completed (every design "
-                               f"failed); see {self.path(TUNING)}")
-        # keras-tuner's best (ties: the earlier trial), whose weights best_net loads.
-        return next(r for r in self._rows(search, tuner) if r["trial_id"] == best[0].trial_id)
-
-    def _check_context(self, name, context):
-        project = self.path("tuner", name)
-        saved_path = os.path.join(project, CONTEXT)
-        if os.path.isdir(project) and os.listdir(project):
-            saved = None
-            if os.path.isfile(saved_path):
-                with open(saved_path, encoding="utf-8") as f:
-                    saved = json.load(f)
-            if saved == json.loads(json.dumps(context)):
-                return
-            n = 1
-            while os.path.exists(f"{project}.superseded-{n}"):
-                n += 1
-            os.replace(project, f"{project}.superseded-{n}")
-            self.progress.warning(f"search {name}: the best design or trunk of the stages "
-                                  f"before it changed; its trials are moved to "
-                                  f"{project}.superseded-{n} and it is searched again")
-        os.makedirs(project, exist_ok=True)
-        write_json(saved_path, context)
-
-    # ------------------------------------------------------------ results ----
-
-    def _rows(self, search, tuner):
-        direction = OBJECTIVES[self.tune.objective]
-        rows = []
-        for trial in tuner.oracle.trials.values():
-            info_path = os.path.join(tuner.get_trial_dir(trial.trial_id), TRIAL_INFO)
-            info = {}
-            if os.path.isfile(info_path):
-                with open(info_path, encoding="utf-8") as f:
-                    info = json.load(f)
-            completed = trial.status == "COMPLETED"
-            rows.append({
-                "search": search.name, "stage": search.stage, "trial_id": trial.trial_id,
-                "status": trial.status, "score": trial.score if completed else None,
-                "hyperparameters": searched_values(trial.hyperparameters.values),
-                "continues": trial.hyperparameters.values.get("tuner/trial_id"),
-                "design": info.get("design"), "learning_rate": info.get("learning_rate"),
-                "metrics": info.get("metrics"), "epochs": info.get("epochs"),
-                "trainable_params": info.get("trainable_params"),
-                "deployed_params": info.get("deployed_params"),
-                "head_params": info.get("head_params"), "seconds": info.get("seconds"),
-                "message": None if completed else info.get("message", trial.message)})
-        sign = -1 if direction == "max" else 1
-        rows.sort(key=lambda r: (r["score"] is None,
-                                 0 if r["score"] is None else sign * r["score"],
-                                 len(r["trial_id"]), r["trial_id"]))  # ties: earlier first
-        return rows
-
-    def _write_results(self, best_recipe=None):
-        tune = self.tune
-        rows = [r for search, tuner in self.searches for r in self._rows(search, tuner)]
-        best = []
-        for search, tuner in self.searches:
-            top = tuner.oracle.get_best_trials(1)
-            for r in rows:
-                if top and top[0].status == "COMPLETED" and r["search"] == search.name \
-                        and r["trial_id"] == top[0].trial_id:
-                    best.append({k: r[k] for k in ("search", "stage", "trial_id", "score",
-                                                   "design", "learning_rate")})
-        results = {"name": tune.name, "tuner": tune.tuner, "scope": tune.scope,
-                   "objective": tune.objective, "direction": OBJECTIVES[tune.objective],
-                   "stages": tune.num_stages, "best": best,
-                   "best_recipe": best_recipe and self.path(best_recipe), "trials": rows}
-        write_json(self.path(TUNING), results)
-        self._print_table(rows)
-        return results
-
-    def _print_table(self, rows):
-        show = self.progress.message
-        show(f"{'search':<8} {'trial':>5}  {'status':<9} {self.tune.objective:>12}  "
-             f"{'head':<6} {'k':>2} {'width':>5} {'pool':>4} {'lr':>8} {'params':>10} "
-             f"{'seconds':>8}")
-        for r in rows:
-            d = dict(r["design"] or {})
-            if d.get("head") == "linear":  # no hidden layers: k and width do not apply
-                d.update(k="-", width="-")
-            params, seconds = r["deployed_params"], r["seconds"]
-            show(f"{r['search']:<8} {r['trial_id']:>5}  {r['status']:<9} "
-                 f"{'-' if r['score'] is None else format(r['score'], '.4f'):>12}  "
-                 f"{d.get('head', '-'):<6} {d.get('k', '-'):>2} {d.get('width', '-'):>5} "
-                 f"{d.get('pool_size', '-'):>4} {fmt(r['learning_rate'] or '-'):>8} "
-                 f"{'-' if params is None else format(params, ','):>10} "
-                 f"{'-' if seconds is None else format(seconds, '.1f'):>8}")
-
-    def _describe(self, designs):
-        tune = self.tune
-        chosen = "; ".join(f"stage {j}: " * (tune.scope == "per_stage")
-                           + ", ".join(f"{k} {v}" for k, v in d.items())
-                           for j, d in enumerate(designs, start=1))
-        return (f"Found by kgreedy.tune {tune.name} ({tune.tuner}, scope {tune.scope}, "
-                f"objective {tune.objective}): {chosen}. Base: {tune.base.description}")
-
 
 # ------------------------------------------------------------------ CLI ------
 
@@ -227,7 +42,7 @@ def parse_args(argv):
     parser = cli.ArgumentParser(
         prog="python -m kgreedy.tune",
         description="keras-tuner search over the auxiliary problem's design.")
-    parser.add_argument("tune_recipe", help="tune recipe JSON file (see README)")
+    parser.add_argument("tune_recipe", help="tune recipe JSON file (see docs/tuning.md)")
     parser.add_argument("--output", help="output directory (default: runs/<name>); "
                                          "rerunning into it resumes the search")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -251,8 +66,7 @@ def prepare_output(path, tune):
     if not os.path.isfile(saved_path):
         raise KgreedyError("--output", f"is not empty and holds no {TUNE_RECIPE}; choose "
                            "a new or empty directory", path)
-    with open(saved_path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = read_json(saved_path, "output")
     if _comparable(saved) != _comparable(tune.to_dict()):
         raise KgreedyError("--output", "holds a search with another tune recipe (only "
                            f"{' and '.join(RESUMABLE_CHANGES)} may change when resuming); "
@@ -273,11 +87,7 @@ def main(argv=None):
 def _main(args):
     tune = load_tune_recipe(args.tune_recipe, args.set)
     base = tune.base
-    distribute.configure_devices(base.distribute)  # before TensorFlow's first op
-    if base.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    spec = data.describe(base.data)
-    strategy = distribute.make_strategy(base.distribute)
+    spec, strategy = session.start(base)
     check_base(tune, spec.image_shape[0], strategy.num_replicas_in_sync)
     output = args.output or os.path.join("runs", tune.name)
     prepare_output(output, tune)
@@ -292,9 +102,7 @@ def _main(args):
 
 
 def _search(tune, datasets, strategy, output, progress):
-    # keras-tuner prints the traceback of every failed trial; kgreedy prints one line
-    # (trial.json keeps the traceback).
-    keras_tuner_config.DEBUG = False
+    quiet_trial_tracebacks()
     os.makedirs(output, exist_ok=True)
     with RunLock(output) as lock:
         if lock.warning:

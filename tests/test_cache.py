@@ -112,3 +112,7 @@ def test_when_the_cache_is_used():
     with pytest.raises(RecipeError, match=r"train.cache_features: 'on' needs data.augment "
                                           r"'none'.*received 'on'"):
         recipe("on", augment="cifar")
+    # 'on' with several workers: each would cache only its own shard.
+    with pytest.raises(RecipeError, match=r"^train.cache_features: 'on' needs a single "
+                                          r"worker, and this run has 2"):
+        use_cache(recipe("on"), datasets, 2, num_workers=2, net=net)

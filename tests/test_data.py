@@ -13,9 +13,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from kgreedy import data
-from kgreedy.data.datasets import DatasetSpec, eval_transform
+from kgreedy.data.spec import DatasetSpec
+from kgreedy.data.transforms import eval_transform
 from kgreedy.base.errors import DataError
-from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.config.recipe import TrainConfig, recipe_from_dict
 
 SHARED_TFDS = Path(__file__).resolve().parents[2] / "shared" / "tfds"
 
@@ -58,7 +59,7 @@ def test_digits_load_split_batches_and_statistics():
     x_train, x_eval, y_train, y_eval = sklearn_split(3)
     assert datasets.spec.num_train == len(x_train) == 1437
     assert datasets.spec.num_eval == len(x_eval) == 360
-    assert datasets.steps_per_epoch == 1437 // 32
+    assert datasets.stage_steps(TrainConfig(batch_size=32)) == 1437 // 32
 
     # Train: full batches only (drop_remainder), float32 raw pixels 0..16, int32 labels.
     images, labels = all_batches(datasets.train)
@@ -212,7 +213,7 @@ def test_image_folder_load_labels_follow_folders(tmp_path):
     config = folder_config(root)
     datasets = data.load(config, data.describe(config), batch_size=4, eval_batch_size=3,
                          seed=0)
-    assert datasets.steps_per_epoch == 3
+    assert datasets.stage_steps(TrainConfig(batch_size=4)) == 3
     images, labels = all_batches(datasets.train)
     assert len(images) == 3
     seen = collections.Counter()
@@ -452,7 +453,7 @@ def test_tfds_cifar10_describe_and_load(shared_tfds):
     assert spec.num_train == 50000 and spec.num_eval == 10000
     datasets = data.load(config, spec, batch_size=32, seed=0)
     assert datasets.spec.num_eval == 10000
-    assert datasets.steps_per_epoch == 50000 // 32
+    assert datasets.stage_steps(TrainConfig(batch_size=32)) == 50000 // 32
     assert len(datasets.spec.mean) == 3 and all(0 < m < 255 for m in datasets.spec.mean)
     assert all(10 < s < 128 for s in datasets.spec.std)
     batches = list(datasets.train.take(3))

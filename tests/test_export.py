@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import cli, export
+from kgreedy import cli
+from kgreedy import export as export_cli
+from kgreedy.serving import export
 from kgreedy import data
 from kgreedy.training import rundir
 from kgreedy.base.errors import KgreedyError
@@ -303,6 +305,8 @@ def run_dir(trained, tmp_path_factory):
     for stage in (1, 2):
         tf.train.CheckpointManager(rundir.stage_checkpoint(net, stage),
                                    run.checkpoints(stage), max_to_keep=2).save()
+    with open(run.summary, "w", encoding="utf-8") as f:  # both stages finished
+        json.dump({"stages": [{"stage": 1}, {"stage": 2}], "final": None}, f)
     return root
 
 
@@ -321,7 +325,7 @@ def test_cli_exports_restored_weights(trained, run_dir):
 
 def test_cli_stage_and_version_in_process(trained, run_dir, capsys):
     _, _, net, x = trained
-    assert cli.run(export.main, [run_dir, "--stage", "1", "--version", "7"]) == 0
+    assert cli.run(export_cli.main, [run_dir, "--stage", "1", "--version", "7"]) == 0
     version_dir = os.path.join(run_dir, "export", "t", "7")
     assert capsys.readouterr().out.strip() == version_dir
     loaded = tf.saved_model.load(version_dir)
@@ -344,7 +348,7 @@ def test_cli_bad_input_exits_2_and_creates_nothing(run_dir, tmp_path, capsys, ar
         argv = [run_dir, *args]
     before = _tree(run_dir)
     with pytest.raises(SystemExit) as info:
-        cli.run(export.main, argv)
+        cli.run(export_cli.main, argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("kgreedy: error:"), err
@@ -496,11 +500,11 @@ def test_cli_keep_versions(run_dir, tmp_path, capsys):
     run_dir = shutil.copytree(run_dir, tmp_path / "run")  # the other CLI tests count versions
     root = os.path.join(run_dir, "export", "t")
     for _ in range(2):
-        assert cli.run(export.main, [str(run_dir), "--keep-versions", "1"]) == 0
+        assert cli.run(export_cli.main, [str(run_dir), "--keep-versions", "1"]) == 0
     newest = capsys.readouterr().out.strip().splitlines()[-1]
     assert export.existing_versions(root) == [int(os.path.basename(newest))]
     with pytest.raises(SystemExit) as info:
-        cli.run(export.main, [str(run_dir), "--keep-versions", "0"])
+        cli.run(export_cli.main, [str(run_dir), "--keep-versions", "0"])
     assert info.value.code == 2
     assert "--keep-versions" in capsys.readouterr().err
 
@@ -516,7 +520,7 @@ def test_ensemble_export_serves_the_weighted_heads(trained, tmp_path):
     np.testing.assert_array_equal(out["class_ids"].numpy(), np.argmax(logits, axis=-1))
     last = _probabilities(net.deployed_model(), x)
     assert not np.allclose(out["probabilities"].numpy(), last, atol=1e-3)
-    with pytest.raises(KgreedyError, match=r"^--heads: must be 'last' or 'ensemble'"):
+    with pytest.raises(KgreedyError, match=r"^heads: must be one of 'last', 'ensemble'"):
         export.export_saved_model(net, spec, str(tmp_path / "bad"), heads="all")
 
 

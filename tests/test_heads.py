@@ -72,6 +72,12 @@ def test_make_head_drops_arguments_a_head_does_not_take():
         make_head("mlp", num_classes=3)
 
 
+def test_make_head_refuses_an_argument_no_head_takes():
+    with pytest.raises(ValueError, match=r"arguments no head takes: \['widht'\].*"
+                                         r"Received: widht=64"):
+        make_head("conv", num_classes=3, k=2, widht=64)
+
+
 @pytest.mark.parametrize("kind", sorted(set(HEAD_TYPES) - {"vgg"}))  # vgg has no pool_size
 def test_pool_size_one_trains_in_a_traced_step(kind):
     # Keras 3.15's AdaptiveAveragePooling2D(1) fails inside tf.function.

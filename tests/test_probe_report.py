@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kgreedy import cli, probe, report
+from kgreedy.analysis.report import PLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -146,7 +147,7 @@ def test_report_embeds_the_plots_that_exist(probed):
     assert stdout.strip() == str(out / "report.md")
     text = (out / "report.md").read_text()
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert sorted(links) == sorted(f"{name}.png" for name in report.PLOTS)
+    assert sorted(links) == sorted(f"{name}.png" for name in PLOTS)
     for link in links:
         assert _is_png(out / link), link
     assert text.startswith("# Run report: quickstart")

@@ -1,24 +1,27 @@
-"""Every command the README shows is run by a test on tiny data.
+"""Every command the README and the docs pages show is run by a test on tiny data.
 
 The project rule: a documented command must not break. The README's image-folder
 command once crashed at its first evaluation and no test ran it; this file makes
 that impossible to repeat silently:
 
-- it extracts every shell command from README.md: lines starting with `python`,
-  `python3` or `pip` (after `$ ` or `VAR=... ` prefixes, `\\` continuations joined)
-  in fenced blocks that are not Python code, and inline code spans in the prose that
-  start the same way. Other tools' commands (docker, tensorflow_model_server, curl,
-  saved_model_cli, tensorboard) are not kgreedy's and are out of scope;
+- it extracts every shell command from README.md and every page docs/*.md: lines
+  starting with `python`, `python3` or `pip` (after `$ ` or `VAR=... ` prefixes, `\\`
+  continuations joined, trailing `# comments` dropped) in fenced blocks that are not
+  Python code, and inline code spans in the prose that start the same way. Other
+  tools' commands (docker, tensorflow_model_server, curl, saved_model_cli,
+  tensorboard) are not kgreedy's and are out of scope;
 - a command with placeholders (UPPERCASE words such as RUN_DIR, `[--flag ...]`
   optional parts) is a synopsis: every `--flag` it names must be accepted by that
   command line's `--help`;
 - every other command must be in COMMANDS below, which says how it is exercised:
   `tiny(...)`: run here in a subprocess from a scratch directory (where `recipes/`
-  links to the repository's), exactly as written plus `--set` overrides that make it
-  tiny; or `covered(...)`: another test runs it, and that test function must exist
-  and its file must contain the command's distinctive parts, so the mapping cannot
-  rot. A README command missing from COMMANDS, or an entry no longer in the README,
-  fails.
+  and `tools/` link to the repository's), exactly as written plus `--set` overrides
+  that make it tiny (a shell loop's variable takes each of its values in turn, and
+  `{a,b}` braces expand as the shell expands them); or `covered(...)`: another test
+  runs it, and that test function must exist and its file must contain the command's
+  distinctive parts, so the mapping cannot rot. A test file is named by its basename
+  and found anywhere under tests/. A documented command missing from COMMANDS, or an
+  entry no longer on any page, fails.
 """
 
 import ast
@@ -41,8 +44,14 @@ from PIL import Image
 
 from kgreedy.config.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 README = ROOT / "README.md"
+TESTS = ROOT / "tests"
+
+
+def doc_pages():
+    """README.md and every docs page: where documented commands live."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
 SHARED_TFDS = ROOT.parent / "shared" / "tfds"
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
@@ -53,8 +62,9 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
 
 @dataclass(frozen=True)
 class Covered:
-    """Run by another test: `where` is "tests/test_x.py::test_name" or a file such as
-    .ci/run; `needles` are the command's distinctive parts, found in that file."""
+    """Run by another test: `where` is "test_x.py::test_name" (a test file, found by
+    its basename anywhere under tests/) or a repository file such as .ci/run;
+    `needles` are the command's distinctive parts, found in that file."""
     where: str
     needles: tuple
 
@@ -62,17 +72,20 @@ class Covered:
 @dataclass(frozen=True)
 class Tiny:
     """Run by this file: the commands of one `group` run in table order in one
-    scratch directory, each with `extra` arguments appended ({tfds} is filled in)."""
+    scratch directory, each with `extra` arguments appended ({tfds} is filled in).
+    `each` = (name, values): the command uses the shell variable $name, as in a
+    `for name in ...` loop of the page, and runs once per value."""
     group: str
     extra: tuple
+    each: tuple = ()
 
 
 def covered(where, *needles):
     return Covered(where, needles)
 
 
-def tiny(group, *overrides):
-    return Tiny(group, tuple(a for o in overrides for a in ("--set", o)))
+def tiny(group, *overrides, each=()):
+    return Tiny(group, tuple(a for o in overrides for a in ("--set", o)), each)
 
 
 def multi_worker_command(index):
@@ -83,7 +96,12 @@ def multi_worker_command(index):
 
 
 TINY_TRAIN = ("train.epochs_per_stage=1", "train.steps_per_epoch=2")
-QUICKSTART_TEST = ("tests/test_quickstart.py::"
+TINY_CIFAR10 = ("data.data_dir={tfds}", "data.train_split=train[:64]",
+                "data.eval_split=test[:8]", "data.shuffle_buffer=64", "train.batch_size=8",
+                "train.eval_batch_size=8", "train.epochs_per_stage=1",
+                "train.steps_per_epoch=1",
+                "export.enabled=false")  # exports are tested enough elsewhere; saves seconds
+QUICKSTART_TEST = ("test_quickstart.py::"
                    "test_quickstart_trains_three_stages_and_reaches_90_percent")
 
 COMMANDS = {
@@ -96,46 +114,66 @@ COMMANDS = {
         covered(".ci/run", "python -m pip install -e"),
         covered(QUICKSTART_TEST, "kgreedy.train", "quickstart.json", "--output")),
     'python -m pip install -e ".[test]" && python -m pytest -q':
-        covered("tests/test_docs.py::test_ci_runs_the_readme_test_command",
+        covered("test_docs.py::test_ci_runs_the_readme_test_command",
                 'python -m pip install -e ".[test]" && python -m pytest -q'),
+    # The fast subset: collected here (in the repository, nothing run), which shows
+    # that the marker expression is accepted and still selects tests.
+    'python -m pytest -q -m "not slow"':
+        Tiny("pytest", ("--collect-only", "-p", "no:cacheprovider")),
     "pip install -e .":
         covered(".ci/run", "pip install -e"),
     # Command line.
     "python -m kgreedy.train recipes/cifar10_k3.json --dry-run":
-        covered("tests/test_recipe_cli.py::test_dry_run_cifar10_k3_needs_no_data",
+        covered("test_recipe_cli.py::test_dry_run_cifar10_k3_needs_no_data",
                 "kgreedy.train", "cifar10_k3.json", "--dry-run"),
     "python tools/recipe_reference.py":
-        covered("tests/test_docs.py::test_readme_recipe_reference_matches_the_code",
+        covered("test_docs.py::test_recipe_reference_matches_the_code",
                 "recipe_reference.py", "reference_table"),
     "python tools/cache_cost.py":
-        covered("tests/test_benchmark_folder.py::"
+        covered("test_benchmark_folder.py::"
                 "test_cache_cost_measures_both_sides_of_the_trade", "cache_cost.py"),
+    # Benchmarks (docs/BENCHMARKS.md): the tools' own tests run them on tiny inputs.
+    "python tools/benchmark.py recipes/cifar10_k2.json --set data.data_dir=../shared/tfds "
+    "--json out.json":
+        covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--json"'),
+    "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
+        covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
+                "benchmark_folder.py", '"--make"', '"--json"'),
     # Several GPUs and several machines.
     "python -m kgreedy.train recipes/quickstart.json --set distribute.strategy=mirrored "
     "--set distribute.logical_cpus=2 --output runs/mirrored":
         tiny("mirrored", *TINY_TRAIN),
     **{multi_worker_command(index): covered(
-        "tests/test_multiworker.py::test_two_workers_train_and_only_the_chief_writes_the_run",
+        "test_multiworker.py::test_two_workers_train_and_only_the_chief_writes_the_run",
         "TF_CONFIG", "multi_worker", "kgreedy.train", '"index": index') for index in (0, 1)},
     # Serving.
     "pip install tensorflow-serving-api grpcio": (
         covered("setup.cfg", "tensorflow-serving-api"),
-        covered("tests/test_serving.py::test_grpc_request_round_trip",
+        covered("test_serving.py::test_grpc_request_round_trip",
                 "tensorflow_serving.apis", "PredictRequest")),
     "python tools/check_serving.py runs/quickstart/export/quickstart/1":
-        covered("tests/test_serving.py::test_check_serving_passes_a_good_export",
+        covered("test_serving.py::test_check_serving_passes_a_good_export",
                 "check_serving.py"),
     "python -m kgreedy.predict runs/quickstart/export/quickstart digit.png": (
-        covered("tests/test_serving.py::test_predict_json_matches_the_model",
+        covered("test_serving.py::test_predict_json_matches_the_model",
                 "predict.main", "os.path.dirname(path)"),
-        covered("tests/test_serving.py::test_predict_bad_files_get_one_line_each",
+        covered("test_serving.py::test_predict_bad_files_get_one_line_each",
                 "kgreedy.predict")),
     # Training on CIFAR-10: the real data from ../shared/tfds, a few images of it.
     "python -m kgreedy.train recipes/cifar10_k2.json --output runs/cifar10_k2":
-        tiny("cifar10", "data.data_dir={tfds}", "data.train_split=train[:64]",
-             "data.eval_split=test[:8]", "data.shuffle_buffer=64", "train.batch_size=8",
-             "train.epochs_per_stage=1", "train.steps_per_epoch=1",
-             "export.enabled=false"),  # exports are tested enough elsewhere; saves seconds
+        tiny("cifar10", *TINY_CIFAR10),
+    # docs/RESULTS.md: the four budget runs (each a few steps of its own recipe), the
+    # table of them, and the probe and report of one, in one scratch directory.
+    "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
+    "--output runs/cifar10_budget_$r":
+        tiny("results", *TINY_CIFAR10, each=("r", ("k1", "k2", "k3", "end_to_end"))),
+    "python tools/results_table.py runs/cifar10_budget_{k1,k2,k3,end_to_end} "
+    "--json docs/results_cifar10_budget.json":
+        tiny("results"),
+    "python -m kgreedy.probe runs/cifar10_budget_k3":
+        tiny("results"),
+    "python -m kgreedy.report runs/cifar10_budget_k3":
+        tiny("results"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
@@ -146,7 +184,7 @@ COMMANDS = {
     "python -m kgreedy.tune recipes/tune/aux_digits.json --output runs/tune_digits":
         tiny("tune", "max_trials=1", "stages=1", "epochs_per_trial=1", "steps_per_epoch=2"),
     "python -m kgreedy.train runs/tune_digits/best_recipe.json --output runs/tuned_digits":
-        covered("tests/test_tune.py::test_random_search_finishes_and_its_best_recipe_trains",
+        covered("test_tune.py::test_random_search_finishes_and_its_best_recipe_trains",
                 "best_recipe.json", "cli.run(train.main"),
 }
 
@@ -155,7 +193,7 @@ COMMANDS = {
 PENDING = {}
 
 
-# ------------------------------------------------ reading the README ----
+# ------------------------------------------------ reading the pages ----
 
 COMMAND_START = re.compile(r"(\$ )?([A-Z_][A-Z0-9_]*=\S+ )*(python3? |pip )")
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(=[A-Z][A-Z0-9_]*)?(\.[a-z]+)?(\.\.\.)?")
@@ -168,8 +206,21 @@ def normalise(text):
     return text[2:] if text.startswith("$ ") else text
 
 
+def _strip_comment(line):
+    """The line without a trailing shell comment (a `#` outside quotes, after a blank)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line
+
+
 def _shell_lines(block):
-    """A fenced block's logical lines: `\\` continuations joined."""
+    """A fenced block's logical lines: `\\` continuations joined, comments dropped."""
     lines, pending = [], ""
     for line in block:
         if line.rstrip().endswith("\\"):
@@ -177,7 +228,7 @@ def _shell_lines(block):
         else:
             lines.append(pending + line)
             pending = ""
-    return lines + ([pending] if pending else [])
+    return [_strip_comment(line) for line in lines + ([pending] if pending else [])]
 
 
 def _starts_a_command(text):
@@ -228,8 +279,21 @@ def is_synopsis(command):
     return any(PLACEHOLDER.fullmatch(w) for w in words if w and not w.startswith("-"))
 
 
-def readme_commands():
-    return extract_commands(README.read_text(encoding="utf-8"))
+def documented_commands(pages=None):
+    """{command: [pages showing it]} over README.md and docs/*.md, in page order."""
+    found = {}
+    for page in doc_pages() if pages is None else pages:
+        name = page.relative_to(ROOT).as_posix()
+        for command in extract_commands(page.read_text(encoding="utf-8")):
+            found.setdefault(command, []).append(name)
+    return found
+
+
+def unmapped_and_stale(commands, table):
+    """Runnable documented commands missing from the table, and table entries that no
+    page shows any more."""
+    runnable = [c for c in commands if not is_synopsis(c)]
+    return [c for c in runnable if c not in table], [c for c in table if c not in runnable]
 
 
 def test_extraction_finds_fenced_continued_inline_and_prompted_commands():
@@ -241,11 +305,15 @@ def test_extraction_finds_fenced_continued_inline_and_prompted_commands():
         "  ```", "  $ python -m kgreedy.predict e digit.png", "  digit.png", "  ```",
         "```python", "python = 1", "```",
         "```bash", "TF_CONFIG='{\"a\": 1}' \\", "  python -m kgreedy.train r.json", "```",
+        "```bash", "for r in a b; do", "  python -m kgreedy.probe runs/$r   # and c",
+        "done", "python -m kgreedy.report 'a # b'", "```",
     ])
     assert extract_commands(markdown) == [
         "python -m kgreedy.train r.json --output runs/r",
         "python -m kgreedy.predict e digit.png",
         "TF_CONFIG='{\"a\": 1}' python -m kgreedy.train r.json",
+        "python -m kgreedy.probe runs/$r",
+        "python -m kgreedy.report 'a # b'",
         "python3 -m venv .venv",
         "python -m kgreedy.x A_DIR [--flag N]",
     ]
@@ -258,20 +326,47 @@ def test_extraction_finds_fenced_continued_inline_and_prompted_commands():
 
 # --------------------------------------------------------- the mapping ----
 
-def test_every_readme_command_is_in_the_table():
-    runnable = [c for c in readme_commands() if not is_synopsis(c)]
-    missing = [c for c in runnable if c not in COMMANDS]
-    stale = [c for c in COMMANDS if c not in runnable]
+def test_the_pages_are_readme_and_every_docs_page():
+    names = [p.relative_to(ROOT).as_posix() for p in doc_pages()]
+    assert names[0] == "README.md" and "docs/BENCHMARKS.md" in names, names
+    assert all(n.startswith("docs/") and n.endswith(".md") for n in names[1:]), names
+
+
+def test_every_documented_command_is_in_the_table():
+    commands = documented_commands()
+    missing, stale = unmapped_and_stale(commands, COMMANDS)
     problems = []
     if missing:
         problems.append(
-            "README commands that no test runs; add each to COMMANDS in "
+            "documented commands that no test runs; add each to COMMANDS in "
             "tests/test_readme_commands.py, as tiny(...) (run here on tiny data) or "
-            "covered(...) (the test that runs it):\n" + "\n".join(f"  {c}" for c in missing))
+            "covered(...) (the test that runs it):\n"
+            + "\n".join(f"  {c}  ({', '.join(commands[c])})" for c in missing))
     if stale:
-        problems.append("COMMANDS entries no longer in the README; update or remove them:\n"
-                        + "\n".join(f"  {c}" for c in stale))
+        problems.append("COMMANDS entries no longer on README.md or any docs page; "
+                        "update or remove them:\n" + "\n".join(f"  {c}" for c in stale))
     assert not problems, "\n".join(problems)
+
+
+def test_a_new_command_on_a_docs_page_is_caught(tmp_path):
+    """The check above can fail: a page with one unmapped command, one mapped one."""
+    page = tmp_path / "page.md"
+    page.write_text("Run `python -m kgreedy.train recipes/new.json`, or\n\n```bash\n"
+                    "python tools/cache_cost.py\n```\n", encoding="utf-8")
+    commands = extract_commands(page.read_text(encoding="utf-8"))
+    missing, stale = unmapped_and_stale(commands, COMMANDS)
+    assert missing == ["python -m kgreedy.train recipes/new.json"]
+    assert "python tools/cache_cost.py" not in stale
+
+
+def mapped_file(where_file):
+    """A mapping's file: a test file by basename anywhere under tests/, else a path."""
+    name = Path(where_file).name
+    if name.startswith("test_") and name.endswith(".py"):
+        hits = sorted(TESTS.rglob(name))
+        assert len(hits) == 1, f"{name}: expected one file under tests/, found {hits}"
+        return hits[0]
+    return ROOT / where_file
 
 
 def _test_functions(path):
@@ -286,7 +381,7 @@ def test_covered_commands_name_a_test_that_runs_them(command):
     ways = COMMANDS[command]
     for how in ways if isinstance(ways, tuple) else (ways,):
         file, _, function = how.where.partition("::")
-        path = ROOT / file
+        path = mapped_file(file)
         assert path.is_file(), f"{command!r} is mapped to {how.where}, which does not exist"
         if function:
             assert function in _test_functions(path), (
@@ -300,9 +395,15 @@ def test_covered_commands_name_a_test_that_runs_them(command):
 # ---------------------------------------------------------- synopses ----
 
 def _help_text(cli):
-    """`--help` of a `-m module` or a script path, run in this process (argparse only)."""
+    """`--help` of a `-m module` or a script path, run in this process (argparse only).
+    A script sees its own folder first on sys.path, as `python tools/x.py` gives it."""
     if cli.endswith(".py"):
-        main = runpy.run_path(str(ROOT / cli))["main"]
+        script = ROOT / cli
+        sys.path.insert(0, str(script.parent))
+        try:
+            main = runpy.run_path(str(script))["main"]
+        finally:
+            sys.path.remove(str(script.parent))
     else:
         main = importlib.import_module(cli).main
     out = io.StringIO()
@@ -319,7 +420,8 @@ def _cli_of(synopsis):
 
 
 def test_synopsis_flags_are_accepted_by_the_command_line():
-    synopses = [c for c in readme_commands() if is_synopsis(c)]
+    commands = documented_commands()
+    synopses = [c for c in commands if is_synopsis(c)]
     by_cli = {}
     for synopsis in synopses:
         by_cli.setdefault(_cli_of(synopsis), []).append(synopsis)
@@ -329,10 +431,10 @@ def test_synopsis_flags_are_accepted_by_the_command_line():
     for cli, shown in by_cli.items():
         help_text = _help_text(cli)
         accepted = set(FLAG.findall(help_text))
-        unknown += [f"{cli}: {flag} (README: {s})" for s in shown
+        unknown += [f"{cli}: {flag} ({', '.join(commands[s])}: {s})" for s in shown
                     for flag in FLAG.findall(s) if flag not in accepted]
-    assert not unknown, ("README synopses name flags their command line does not accept:\n"
-                         + "\n".join(unknown))
+    assert not unknown, ("documented synopses name flags their command line does not "
+                         "accept:\n" + "\n".join(unknown))
 
 
 # ------------------------------------------------ running on tiny data ----
@@ -356,19 +458,68 @@ def write_photo_folder(root):
 
 
 def _setup_group(group, scratch):
-    """Prepares the scratch directory; returns the values for {name} in extras."""
-    (scratch / "recipes").symlink_to(ROOT / "recipes", target_is_directory=True)
-    if group == "cifar10":
+    """Prepares the scratch directory; returns the directory to run in and the
+    values for {name} in extras."""
+    if group == "pytest":
+        return ROOT, {}  # the suite itself: collected in the repository
+    for name in ("recipes", "tools"):
+        (scratch / name).symlink_to(ROOT / name, target_is_directory=True)
+    if group in ("cifar10", "results"):
         if not (SHARED_TFDS / "cifar10").is_dir():
             pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
-        return {"tfds": str(SHARED_TFDS)}
+        (scratch / "docs").mkdir()  # results_table.py --json docs/...
+        return scratch, {"tfds": str(SHARED_TFDS)}
     if group == "photos":
         write_photo_folder(scratch / "photos")
-    return {}
+    return scratch, {}
 
 
-def _check_outputs(argv, scratch):
-    """What a successful command leaves in its --output directory."""
+def _brace_expand(word):
+    """`a_{x,y}` -> [a_x, a_y], as the shell expands one pair of braces."""
+    match = re.fullmatch(r"(.*?)\{([^{}]*,[^{}]*)\}(.*)", word)
+    if not match:
+        return [word]
+    head, options, tail = match.groups()
+    return [w for option in options.split(",") for w in _brace_expand(head + option + tail)]
+
+
+def command_runs(command, how):
+    """The argv lists a table entry runs, as the shell would expand the command."""
+    name, values = how.each or (None, (None,))
+    runs = []
+    for value in values:
+        text = command if name is None else re.sub(r"\$\{?%s\}?" % name, value, command)
+        assert "$" not in text, f"an unexpanded shell variable: {command}"
+        argv = [w for word in shlex.split(text, comments=True) for w in _brace_expand(word)]
+        runs.append(argv)
+    return runs
+
+
+def test_command_runs_expand_loops_braces_and_comments():
+    how = tiny("g", "a=1", each=("r", ("k1", "k2")))
+    assert command_runs("python -m m x_$r.json --output runs/${r}", how) == [
+        ["python", "-m", "m", "x_k1.json", "--output", "runs/k1"],
+        ["python", "-m", "m", "x_k2.json", "--output", "runs/k2"]]
+    assert command_runs("python t.py runs/b_{k1,end} --json o.json  # c", tiny("g")) == [
+        ["python", "t.py", "runs/b_k1", "runs/b_end", "--json", "o.json"]]
+
+
+def _check_outputs(argv, cwd, stdout):
+    """What a successful command leaves behind."""
+    if argv[1:3] == ["-m", "pytest"]:
+        assert re.search(r"\d+(/\d+)? tests? collected", stdout), stdout[-2000:]
+        return
+    if argv[1] == "tools/results_table.py":
+        rows = json.loads((cwd / argv[argv.index("--json") + 1]).read_text())["runs"]
+        assert len(rows) == len([a for a in argv[2:] if a.startswith("runs/")]), rows
+        return
+    if argv[2] == "kgreedy.probe":
+        assert (cwd / argv[3] / "probes.json").is_file()
+        return
+    if argv[2] == "kgreedy.report":
+        assert (cwd / argv[3] / "report" / "report.md").is_file()
+        return
+    scratch = cwd
     out = scratch / argv[argv.index("--output") + 1]
     if argv[2] == "kgreedy.train":
         summary = json.loads((out / "summary.json").read_text())
@@ -406,18 +557,19 @@ TINY_GROUPS = sorted({how.group for how in COMMANDS.values() if isinstance(how, 
 @pytest.mark.parametrize("group", [
     pytest.param(g, marks=pytest.mark.xfail(strict=False, reason=PENDING[g]))
     if g in PENDING else g for g in TINY_GROUPS])
-def test_readme_commands_run_on_tiny_data(group, tmp_path):
-    values = _setup_group(group, tmp_path)
+def test_documented_commands_run_on_tiny_data(group, tmp_path):
+    cwd, values = _setup_group(group, tmp_path)
     for command, how in COMMANDS.items():  # table order within a group
         if not isinstance(how, Tiny) or how.group != group:
             continue
-        argv = shlex.split(command)
-        assert argv[:2] == ["python", "-m"] and not {"&&", "|", ";"} & set(argv), (
-            f"tiny() runs plain `python -m ...` commands only: {command}")
-        argv += [arg.format(**values) for arg in how.extra]
-        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=ENV,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, (
-            f"README command failed with exit status {proc.returncode}:\n  {command}\n"
-            f"run as: {shlex.join(argv)}\n(in {tmp_path})\n{proc.stderr[-3000:]}")
-        _check_outputs(argv, tmp_path)
+        for argv in command_runs(command, how):
+            assert argv[0] == "python" and not {"&&", "|", ";"} & set(argv), (
+                f"tiny() runs plain `python ...` commands only: {command}")
+            argv += [arg.format(**values) for arg in how.extra]
+            proc = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, env=ENV,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, (
+                f"documented command failed with exit status {proc.returncode}:\n"
+                f"  {command}\nrun as: {shlex.join(argv)}\n(in {cwd})\n"
+                f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+            _check_outputs(argv, cwd, proc.stdout)

@@ -12,6 +12,7 @@ import pytest
 from kgreedy import cli, train, tune
 from kgreedy.tuning import search as trials
 from kgreedy.model.from_recipe import from_recipe
+from kgreedy.base.errors import SearchFailed, TrainingStopped
 from kgreedy.config.recipe import load_recipe
 from kgreedy.config.tune_recipe import load_tune_recipe
 
@@ -177,6 +178,19 @@ def test_invalid_combination_is_a_failed_trial(tmp_path):
     assert "aux.pool_size 4 is larger than the 2x2 feature map of stage 3" in rows[4]["message"]
     assert "failed: aux.pool_size 4" in stdout
     assert len(spy.calls) == 1  # the failed trial trained nothing
+
+
+def test_a_search_where_every_trial_fails_exits_1_with_one_line(tmp_path, capsys):
+    base = {**BASE, "model": {"blocks": [{"width": 4}, {"width": 4, "downsample": "psi"},
+                                         {"width": 4, "downsample": "psi"}]}}
+    recipe = write_recipes(tmp_path, base, stages=1, max_trials=1,
+                           search={"head": ["linear"], "pool_size": [4]})
+    status, _, spy = run_tune([recipe, "--output", str(tmp_path / "out")])
+    assert status == 1 and not spy.calls
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kgreedy: search joint: no trial completed")
+    # A failed search is not a stopped training: it promises no checkpoint.
+    assert not issubclass(SearchFailed, TrainingStopped)
 
 
 @pytest.mark.parametrize("change,expected", [

@@ -36,7 +36,7 @@ def run_row(run_dir):
     """One table row for a finished run directory."""
     from kgreedy import data
     from kgreedy.model.ensemble import evaluate_heads
-    from kgreedy.report import read_run
+    from kgreedy.analysis.report import read_run
     from kgreedy.training.rundir import load_trained
 
     files = read_run(run_dir)

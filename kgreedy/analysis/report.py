@@ -40,10 +40,10 @@ def _read_metrics(path):
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise KgreedyError("RUN_DIR", f"metrics.jsonl line {number} is not "
+                raise KgreedyError("run_dir", f"metrics.jsonl line {number} is not "
                                    f"valid JSON ({e})", path) from None
     if not records:
-        raise KgreedyError("RUN_DIR", "metrics.jsonl has no epoch records yet", path)
+        raise KgreedyError("run_dir", "metrics.jsonl has no epoch records yet", path)
     return records
 
 
@@ -62,12 +62,12 @@ def read_run(run_dir):
             or unreadable.
     """
     if not os.path.isdir(run_dir):
-        raise KgreedyError("RUN_DIR", "is not a directory", run_dir)
+        raise KgreedyError("run_dir", "is not a directory", run_dir)
     paths = {name: os.path.join(run_dir, name)
              for name in ("recipe.json", "metrics.jsonl", "summary.json", "probes.json")}
     for name in ("recipe.json", "metrics.jsonl", "summary.json"):
         if not os.path.isfile(paths[name]):
-            raise KgreedyError("RUN_DIR", f"not a kgreedy run directory with results: "
+            raise KgreedyError("run_dir", f"not a kgreedy run directory with results: "
                                f"{name} is missing", run_dir)
     summary = read_json(paths["summary.json"], "summary.json")
     if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):

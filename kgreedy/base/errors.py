@@ -45,14 +45,23 @@ class DataError(KgreedyError):
     """The data configuration cannot be used (missing files, unprepared dataset)."""
 
 
-class TrainingStopped(Exception):
-    """Training stopped before the end, with a checkpoint to continue from.
+class Stopped(Exception):
+    """The work stopped before its end, for a reason the message gives in one line.
 
     The command-line front ends print `kgreedy: <message>` on one line and exit with
     `exit_status`.
     """
 
     exit_status = 1
+
+
+class TrainingStopped(Stopped):
+    """Training stopped before the end; the message says which checkpoint, if any,
+    to continue from."""
+
+
+class SearchFailed(Stopped):
+    """No trial of a search completed, or too many failed in a row."""
 
 
 class NonFiniteLoss(TrainingStopped):

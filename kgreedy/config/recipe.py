@@ -84,7 +84,7 @@ class ModelConfig:
 
     architecture: typing.Optional[str] = setting(
         None, choices=ARCHITECTURE_NAMES,
-        doc="a named model of kgreedy/architectures.py (paper_cifar10 and paper_imagenet "
+        doc="a named model of kgreedy/config/architectures.py (paper_cifar10 and paper_imagenet "
             "pick their k=1 or k>=2 variant by aux.k); fills model.blocks and the model's "
             "defaults of the keys below and of aux.*")
     blocks: typing.Tuple[BlockConfig, ...] = setting(
@@ -109,7 +109,7 @@ class AuxStageConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AuxConfig:
-    """The auxiliary problem (`aux.*`), DESIGN.md section 1."""
+    """The auxiliary problem (`aux.*`); docs/DESIGN.md, "The method"."""
 
     head: str = setting("conv", choices=HEAD_TYPES,
                      doc="conv: the paper's (k-1 conv3x3, pool, BN, linear); mlp_sr: "
@@ -189,7 +189,7 @@ class TrainConfig:
         "auto", choices=CACHE_MODES,
         doc="run the frozen blocks once per stage and train on their cached output; "
             "auto: when data.augment is none (greedy mode, one worker) and the frozen "
-            "blocks cost enough FLOPs per cached byte (kgreedy/cache.py)")
+            "blocks cost enough FLOPs per cached byte (kgreedy/training/cache.py)")
     cache_memory_mb: int = setting(
         1024, low=0, doc="cached features up to this size stay in memory, else on disk "
                          "in the run directory (removed after the stage)")

@@ -112,7 +112,8 @@ def build(cls, raw, path):
 
 
 def describe_keys(cls, prefix=""):
-    """Yields (path, type, default, doc) for every key, for the README reference."""
+    """Yields (path, type, default, doc) for every key of schema `cls`, for the
+    reference table of docs/recipes.md."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]

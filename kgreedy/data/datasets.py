@@ -64,7 +64,6 @@ class Datasets(HasSplits):
         self.seed = seed
         self.info = info or {}
         self.scratch = scratch
-        self.steps_per_epoch = spec.num_train // batch_size if spec.num_train else None
         self._augment = train_transform(config, spec)
 
     def stage_steps(self, train, num_workers=1):

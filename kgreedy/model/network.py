@@ -6,6 +6,7 @@ which are frozen, and `deployed_model` assembles what is exported.
 
 import keras
 
+from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.model.heads import make_head
 from kgreedy.model.layers import ConvBlock, Standardize
 
@@ -103,7 +104,7 @@ class GreedyNet:
             logits = ensemble_logits(self.all_head_logits(inputs, stage))
             return keras.Model(inputs, logits, name=f"{self.name}_ensemble{stage}")
         if heads != "last":
-            raise ValueError(f"`heads` must be 'last' or 'ensemble'. Received: heads={heads!r}")
+            raise ValueError(f"`heads` must be one of {EXPORT_HEADS}. Received: heads={heads!r}")
         logits = self.heads[stage - 1](self.features(inputs, stage), training=False)
         return keras.Model(inputs, logits, name=f"{self.name}_stage{stage}")
 

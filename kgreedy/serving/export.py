@@ -34,6 +34,7 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import umask_mode
+from kgreedy.config.vocabulary import EXPORT_HEADS
 
 _VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit also accepts '²'
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -299,8 +300,9 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     if stage is not None and not (isinstance(stage, int) and 1 <= stage <= net.num_stages):
         raise KgreedyError("stage", f"must be between 1 and {net.num_stages}", stage)
     _check_keep_versions(keep_versions)
-    if heads not in ("last", "ensemble"):
-        raise KgreedyError("heads", "must be 'last' or 'ensemble'", heads)
+    if heads not in EXPORT_HEADS:
+        raise KgreedyError("heads", "must be one of " + ", ".join(map(repr, EXPORT_HEADS)),
+                           heads)
     export_root = os.path.abspath(export_root)
     if version is None:
         version = (existing_versions(export_root) or [0])[-1] + 1
@@ -337,3 +339,27 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
             warnings.warn(f"exported {target}, but deleting old versions failed: {e}",
                           stacklevel=2)
     return target
+
+
+class Exporter:
+    """The trainer's export action: `exporter(net, stage)` exports and returns the path.
+
+    Args:
+        spec: the `DatasetSpec` the net trains on.
+        export_root: TF Serving's model base path (RUN_DIR/export/MODEL_NAME).
+        version: see `export_saved_model`.
+        keep_versions: see `export_saved_model`.
+        heads: see `export_saved_model`.
+    """
+
+    def __init__(self, spec, export_root, version=None, keep_versions=None, heads="last"):
+        self.spec = spec
+        self.export_root = export_root
+        self.version = version
+        self.keep_versions = keep_versions
+        self.heads = heads
+
+    def __call__(self, net, stage):
+        return export_saved_model(net, self.spec, self.export_root, stage=stage,
+                                  version=self.version, keep_versions=self.keep_versions,
+                                  heads=self.heads)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from kgreedy.base.errors import RecipeError
 from kgreedy.data.stores import Examples, HasSplits, PackedStore
 
 
@@ -33,16 +34,32 @@ def prefix_flops(net, stage):
     return total
 
 
+def check_cache_workers(recipe, num_workers):
+    """Refuses `train.cache_features` 'on' with several workers: each worker would
+    cache only its own shard, which the data order does not allow for.
+
+    Raises:
+        RecipeError: 'on' with more than one worker.
+    """
+    if recipe.train.cache_features == "on" and num_workers != 1:
+        raise RecipeError("train.cache_features", f"'on' needs a single worker, and this "
+                          f"run has {num_workers}; use 'auto' (off with several "
+                          "workers) or 'off'", "on")
+
+
 def use_cache(recipe, datasets, stage, num_workers, net):
     """Whether stage `stage` trains on cached features (`train.cache_features`).
 
     `auto` caches when there is a prefix to skip, the inputs are not augmented, the
-    run is greedy and has one worker (each worker would cache only its own shard,
-    which the data order does not allow for), and the prefix's FLOPs per cached
-    byte reach `MIN_FLOPS_PER_BYTE` (a cheap prefix with a large output, such as
-    one conv at full resolution, is faster to recompute than to read back). `on`
-    has been validated against the recipe already; it still needs one worker.
+    run is greedy and has one worker (see `check_cache_workers`), and the prefix's
+    FLOPs per cached byte reach `MIN_FLOPS_PER_BYTE` (a cheap prefix with a large
+    output, such as one conv at full resolution, is faster to recompute than to
+    read back). `on` has been validated against the recipe already.
+
+    Raises:
+        RecipeError: 'on' with more than one worker.
     """
+    check_cache_workers(recipe, num_workers)
     mode = recipe.train.cache_features
     if mode == "off" or stage < 2 or recipe.train.mode != "greedy":
         return False

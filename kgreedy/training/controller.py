@@ -1,8 +1,12 @@
-"""The outer controller: stage order, evaluation, checkpoints, summaries and export.
+"""The outer controller: stage order, checkpoints, records, summaries, and the
+export action at the end.
 
-`GreedyTrainer` walks the stages of a recipe; each stage is trained by a fresh
-`StageLoop` (kgreedy.stage). The trainer knows nothing of a specific dataset: it
-gets ready-made `Datasets`.
+`GreedyTrainer` walks the stages of a recipe; each stage is a fresh `StageLoop`
+(`kgreedy.training.stage`) driven epoch by epoch by an `EpochDriver`
+(`kgreedy.training.driver`), to which the trainer adds its actions: records,
+checkpoints and preemption, progress lines. The trainer knows nothing of a specific
+dataset (it gets ready-made `Datasets`) nor of the export format (the caller passes
+an `export` action).
 """
 
 import os
@@ -13,17 +17,17 @@ import time
 import keras
 import tensorflow as tf
 
-from kgreedy import export
 from kgreedy import data
+from kgreedy.base.errors import NonFiniteLoss, Preempted
+from kgreedy.base.files import write_json
+from kgreedy.base.progress import Progress
+from kgreedy.model.ensemble import evaluate_heads
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.network import parameter_table
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.checkpoints import restore_latest_good
 from kgreedy.training.distribute import WorkerInfo
-from kgreedy.model.ensemble import evaluate_heads
-from kgreedy.base.errors import NonFiniteLoss, Preempted
-from kgreedy.base.files import write_json
-from kgreedy.model.network import parameter_table
-from kgreedy.model.from_recipe import from_recipe
-from kgreedy.base.progress import Progress
+from kgreedy.training.driver import EpochDriver
 from kgreedy.training.records import RunRecords
 from kgreedy.training.rundir import stage_checkpoint
 from kgreedy.training.stage import StageLoop
@@ -49,10 +53,13 @@ class GreedyTrainer:
             tests and tools that need to look between stages.
         source: the `RunDir` to resume from (default: `run`). A non-chief worker
             writes to a temporary directory but resumes from the chief's.
+        export: called as `export(net, stage)` once every stage is done; returns
+            the path it wrote (`kgreedy.serving.export.Exporter`), or None.
+        actions: more epoch-driver actions for every stage (tests and tools).
     """
 
     def __init__(self, recipe, datasets, run, strategy, progress=None, callbacks=(),
-                 source=None):
+                 source=None, export=None, actions=()):
         self.recipe = recipe
         self.datasets = datasets
         self.run = run
@@ -60,6 +67,8 @@ class GreedyTrainer:
         self.strategy = strategy
         self.progress = progress or Progress()
         self.callbacks = list(callbacks)
+        self.export = export
+        self.actions = list(actions)
         self.worker = WorkerInfo(strategy)
         spec = datasets.spec
         # Global Keras state: set on every trainer so one run's policy never leaks
@@ -94,9 +103,19 @@ class GreedyTrainer:
             write_json(self.run.recipe, self.recipe.to_dict())
             data.save_spec(self.datasets.spec, self.run.dataset)
         records = RunRecords(self.run, self._existing_summary() if resume else None)
+        done = {s for s in records.completed_stages() if s in self.stages()}
+        if resume and records.summary.get("final") and done == set(self.stages()):
+            # Finished before: scoring and exporting again would only add a version.
+            records.close()
+            final = records.summary["final"]
+            self.progress.message(
+                f"the run in {self.source.root} finished before (stage {final['stage']}, "
+                f"val accuracy {final['val_accuracy']:.4f}"
+                + (f", exported {final['export_path']}" if final.get("export_path") else "")
+                + "); nothing to do")
+            return {**records.summary, "already_finished": True}
         if self.datasets.info:
             records.summary["data"] = self.datasets.info
-        done = {s for s in records.completed_stages() if s in self.stages()}
         if done:
             self._restore_stage(max(done))
             self.progress.message(f"resuming after stage {max(done)}")
@@ -146,17 +165,15 @@ class GreedyTrainer:
         restore_latest_good(stage_checkpoint(self.net, stage),
                             self.source.checkpoints(stage), self.progress.warning)
 
-    def _check_finite(self, loop, stage):
-        bad = int(loop.first_bad_step.numpy())
-        if bad:
-            epoch_of_bad = (bad - 1) // self.steps_per_epoch + 1
-            step_in_epoch = (bad - 1) % self.steps_per_epoch + 1
+    def _nonfinite(self, stage):
+        def error(epoch, step):
             last = tf.train.latest_checkpoint(self.run.checkpoints(stage))
-            raise NonFiniteLoss(
-                f"stage {stage}, epoch {epoch_of_bad}, step {step_in_epoch}: the loss is "
-                f"not finite (NaN or inf); stopped without saving; last good checkpoint: "
+            return NonFiniteLoss(
+                f"stage {stage}, epoch {epoch}, step {step}: the loss is not finite (NaN "
+                f"or inf); stopped without saving; last good checkpoint: "
                 f"{last or 'none in this stage'}; lower train.optimizer.learning_rate or "
                 "check the data")
+        return error
 
     # -------------------------------------------------------------- stage ----
 
@@ -181,72 +198,35 @@ class GreedyTrainer:
         steps = self.steps_per_epoch
         loop = StageLoop(self.net, stage, self.recipe.train, self.strategy, steps,
                          end_to_end=self.end_to_end, cached_features=cache is not None)
-        train_source = eval_data = None
-        if cache is None:
-            eval_data = self.eval_data
-        else:
-            train_source = cache.train_split
-            eval_data = self.datasets.distributed_eval(self.strategy, cache.eval_split)
-        with self.strategy.scope():
-            epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        checkpoint = stage_checkpoint(self.net, stage, epoch=epoch_var, **loop.state())
-        manager = tf.train.CheckpointManager(checkpoint, self.run.checkpoints(stage),
-                                             max_to_keep=2)
+        eval_data = self.eval_data if cache is None else \
+            self.datasets.distributed_eval(self.strategy, cache.eval_split)
+        every = self.recipe.train.checkpoint_every_steps
+        checkpoints = _Checkpoints(self, stage)
+        driver = EpochDriver(
+            loop, self.datasets, epochs, eval_data,
+            train_source=None if cache is None else cache.train_split,
+            actions=[_Records(records, epochs), checkpoints,
+                     _ProgressLines(self.progress, self.worker.num_workers == 1),
+                     *self.actions],
+            nonfinite=self._nonfinite(stage), align=every)
+        checkpoints.attach(driver)
         if resume:
-            restored = restore_latest_good(checkpoint, self.source.checkpoints(stage),
+            restored = restore_latest_good(checkpoints.checkpoint,
+                                           self.source.checkpoints(stage),
                                            self.progress.warning)
+            epoch, step = driver.position()
+            # Always: a run killed in the stage's first epoch, before any
+            # checkpoint, may have left that epoch's record behind.
+            records.rewind(stage, epoch - 1)
             if restored:
-                done = int(epoch_var.numpy())
-                records.rewind(stage, done)
-                self.progress.message(f"stage {stage}: resuming at epoch {done + 1}, step "
-                                      f"{loop.step - done * steps} of {steps}")
+                self.progress.message(f"stage {stage}: resuming at epoch {epoch}, step "
+                                      f"{step} of {steps}")
         row = self.table[stage - 1]
         if self.end_to_end:
             row = {**row, "trainable_params": row["deployed_params"], "frozen_params": 0}
         self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)
         stage_start = time.perf_counter()
-        every = self.recipe.train.checkpoint_every_steps
-        record = None
-        for epoch in range(int(epoch_var.numpy()) + 1, epochs + 1):
-            learning_rate = loop.learning_rate
-            start_step = loop.step - (epoch - 1) * steps
-            last_shown = [time.perf_counter()]
-
-            def after_chunk(done, images_per_second, epoch=epoch, last_shown=last_shown):
-                # Reading metrics is a collective across workers: only a single
-                # worker shows live progress.
-                now = time.perf_counter()
-                if self.worker.num_workers == 1 and self.progress.live \
-                        and now - last_shown[0] >= 0.5:
-                    loss, acc = loop.metrics()
-                    self.progress.step(stage, epoch, epochs, done, steps, loss, acc,
-                                       images_per_second)
-                    last_shown[0] = now
-                stop = self._stop_agreed()
-                if stop or (every and done % every == 0 and done < steps):
-                    self._check_finite(loop, stage)
-                    manager.save(checkpoint_number=loop.step)
-                if stop:
-                    raise Preempted(f"preempted (SIGTERM): checkpoint written at stage "
-                                    f"{stage}, epoch {epoch}, step {done} of {steps} in "
-                                    f"{self.run.checkpoints(stage)}; rerun with --resume "
-                                    "to continue")
-                return False
-
-            train_data = self.datasets.distributed_train(
-                self.strategy, stage, epoch, self.recipe.train, start_step, train_source)
-            result = loop.train_epoch(train_data, start_step, after_chunk, align=every)
-            self._check_finite(loop, stage)
-            result.pop("completed")
-            result.update(loop.evaluate(eval_data))
-            record = {"stage": stage, "epoch": epoch, **result,
-                      "learning_rate": learning_rate}
-            # Record first, then checkpoint: a kill in between repeats the epoch, and
-            # the resume rewinds metrics.jsonl to the checkpoint.
-            records.epoch(record, (stage - 1) * epochs + epoch)
-            epoch_var.assign(epoch)
-            manager.save(checkpoint_number=loop.step)
-            self.progress.epoch_end(record, epochs, steps)
+        record = driver.run()
         if record is None:  # resumed after this stage's last epoch: read its record
             last = [r for r in records.epochs() if r["stage"] == stage]
             record = last[-1] if last else {**loop.evaluate(eval_data),
@@ -286,13 +266,82 @@ class GreedyTrainer:
                 f"{len(scores['head_val_accuracies'])} (weights 2^j) "
                 f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
                 "eval examples")
-        if self.recipe.export.enabled:
-            path = export.export_saved_model(
-                self.net, self.datasets.spec, self.run.export_root(self.recipe.model_name),
-                stage=last["stage"], version=self.recipe.export.version,
-                keep_versions=self.recipe.export.keep_versions,
-                heads=self.recipe.export.heads)
+        if self.export is not None:
+            path = self.export(self.net, last["stage"])
             final["export_path"] = path
-            self.progress.message(f"exported {path}")
+            if path:
+                self.progress.message(f"exported {path}")
         records.final(final)
         return final
+
+
+# ------------------------------------------------------------ actions ----
+
+class _Records:
+    """Writes each epoch's record (metrics.jsonl, TensorBoard) before its checkpoint:
+    a kill in between repeats the epoch, and the resume rewinds the records."""
+
+    def __init__(self, records, epochs):
+        self.records = records
+        self.epochs = epochs
+
+    def after_epoch(self, driver, record):
+        self.records.epoch(record, (record["stage"] - 1) * self.epochs + record["epoch"])
+
+
+class _Checkpoints:
+    """Saves the stage at every epoch end, every `train.checkpoint_every_steps` steps,
+    and when SIGTERM arrives (then raises `Preempted`)."""
+
+    def __init__(self, trainer, stage):
+        self.trainer = trainer
+        self.stage = stage
+        self.every = trainer.recipe.train.checkpoint_every_steps
+        self.checkpoint = self.manager = None
+
+    def attach(self, driver):
+        trainer = self.trainer
+        self.checkpoint = stage_checkpoint(trainer.net, self.stage, **driver.state())
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, trainer.run.checkpoints(self.stage), max_to_keep=2)
+
+    def after_chunk(self, driver, epoch, done, images_per_second):
+        del images_per_second
+        steps = driver.steps_per_epoch
+        stop = self.trainer._stop_agreed()
+        if stop or (self.every and done % self.every == 0 and done < steps):
+            driver.check_finite()
+            self.manager.save(checkpoint_number=driver.loop.step)
+        if stop:
+            raise Preempted(f"preempted (SIGTERM): checkpoint written at stage "
+                            f"{self.stage}, epoch {epoch}, step {done} of {steps} in "
+                            f"{self.trainer.run.checkpoints(self.stage)}; rerun with "
+                            "--resume to continue")
+
+    def after_epoch(self, driver, record):
+        del record
+        self.manager.save(checkpoint_number=driver.loop.step)
+
+
+class _ProgressLines:
+    """The live step line (at most twice a second) and the line of each epoch.
+
+    Reading metrics is a collective across workers: only a single worker shows live
+    progress.
+    """
+
+    def __init__(self, progress, live):
+        self.progress = progress
+        self.live = live and progress.live
+        self.last_shown = 0.0
+
+    def after_chunk(self, driver, epoch, done, images_per_second):
+        now = time.perf_counter()
+        if self.live and now - self.last_shown >= 0.5:
+            loss, acc = driver.loop.metrics()
+            self.progress.step(driver.loop.stage, epoch, driver.epochs, done,
+                               driver.steps_per_epoch, loss, acc, images_per_second)
+            self.last_shown = now
+
+    def after_epoch(self, driver, record):
+        self.progress.epoch_end(record, driver.epochs, driver.steps_per_epoch)

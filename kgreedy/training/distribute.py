@@ -74,7 +74,7 @@ def check_tf_config():
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         raise RecipeError("distribute.strategy", "'multi_worker' needs the TF_CONFIG "
-                          "environment variable (see README: several machines)",
+                          "environment variable (see docs/distributed.md)",
                           "multi_worker")
     try:
         tf_config = json.loads(raw)

@@ -1,4 +1,5 @@
-"""The run directory (DESIGN.md section 5): paths, and rebuilding a trained net from it."""
+"""The run directory (docs/DESIGN.md, "Run directory"): its paths, and rebuilding a
+trained net from it."""
 
 import os
 
@@ -63,41 +64,53 @@ def stage_checkpoint(net, stage, **training_state):
     return tf.train.Checkpoint(**net.checkpoint_objects(stage), **training_state)
 
 
+def finished_stages(run):
+    """The stages a run finished (summary.json), in order; [] before the first."""
+    if not os.path.isfile(run.summary):
+        return []
+    return sorted(entry["stage"] for entry in run.read_json(run.summary).get("stages", []))
+
+
 def load_trained(run_dir, stage=None):
-    """Rebuilds the net of a finished stage from a run directory.
+    """Rebuilds the net of a stage from a run directory.
 
     Args:
         run_dir: a run directory written by `kgreedy.train`.
-        stage: the stage whose last checkpoint to restore (default: the last
-            stage that has a checkpoint).
+        stage: the stage whose newest checkpoint to restore (default: the last
+            finished stage; a stage still training, whose newest checkpoint may be
+            mid-epoch, only when asked for by number).
 
     Returns:
         (recipe, spec, net, stage) with the net's weights restored.
 
     Raises:
-        KgreedyError: the directory is not a run directory, or the stage has no
-            checkpoint.
+        KgreedyError: not a run directory, no finished stage (and none asked for),
+            or the stage is out of range or has no checkpoint.
     """
     run = RunDir(run_dir)
     for needed in (run.recipe, run.dataset):
         if not os.path.isfile(needed):
-            raise KgreedyError("RUN_DIR", f"not a kgreedy run directory: {needed} is "
+            raise KgreedyError("run_dir", f"not a kgreedy run directory: {needed} is "
                                "missing", run_dir)
     recipe = recipe_from_dict(run.read_json(run.recipe))
     spec = data.load_spec(run.dataset)
     num_stages = len(recipe.model.blocks)
-    done = [j for j in range(1, num_stages + 1)
-            if tf.train.latest_checkpoint(run.checkpoints(j))]
+    with_checkpoints = [j for j in range(1, num_stages + 1)
+                        if tf.train.latest_checkpoint(run.checkpoints(j))]
     if stage is None:
-        if not done:
-            raise KgreedyError("RUN_DIR", "has no stage checkpoint yet", run_dir)
-        stage = done[-1]
+        finished = finished_stages(run)
+        if not finished:
+            raise KgreedyError("run_dir", "has no finished stage yet (stages with "
+                               f"checkpoints: {with_checkpoints or 'none'}); pass a "
+                               "stage to use an unfinished one", run_dir)
+        stage = finished[-1]
     if not 1 <= stage <= num_stages:
         raise KgreedyError("stage", f"must be between 1 and {num_stages}", stage)
     latest = tf.train.latest_checkpoint(run.checkpoints(stage))
     if latest is None:
         raise KgreedyError("stage", f"stage {stage} has no checkpoint in "
-                           f"{run.checkpoints(stage)}; stages with checkpoints: {done}", stage)
+                           f"{run.checkpoints(stage)}; stages with checkpoints: "
+                           f"{with_checkpoints}", stage)
     net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     # The file also holds the optimizer and counters, which a trained net does not
     # need; every weight of the net must be found in it, though.

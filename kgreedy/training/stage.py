@@ -1,7 +1,8 @@
-"""The inner loop: one stage's optimizer, traced step functions and on-device metrics.
+"""The inner loop: one stage's optimizer, step counter, traced step functions and
+on-device metrics.
 
-`StageLoop` knows one stage and nothing of stage order, files or the terminal; the
-controller in `kgreedy.greedy` drives it epoch by epoch.
+`StageLoop` knows one stage and nothing of epochs, stage order, files or the
+terminal; `kgreedy.training.driver.EpochDriver` drives it epoch by epoch.
 """
 
 import time
@@ -65,8 +66,18 @@ class StageLoop:
             # Build the slots now, in scope, before the first traced step
             # (keras-team/keras#23085).
             self.optimizer.build(self.variables)
-            self.sums = {k: _sum_variable(f"stage{stage}_{k}")
-                         for k in ("loss", "correct", "count")}
+            # Train and eval sums are apart: evaluating must not overwrite the sums of
+            # an epoch in progress, which a mid-epoch checkpoint holds.
+            self.train_sums = {k: _sum_variable(f"stage{stage}_train_{k}")
+                               for k in ("loss", "correct", "count")}
+            self.eval_sums = {k: _sum_variable(f"stage{stage}_eval_{k}")
+                              for k in ("loss", "correct", "count")}
+            # Train steps of this stage run so far: the stage's own counter. The
+            # optimizer's `iterations` is not one: a loss-scaled step skipped for
+            # overflow (mixed_float16) does not advance it, and the data position
+            # and epoch must not lag behind the steps that ran.
+            self.steps_done = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                          name=f"stage{stage}_step")
             # The stage step (1-based) whose loss was first not finite; 0 while all
             # are. Set from the all-reduced loss, so every replica and worker agrees.
             self.first_bad_step = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -87,11 +98,12 @@ class StageLoop:
         features = self.net.features(images, self.stage - 1, training=prefix_training)
         return self.net.stage_logits(features, self.stage, training)
 
-    def _accumulate(self, labels, logits, per_example_loss):
+    @staticmethod
+    def _accumulate(sums, labels, logits, per_example_loss):
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
-        self.sums["loss"].assign_add(tf.reduce_sum(per_example_loss))
-        self.sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
-        self.sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
+        sums["loss"].assign_add(tf.reduce_sum(per_example_loss))
+        sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
+        sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
 
     def _gradients_fn(self, images, labels):
         with tf.GradientTape() as tape:
@@ -110,7 +122,7 @@ class StageLoop:
     def _train_step(self, images, labels):
         grads, loss, logits, per_example = self._gradients(images, labels)
         self.optimizer.apply_gradients(zip(grads, self.variables))
-        self._accumulate(labels, logits, per_example)
+        self._accumulate(self.train_sums, labels, logits, per_example)
         return loss
 
     def _train_steps_fn(self, iterator, num_steps):
@@ -118,18 +130,17 @@ class StageLoop:
             images, labels = next(iterator)
             losses = self.strategy.run(self._train_step, args=(images, labels))
             loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+            step = self.steps_done.assign_add(1)
             bad = tf.logical_and(self.first_bad_step == 0,
                                  tf.logical_not(tf.math.is_finite(loss)))
-            self.first_bad_step.assign(
-                tf.where(bad, tf.cast(self.optimizer.iterations, tf.int64),
-                         self.first_bad_step))
+            self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
 
     def _eval_step(self, images, labels):
         def evaluate():
             logits = self._logits(images, training=False)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels, tf.cast(logits, tf.float32))
-            self._accumulate(labels, logits, per_example)
+            self._accumulate(self.eval_sums, labels, logits, per_example)
             return tf.constant(True)
 
         # When the last eval batch does not fill every replica, the others get an
@@ -143,25 +154,28 @@ class StageLoop:
 
     # --------------------------------------------------------------- host ----
 
-    def reset_metrics(self):
-        """Zeroes the train/eval sums (at the start of an epoch or an evaluation)."""
-        for v in self.sums.values():
-            v.assign(0.0)
+    @staticmethod
+    def _read(sums):
+        # Reading syncs with the device (and, across workers, is a collective every
+        # worker must join), so callers read only when someone looks.
+        count = max(float(sums["count"].read_value()), 1.0)
+        return (float(sums["loss"].read_value()) / count,
+                float(sums["correct"].read_value()) / count)
 
     def metrics(self):
-        """(mean loss, accuracy) over the examples since the last reset.
-
-        Reading syncs with the device (and, across workers, is a collective every
-        worker must join), so callers read only when someone looks.
-        """
-        count = max(float(self.sums["count"].read_value()), 1.0)
-        return (float(self.sums["loss"].read_value()) / count,
-                float(self.sums["correct"].read_value()) / count)
+        """(mean loss, accuracy) over the train steps of the epoch so far."""
+        return self._read(self.train_sums)
 
     @property
     def step(self):
-        """Train steps of this stage done so far (the optimizer's step counter)."""
-        return int(self.optimizer.iterations.numpy())
+        """Train steps of this stage done so far (the stage's own counter)."""
+        return int(self.steps_done.numpy())
+
+    def start_at(self, step):
+        """Positions a fresh loop at `step` of its stage: the counter, and the
+        learning-rate schedule with it (a continued trial goes on where it stopped)."""
+        self.steps_done.assign(step)
+        self.optimizer.iterations.assign(step)
 
     @property
     def learning_rate(self):
@@ -170,8 +184,9 @@ class StageLoop:
 
     def state(self):
         """What a checkpoint must hold to continue this stage mid-epoch."""
-        return {"optimizer": self.optimizer, "first_bad_step": self.first_bad_step,
-                **{f"train_{k}": v for k, v in self.sums.items()}}
+        return {"optimizer": self.optimizer, "step": self.steps_done,
+                "first_bad_step": self.first_bad_step,
+                **{f"train_{k}": v for k, v in self.train_sums.items()}}
 
     def train_epoch(self, dataset, start_step=0, after_chunk=None, align=None):
         """Runs the steps of one epoch from `start_step` over a distributed dataset.
@@ -184,41 +199,39 @@ class StageLoop:
             start_step: steps of this epoch done before (a mid-epoch resume); the
                 metric sums are kept then, so the epoch's figures cover all its steps.
             after_chunk: called as `after_chunk(done, images_per_s)` after every
-                chunk; returning True ends the epoch early (preemption).
+                chunk (progress, mid-epoch checkpoints, preemption).
             align: chunks end at multiples of this many steps (checkpoint steps).
 
         Returns:
-            dict with train_loss, train_accuracy, images_per_second, seconds, and
-            `completed` (False when after_chunk stopped the epoch).
+            dict with train_loss, train_accuracy, images_per_second and seconds.
         """
         if start_step == 0:
-            self.reset_metrics()
+            for v in self.train_sums.values():
+                v.assign(0.0)
         iterator = iter(dataset)
         chunk = self.train.steps_per_execution
         start = time.perf_counter()
         done = start_step
-        completed = True
         while done < self.steps_per_epoch:
             n = min(chunk, self.steps_per_epoch - done)
             if align:
                 n = min(n, align - done % align)
             self._train_steps(iterator, tf.constant(n))
             done += n
-            if after_chunk is not None and after_chunk(
-                    done, (done - start_step) * self.global_batch
-                    / max(time.perf_counter() - start, 1e-9)):
-                completed = done >= self.steps_per_epoch
-                break
+            if after_chunk is not None:
+                after_chunk(done, (done - start_step) * self.global_batch
+                            / max(time.perf_counter() - start, 1e-9))
         loss, acc = self.metrics()  # also waits for the last step to finish
         seconds = time.perf_counter() - start
         return {"train_loss": loss, "train_accuracy": acc,
                 "images_per_second": (done - start_step) * self.global_batch / seconds,
-                "seconds": seconds, "completed": completed}
+                "seconds": seconds}
 
     def evaluate(self, dataset):
         """Loss and accuracy of this stage's head over a distributed eval dataset."""
-        self.reset_metrics()
+        for v in self.eval_sums.values():
+            v.assign(0.0)
         self._evaluate(dataset)
-        loss, acc = self.metrics()
+        loss, acc = self._read(self.eval_sums)
         return {"val_loss": loss, "val_accuracy": acc,
-                "val_examples": int(self.sums["count"].read_value())}
+                "val_examples": int(self.eval_sums["count"].read_value())}

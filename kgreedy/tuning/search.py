@@ -1,5 +1,6 @@
-"""One keras-tuner search over the auxiliary design: the `HyperModel` whose `fit` runs
-kgreedy's own `StageLoop`, and the tuners that report each trial (`kgreedy.tune`).
+"""One keras-tuner search over the auxiliary design: the `HyperModel` whose `fit`
+trains with kgreedy's own `StageLoop` and `EpochDriver`, and the tuners that report
+each trial (`kgreedy.tune`).
 
 keras-tuner's contract, kept here: `build` returns a Keras model (the deployed model
 of the trial's network, whose weights the tuner saves at the best epoch and Hyperband
@@ -24,6 +25,7 @@ from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.vocabulary import OBJECTIVES
 from kgreedy.tuning.space import (candidate_recipe, declare, design_from, pool_problem,
                                   searched_values, trial_recipe)
+from kgreedy.training.driver import EpochDriver
 from kgreedy.training.stage import StageLoop
 
 TRIAL_INFO = "kgreedy.json"  # in each trial directory: what tuning.json reports
@@ -104,37 +106,52 @@ class Search:
         return self.stage, self.stage
 
     def train_stage(self, net, stage, recipe, start, end, cache, on_epoch):
-        """Trains `stage` of `net` from epoch `start` to `end` with a fresh `StageLoop`,
-        calling `on_epoch(stage, epoch, logs)` after each epoch's evaluation."""
-        datasets, strategy, progress = self.datasets, self.strategy, self.progress
-        steps = datasets.stage_steps(recipe.train)
-        loop = StageLoop(net, stage, recipe.train, strategy, steps,
+        """Trains `stage` of `net` from epoch `start` to `end` with a fresh `StageLoop`
+        and the epoch driver the trainer uses, calling `on_epoch(stage, epoch, logs)`
+        after each epoch's evaluation."""
+        steps = self.datasets.stage_steps(recipe.train)
+        loop = StageLoop(net, stage, recipe.train, self.strategy, steps,
                          cached_features=cache is not None)
-        if start:  # the schedule goes on where the continued trial stopped
-            loop.optimizer.iterations.assign(start * steps)
-        train_source = None if cache is None else cache.train_split
-        eval_source = None if cache is None else cache.eval_split
-        eval_data = datasets.distributed_eval(strategy, eval_source)
-        for epoch in range(start + 1, end + 1):
-            train_data = datasets.distributed_train(strategy, stage, epoch, recipe.train,
-                                                    source=train_source)
+        rate = recipe.train.optimizer.learning_rate
+        driver = EpochDriver(
+            loop, self.datasets, recipe.train.epochs_per_stage,
+            self.datasets.distributed_eval(self.strategy,
+                                           None if cache is None else cache.eval_split),
+            train_source=None if cache is None else cache.train_split,
+            actions=[_LiveSteps(self.progress, end), _TunerEpochs(on_epoch)],
+            nonfinite=lambda epoch, step: FailedTrialError(
+                f"stage {stage}, epoch {epoch}: the loss is not finite (learning rate "
+                f"{rate:.4g} too high?)"))
+        if start:  # a continued trial: its schedule goes on where it stopped
+            driver.start_at(start + 1)
+        driver.run(end)
 
-            def live(done, images_per_second, epoch=epoch):
-                if progress.live:
-                    loss, acc = loop.metrics()
-                    progress.step(stage, epoch, end, done, steps, loss, acc, images_per_second)
-                return False
 
-            result = loop.train_epoch(train_data, after_chunk=live)
-            if int(loop.first_bad_step.numpy()):
-                raise FailedTrialError(
-                    f"stage {stage}, epoch {epoch}: the loss is not finite (learning rate "
-                    f"{recipe.train.optimizer.learning_rate:.4g} too high?)")
-            result.update(loop.evaluate(eval_data))
-            on_epoch(stage, epoch, {"loss": result["train_loss"],
-                                    "accuracy": result["train_accuracy"],
-                                    "val_loss": result["val_loss"],
-                                    "val_accuracy": result["val_accuracy"]})
+class _LiveSteps:
+    """The live step line of a trial's epoch."""
+
+    def __init__(self, progress, last_epoch):
+        self.progress = progress
+        self.last_epoch = last_epoch
+
+    def after_chunk(self, driver, epoch, done, images_per_second):
+        if self.progress.live:
+            loss, acc = driver.loop.metrics()
+            self.progress.step(driver.loop.stage, epoch, self.last_epoch, done,
+                               driver.steps_per_epoch, loss, acc, images_per_second)
+
+
+class _TunerEpochs:
+    """Hands each epoch's figures to the trial, in keras-tuner's metric names."""
+
+    def __init__(self, on_epoch):
+        self.on_epoch = on_epoch
+
+    def after_epoch(self, driver, record):
+        self.on_epoch(record["stage"], record["epoch"],
+                      {"loss": record["train_loss"], "accuracy": record["train_accuracy"],
+                       "val_loss": record["val_loss"],
+                       "val_accuracy": record["val_accuracy"]})
 
 
 class AuxHyperModel(keras_tuner.HyperModel):
@@ -310,3 +327,18 @@ def best_net(tuner):
     if built_model is not model or net is None:
         raise FatalError(f"could not rebuild the network of trial {best.trial_id}")
     return net
+
+
+def quiet_trial_tracebacks():
+    """Stops keras-tuner printing the traceback of every failed trial: kgreedy prints
+    one line per trial, and the trial's trial.json keeps the traceback.
+
+    keras-tuner 1.4 has no public switch for this, only the module flag
+    `keras_tuner.src.config.DEBUG`; it is set here, in this one place, and a
+    keras-tuner without it merely prints the tracebacks.
+    """
+    try:
+        from keras_tuner.src import config
+    except ImportError:
+        return
+    config.DEBUG = False

@@ -1,0 +1,107 @@
+"""The epoch driver: runs one stage's epochs, for the trainer and the tuner alike.
+
+`EpochDriver` owns what an epoch is: where it starts (from the stage's own step
+counter and the count of epochs finished), the train data positioned there, the
+steps, the non-finite check, the evaluation and the epoch's record. Everything
+else plugs in as an action, as orbit's Controller takes its actions: the trainer
+adds checkpoints, preemption, records and progress lines; the tuner adds its
+callbacks. An action is any object with some of these methods:
+
+- `after_chunk(driver, epoch, done, images_per_second)`: after every chunk of
+  traced steps (`done` steps of the epoch so far);
+- `after_epoch(driver, record)`: after an epoch's evaluation, once the driver
+  counts the epoch as finished.
+"""
+
+import tensorflow as tf
+
+
+class EpochDriver:
+    """Drives a `StageLoop` epoch by epoch.
+
+    Args:
+        loop: the stage's `kgreedy.training.stage.StageLoop`.
+        datasets: the run's `kgreedy.data.Datasets`.
+        epochs: epochs of the stage.
+        eval_data: the distributed eval dataset (images, or cached features).
+        train_source: the cached features' train split, or None for images.
+        actions: see the module docstring; called in order.
+        nonfinite: called as `nonfinite(epoch, step_in_epoch)` when a loss was not
+            finite; returns the exception to raise.
+        align: chunks end at multiples of this many steps (mid-epoch checkpoints).
+    """
+
+    def __init__(self, loop, datasets, epochs, eval_data, *, train_source=None,
+                 actions=(), nonfinite=None, align=None):
+        self.loop = loop
+        self.datasets = datasets
+        self.epochs = epochs
+        self.eval_data = eval_data
+        self.train_source = train_source
+        self.actions = list(actions)
+        self.nonfinite = nonfinite or _nonfinite_error
+        self.align = align
+        with loop.strategy.scope():
+            # Epochs whose record is out: a checkpoint taken after the last step of an
+            # epoch but before its evaluation still evaluates it on resume.
+            self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                           name=f"stage{loop.stage}_epoch")
+
+    @property
+    def steps_per_epoch(self):
+        return self.loop.steps_per_epoch
+
+    def state(self):
+        """What a checkpoint of the stage must hold to continue it exactly."""
+        return {"epoch": self.epochs_done, **self.loop.state()}
+
+    def position(self):
+        """(epoch to run next, its steps already done), from the checkpointed counters."""
+        done = int(self.epochs_done.numpy())
+        return done + 1, self.loop.step - done * self.steps_per_epoch
+
+    def start_at(self, epoch):
+        """Starts a fresh stage at the beginning of `epoch` (a continued trial)."""
+        self.epochs_done.assign(epoch - 1)
+        self.loop.start_at((epoch - 1) * self.steps_per_epoch)
+
+    def check_finite(self):
+        """Raises what `nonfinite` returns if a step's loss was not finite."""
+        bad = int(self.loop.first_bad_step.numpy())
+        if bad:
+            steps = self.steps_per_epoch
+            raise self.nonfinite((bad - 1) // steps + 1, (bad - 1) % steps + 1)
+
+    def run(self, last_epoch=None):
+        """Runs the epochs from `position()` to `last_epoch` (default: all).
+
+        Returns:
+            The last epoch's record, or None when no epoch was left to run.
+        """
+        loop, record = self.loop, None
+        first, start_step = self.position()
+        for epoch in range(first, (last_epoch or self.epochs) + 1):
+            learning_rate = loop.learning_rate
+            train_data = self.datasets.distributed_train(
+                loop.strategy, loop.stage, epoch, loop.train, start_step, self.train_source)
+
+            def after_chunk(done, images_per_second, epoch=epoch):
+                for action in self.actions:
+                    if hasattr(action, "after_chunk"):
+                        action.after_chunk(self, epoch, done, images_per_second)
+
+            result = loop.train_epoch(train_data, start_step, after_chunk, align=self.align)
+            self.check_finite()
+            result.update(loop.evaluate(self.eval_data))
+            record = {"stage": loop.stage, "epoch": epoch, **result,
+                      "learning_rate": learning_rate}
+            self.epochs_done.assign(epoch)
+            for action in self.actions:
+                if hasattr(action, "after_epoch"):
+                    action.after_epoch(self, record)
+            start_step = 0
+        return record
+
+
+def _nonfinite_error(epoch, step):
+    return FloatingPointError(f"epoch {epoch}, step {step}: the loss is not finite")
