@@ -1,4 +1,4 @@
-"""`tools/benchmark.py` (DESIGN.md section 8): a tiny run on the quickstart recipe writes
+"""`tools/benchmark.py` (docs/DESIGN.md, "Benchmark JSON"): a tiny run on the quickstart recipe writes
 every figure the contract names, and a bad flag fails with one line and exit status 2."""
 
 import json
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "benchmark.py"
@@ -66,3 +68,15 @@ def test_bad_stage_is_one_line_and_exit_2():
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("kgreedy: error: ")
     assert "--stages" in lines[0] and "'9'" in lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--stages", "²"), ("--stages", "1,²"),
+                                         ("--steps", "²")])
+def test_non_ascii_digit_is_one_line_and_exit_2(flag, value):
+    """'²' passes str.isdigit() but int() refuses it: a usage error, not a traceback."""
+    proc = run_tool(QUICKSTART, flag, value, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("kgreedy: error: ")
+    assert flag in lines[0] and repr(value) in lines[0]

@@ -3,7 +3,6 @@ tools/check_serving.py and kgreedy.predict, on a tiny trained export."""
 
 import base64
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,10 +14,13 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from kgreedy import cli, export, predict
+from kgreedy import cli, predict
 from kgreedy import data
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.serving import export
+from kgreedy.serving import tf_server as check_serving
+from kgreedy.serving.checks import check
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
           "aux": {"k": 2, "width": 8}, "export": {"model_name": "digits"}}
@@ -27,16 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK_SERVING = os.path.join(REPO, "tools", "check_serving.py")
 CROSS_CHECKS = ("serve_encoded(PNG) = serving_default(same pixels)",
                 "serve_encoded(JPEG) = serving_default(decoded JPEG pixels)")
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("check_serving", CHECK_SERVING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check_serving = _load_tool()
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +278,7 @@ def _fake_export(path, signatures=("serving_default", "serve_encoded"), flip=Fal
 
 def _check(path):
     lines = []
-    failed = check_serving.check(path, out=lines.append)
+    failed = check(path, out=lines.append)
     return failed, [line for line in lines if line.startswith(("PASS  ", "FAIL  "))]
 
 

@@ -35,8 +35,8 @@ def machine():
 def run_row(run_dir):
     """One table row for a finished run directory."""
     from kgreedy import data
-    from kgreedy.model.ensemble import evaluate_heads
     from kgreedy.analysis.report import read_run
+    from kgreedy.model.ensemble import evaluate_heads
     from kgreedy.training.rundir import load_trained
 
     files = read_run(run_dir)

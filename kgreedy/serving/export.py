@@ -1,4 +1,5 @@
-"""Export of the deployed model as a SavedModel in TF Serving's layout (DESIGN.md §6).
+"""Export of the deployed model as a SavedModel in TF Serving's layout (docs/DESIGN.md,
+"Serving signatures").
 
 `export_saved_model` writes `EXPORT_ROOT/VERSION/` with two signatures under the tag
 `serve`:
