@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy.config import architectures
-from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.base.errors import DataError, RecipeError
-from kgreedy.model.network import ensemble_weights, parameter_table
-from kgreedy.model.from_recipe import from_recipe
+from kgreedy.config import architectures
 from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 from kgreedy.data.tfds import manual_dir
+from kgreedy.model.ensemble import evaluate_heads
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.network import ensemble_weights, parameter_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 

@@ -9,12 +9,12 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
-from kgreedy.training.cache import FeatureCache, prefix_flops, use_cache
 from kgreedy.base.errors import RecipeError
-from kgreedy.training.controller import GreedyTrainer
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.training.cache import FeatureCache, prefix_flops, use_cache
+from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy.training.checkpoints import checkpoint_paths, restore_latest_good
 from kgreedy.base.errors import KgreedyError
+from kgreedy.training.checkpoints import checkpoint_paths, restore_latest_good
 
 OLD = ([1.0, 2.0, 3.0] * 100, 7)
 NEW = ([4.0, 5.0, 6.0] * 100, 8)

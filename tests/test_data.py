@@ -1,5 +1,5 @@
 """Input pipelines (kgreedy.data): digits, image_folder and tfds sources, eval resizing,
-the cifar augmentation, and fast, clear failures (DESIGN.md section 7)."""
+the cifar augmentation, and fast, clear failures (docs/DESIGN.md, "Data")."""
 
 import collections
 import io
@@ -13,12 +13,12 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from kgreedy import data
-from kgreedy.data.spec import DatasetSpec
-from kgreedy.data.transforms import eval_transform
 from kgreedy.base.errors import DataError
 from kgreedy.config.recipe import TrainConfig, recipe_from_dict
+from kgreedy.data.spec import DatasetSpec
+from kgreedy.data.transforms import eval_transform
 
-SHARED_TFDS = Path(__file__).resolve().parents[2] / "shared" / "tfds"
+SHARED_TFDS = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()).parent / "shared" / "tfds"
 
 
 def data_config(**keys):
@@ -468,8 +468,8 @@ def test_tfds_cifar10_describe_and_load(shared_tfds):
 
 
 def test_tfds_cifar10_trains_a_few_steps(shared_tfds, tmp_path):
-    from kgreedy.training.controller import GreedyTrainer
     from kgreedy.base.progress import Progress
+    from kgreedy.training.controller import GreedyTrainer
     from kgreedy.training.rundir import RunDir
 
     recipe = recipe_from_dict({

@@ -14,11 +14,11 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
-from kgreedy.training import distribute
 from kgreedy.base.errors import RecipeError
-from kgreedy.training.controller import GreedyTrainer
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import DistributeConfig, check_against_data, recipe_from_dict
+from kgreedy.training import distribute
+from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
 
 

@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
+from kgreedy.base.progress import Progress
+from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.training import rundir
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.optim import StageSchedule, l2_penalty, make_optimizer
-from kgreedy.base.progress import Progress
-from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.training.rundir import RunDir
 
 STEPS = 3

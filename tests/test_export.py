@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 import textwrap
 
 import keras
@@ -14,18 +15,18 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import cli
-from kgreedy import export as export_cli
-from kgreedy.serving import export
 from kgreedy import data
-from kgreedy.training import rundir
+from kgreedy import export as export_cli
 from kgreedy.base.errors import KgreedyError
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.serving import export
+from kgreedy.training import rundir
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
           "aux": {"k": 2, "width": 8}}
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
 
 # `import tensorflow` itself imports keras when it is installed (TF's __init__
 # eagerly imports keras.src.optimizers and swallows ImportError), so "a process that

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,12 @@ import tensorflow as tf
 from PIL import Image
 
 from kgreedy import data
-from kgreedy.data import folders
 from kgreedy.base.errors import DataError
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.recipe import DataConfig, recipe_from_dict
+from kgreedy.data import folders
+from kgreedy.model.from_recipe import from_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
 
 
 def write_image(path, size=(12, 10), colour=(200, 40, 30), mode="RGB", fmt=None):

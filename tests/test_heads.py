@@ -6,11 +6,11 @@ import pytest
 import tensorflow as tf
 
 from kgreedy.base.errors import RecipeError
-from kgreedy.model.heads import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
 from kgreedy.config.designs import head_designs, head_widths
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.config.vocabulary import HEAD_TYPES
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.heads import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
 
 
 def _recipe(aux):

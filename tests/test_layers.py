@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kgreedy.config.designs import head_widths
+from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.heads import AuxHead
 from kgreedy.model.layers import ConvBlock, InvertibleDownsampling, Standardize
-from kgreedy.config.designs import head_widths
-from kgreedy.model.from_recipe import from_recipe
-from kgreedy.config.recipe import recipe_from_dict
 
 
 def test_psi_is_exactly_invertible():

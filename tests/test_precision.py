@@ -9,9 +9,10 @@ import pytest
 import tensorflow as tf
 
 from kgreedy import data
-from kgreedy.training.controller import GreedyTrainer
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.serving.export import Exporter
+from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
 
 
@@ -31,9 +32,10 @@ def test_precision_and_compilation_variants_train_and_export(tmp_path, train):
     datasets = data.load(r.data, data.describe(r.data), batch_size=32, seed=0)
     os.makedirs(tmp_path / "run")
     try:
-        trainer = GreedyTrainer(r, datasets, RunDir(tmp_path / "run"),
-                                tf.distribute.get_strategy(),
-                                progress=Progress(io.StringIO(), live=False))
+        run = RunDir(tmp_path / "run")
+        trainer = GreedyTrainer(r, datasets, run, tf.distribute.get_strategy(),
+                                progress=Progress(io.StringIO(), live=False),
+                                export=Exporter(datasets.spec, run.export_root("prec")))
         compute = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
             train.get("mixed_precision"), "float32")
         assert trainer.net.blocks[0].conv.compute_dtype == compute

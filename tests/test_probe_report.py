@@ -14,7 +14,7 @@ import pytest
 from kgreedy import cli, probe, report
 from kgreedy.analysis.report import PLOTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

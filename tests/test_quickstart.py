@@ -15,7 +15,7 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.training import rundir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 

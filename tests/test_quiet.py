@@ -15,7 +15,7 @@ import pytest
 
 from kgreedy import quiet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 QUICKSTART = str(ROOT / "recipes" / "quickstart.json")
 
 # Start-up lines as TensorFlow 2.21 prints them on a CPU machine, then as GPU builds

@@ -1,4 +1,4 @@
-"""Recipes and the `python -m kgreedy.train` command line (DESIGN.md sections 3 and 4):
+"""Recipes and the `python -m kgreedy.train` command line (docs/DESIGN.md, "Contracts"):
 bad recipes fail with exit status 2 and one `kgreedy: error:` line naming the key,
 `--set` overrides, the resolved recipe round trip, and `--dry-run` parameter counts."""
 
@@ -19,7 +19,7 @@ from kgreedy import train as train_cli
 from kgreedy.base.errors import KgreedyError, RecipeError
 from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 # A small valid digits recipe; every bad recipe below is derived from it.

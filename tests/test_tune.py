@@ -4,19 +4,20 @@ import contextlib
 import io
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from kgreedy import cli, train, tune
-from kgreedy.tuning import search as trials
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.base.errors import SearchFailed, TrainingStopped
 from kgreedy.config.recipe import load_recipe
 from kgreedy.config.tune_recipe import load_tune_recipe
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.tuning.search import Search
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
 BASE = {"name": "tiny", "seed": 0,
         "model": {"blocks": [{"width": 4}, {"width": 8, "downsample": "psi"}]},
         "aux": {"k": 2, "width": 4},
@@ -49,7 +50,7 @@ class StageSpy:
         self.stop_at = stop_at
 
     def install(self, monkeypatch):
-        real = trials.Search.train_stage
+        real = Search.train_stage
 
         def spy(search, net, stage, recipe, start, end, cache, on_epoch):
             self.calls.append({"search": search.name, "stage": stage, "start": start,
@@ -58,7 +59,7 @@ class StageSpy:
                 raise KeyboardInterrupt("simulated stop")
             return real(search, net, stage, recipe, start, end, cache, on_epoch)
 
-        monkeypatch.setattr(trials.Search, "train_stage", spy)
+        monkeypatch.setattr(Search, "train_stage", spy)
         return self
 
 

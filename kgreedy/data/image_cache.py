@@ -18,9 +18,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from kgreedy.base.errors import DataError
 from kgreedy.data import folders
 from kgreedy.data import transforms
-from kgreedy.base.errors import DataError
 from kgreedy.data.images import decode_image
 from kgreedy.data.stores import Examples, PackedStore
 

@@ -30,7 +30,7 @@ def reduced_side(side, reduction, pool_size):
 
 @keras.saving.register_keras_serializable(package="kgreedy")
 class AuxHead(keras.layers.Layer):
-    """The paper's auxiliary problem on top of a new block (DESIGN.md section 1).
+    """The paper's auxiliary problem on top of a new block (docs/DESIGN.md, "The method").
 
     [an average pool to 1/`reduction` of the side], k-1 conv3x3 -> [BN] -> ReLU
     layers of constant width, then an average pool to a `pool_size` x `pool_size`

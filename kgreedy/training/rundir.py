@@ -8,8 +8,8 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.model.from_recipe import from_recipe
 
 
 class RunDir:

@@ -17,16 +17,16 @@ import keras
 import keras_tuner
 from keras_tuner.errors import FailedTrialError, FatalError
 
-from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
-from kgreedy.model.network import count_params, parameter_table
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.vocabulary import OBJECTIVES
-from kgreedy.tuning.space import (candidate_recipe, declare, design_from, pool_problem,
-                                  searched_values, trial_recipe)
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.network import count_params, parameter_table
+from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.driver import EpochDriver
 from kgreedy.training.stage import StageLoop
+from kgreedy.tuning.space import (candidate_recipe, declare, design_from, pool_problem,
+                                  searched_values, trial_recipe)
 
 TRIAL_INFO = "kgreedy.json"  # in each trial directory: what tuning.json reports
 
