@@ -1,7 +1,7 @@
 """What a recipe's aux.* keys mean for each stage: its head's width and design.
 
 Plain dictionaries out of a recipe, so the model is built from them without knowing
-the recipe (`kgreedy.model.build`).
+the recipe (`kgreedy.model.from_recipe`).
 """
 
 from kgreedy.base.errors import RecipeError

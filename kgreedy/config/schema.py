@@ -1,7 +1,7 @@
 """Strict JSON into frozen dataclasses: the machinery under every recipe schema.
 
 A schema is a tree of frozen, keyword-only dataclasses whose fields are declared with
-`key(default, choices=..., low=..., doc=...)`. `build` converts a parsed JSON object
+`setting(default, choices=..., low=..., doc=...)`. `build` converts a parsed JSON object
 into it: an unknown key, a wrong type or a value out of range raises `RecipeError`
 naming the JSON path (`model.blocks[2].downsample`) and the value received.
 """

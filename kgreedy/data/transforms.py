@@ -99,7 +99,7 @@ def match_channels(image, channels):
 
 
 def decode_image(data, channels):
-    """Decodes image file bytes (see `kgreedy.images`) to float32 [H, W, channels]
+    """Decodes image file bytes (see `kgreedy.data.images`) to float32 [H, W, channels]
     on the 0..255 scale."""
     return tf.cast(_decode_uint8(data, channels), tf.float32)
 

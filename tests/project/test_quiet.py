@@ -212,6 +212,7 @@ def run_train(*args):
     return proc, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_train_dry_run_prints_its_table_and_no_start_up_lines():
     proc, _ = run_train("--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -228,6 +229,7 @@ def test_train_dry_run_prints_its_table_and_no_start_up_lines():
         pytest.skip("TensorFlow prints no start-up lines on this machine")
 
 
+@pytest.mark.slow
 def test_train_error_is_the_only_line():
     proc, _ = run_train("--set", "data.image_size=0", "--dry-run")
     assert proc.returncode == 2

@@ -167,6 +167,7 @@ def train_with(strategy, run_dir):
     return weights.values, summary
 
 
+@pytest.mark.slow
 def test_two_replicas_train_the_same_weights_as_one(tmp_path):
     one, summary_one = train_with(tf.distribute.get_strategy(), tmp_path / "one")
     two, summary_two = train_with(

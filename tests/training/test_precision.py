@@ -16,6 +16,7 @@ from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [
     {"mixed_precision": "mixed_bfloat16"},
     {"mixed_precision": "mixed_float16"},

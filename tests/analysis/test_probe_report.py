@@ -101,6 +101,7 @@ def test_probe_measures_every_block_and_writes_json_and_png(probed):
     assert "probe eval" in stdout and stdout.count("block 1/3") == 1
 
 
+@pytest.mark.slow
 def test_probe_bounds_the_samples_and_the_depth(run_dir, tmp_path):
     copy = _copy(run_dir, tmp_path)
     # An end-to-end run's summary has one stage entry, for the last stage.
@@ -116,6 +117,7 @@ def test_probe_bounds_the_samples_and_the_depth(run_dir, tmp_path):
     assert _is_png(copy / "probes.png")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, needle", [
     (["--max-train", "0"], "--max-train"),
     (["--max-eval", "-5"], "--max-eval"),
@@ -130,6 +132,7 @@ def test_probe_usage_errors_write_nothing(run_dir, tmp_path, capsys, argv, needl
     assert sorted(os.listdir(copy)) == before
 
 
+@pytest.mark.slow
 def test_probe_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kgreedy.probe", str(tmp_path)],
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
@@ -159,6 +162,7 @@ def test_report_embeds_the_plots_that_exist(probed):
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_report_without_probes_with_ensemble_into_another_directory(run_dir, tmp_path):
     copy = _copy(run_dir, tmp_path)
     summary = json.loads((copy / "summary.json").read_text())
@@ -172,6 +176,7 @@ def test_report_without_probes_with_ensemble_into_another_directory(run_dir, tmp
     assert _is_png(out / "depth.png") and not (copy / "report").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop, needle", [
     ("metrics.jsonl", "metrics.jsonl is missing"),
     ("summary.json", "summary.json is missing"),
@@ -183,6 +188,7 @@ def test_report_names_the_missing_file(run_dir, tmp_path, capsys, drop, needle):
     assert not (copy / "report").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, text, needle", [
     ("metrics.jsonl", "", "metrics.jsonl has no epoch records yet"),
     ("metrics.jsonl", '{"stage": 1,\n', "metrics.jsonl line 1 is not valid JSON"),

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
+
+pytestmark = pytest.mark.slow  # two worker processes
 
 RECIPE = {
     "name": "mw",

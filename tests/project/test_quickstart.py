@@ -15,6 +15,8 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.training import rundir
 
+pytestmark = pytest.mark.slow  # the quickstart, trained by its README command
+
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 

@@ -115,6 +115,7 @@ def check_error_line(stderr, expected, recipe_path):
     return last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,extra,expected",
                          [c[1:] for c in SUBPROCESS_CASES],
                          ids=[c[0] for c in SUBPROCESS_CASES])
@@ -203,9 +204,9 @@ def test_set_wrong_type_and_malformed(tmp_path):
     path.write_text(json.dumps(BASE))
     with pytest.raises(RecipeError, match=r"^train\.epochs_per_stage: .*received 'three'"):
         load_recipe(path, ["train.epochs_per_stage=three"])
-    with pytest.raises(KgreedyError, match=r"^--set: .*received 'no_equals_sign'"):
+    with pytest.raises(KgreedyError, match=r"^overrides: .*received 'no_equals_sign'"):
         load_recipe(path, ["no_equals_sign"])
-    with pytest.raises(KgreedyError, match=r"^--set: .*model\.blocks\.2"):
+    with pytest.raises(KgreedyError, match=r"^overrides: .*model\.blocks\.2"):
         load_recipe(path, ["model.blocks.2.width=3"])
 
 
@@ -337,6 +338,7 @@ def test_expected_counts_arithmetic_written_out():
     assert [r["deployed"] for r in expected_counts(True)] == [398, 2206]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["no-bn", "bn"])
 def test_dry_run_prints_hand_counted_parameters_and_writes_nothing(tmp_path, batch_norm):
     (tmp_path / "recipe.json").write_text(json.dumps(BASE))
@@ -352,6 +354,7 @@ def test_dry_run_prints_hand_counted_parameters_and_writes_nothing(tmp_path, bat
     assert deployed == [expected[-1]["deployed"]], proc.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_cifar10_k3_needs_no_data(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kgreedy.train", str(ROOT / "recipes" / "cifar10_k3.json"),

@@ -119,6 +119,7 @@ def _probabilities(model, x):
 
 # ------------------------------------------------------------- signatures ----
 
+@pytest.mark.slow
 def test_export_runs_without_keras_and_matches_keras_model(trained, exported, tmp_path):
     _, spec, net, x = trained
     path, _ = exported
@@ -223,6 +224,7 @@ def test_bad_stage_is_rejected(trained, tmp_path, stage):
 
 # --------------------------------------------------------------- versions ----
 
+@pytest.mark.slow
 def test_versions_count_up_and_are_never_overwritten(trained, tmp_path):
     _, spec, net, _ = trained
     root = tmp_path / "a" / "b"  # parents are created
@@ -241,6 +243,7 @@ def test_versions_count_up_and_are_never_overwritten(trained, tmp_path):
     assert _tmp_dirs(root) == []
 
 
+@pytest.mark.slow
 def test_next_version_ignores_non_versions(trained, tmp_path):
     _, spec, net, _ = trained
     for name in ("3", "10", ".tmp-40-abc", "abc", "0"):
@@ -277,6 +280,7 @@ def test_failed_write_leaves_nothing(trained, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_failed_rename_leaves_nothing(trained, tmp_path, monkeypatch):
     _, spec, net, _ = trained
     export.export_saved_model(net, spec, str(tmp_path))
@@ -311,6 +315,7 @@ def run_dir(trained, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cli_exports_restored_weights(trained, run_dir):
     _, _, net, x = trained
     proc = subprocess.run([sys.executable, "-m", "kgreedy.export", run_dir, "--stage", "2"],
@@ -416,6 +421,7 @@ def test_class_names_are_kept_beside_the_signatures(trained, exported):
 
 # ---------------------------------------------------------------- warm-up ----
 
+@pytest.mark.slow
 def test_every_version_has_warmup_written_before_the_rename(trained, tmp_path, monkeypatch):
     _, spec, net, _ = trained
     root = tmp_path / "mymodel"
@@ -435,6 +441,7 @@ def test_every_version_has_warmup_written_before_the_rename(trained, tmp_path, m
 
 # --------------------------------------------------------- keep_versions ----
 
+@pytest.mark.slow
 def test_keep_versions_prunes_the_oldest(trained, tmp_path):
     _, spec, net, _ = trained
     for _ in range(3):
@@ -447,6 +454,7 @@ def test_keep_versions_prunes_the_oldest(trained, tmp_path):
     tf.saved_model.load(path)  # the new one is whole
 
 
+@pytest.mark.slow
 def test_keep_versions_never_deletes_the_version_just_written(trained, tmp_path):
     _, spec, net, _ = trained
     for version in (5, 6):
@@ -456,6 +464,7 @@ def test_keep_versions_never_deletes_the_version_just_written(trained, tmp_path)
     assert export.existing_versions(str(tmp_path)) == [2, 6]
 
 
+@pytest.mark.slow
 def test_pruning_renames_away_before_deleting(trained, tmp_path, monkeypatch):
     _, spec, net, _ = trained
     for _ in range(2):
@@ -476,6 +485,7 @@ def test_pruning_renames_away_before_deleting(trained, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["2"]
 
 
+@pytest.mark.slow
 def test_failed_pruning_warns_and_keeps_the_new_version(trained, tmp_path, monkeypatch):
     _, spec, net, _ = trained
     export.export_saved_model(net, spec, str(tmp_path))
@@ -497,6 +507,7 @@ def test_bad_keep_versions_is_rejected_before_writing(trained, tmp_path, keep):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.slow
 def test_cli_keep_versions(run_dir, tmp_path, capsys):
     run_dir = shutil.copytree(run_dir, tmp_path / "run")  # the other CLI tests count versions
     root = os.path.join(run_dir, "export", "t")
@@ -510,6 +521,7 @@ def test_cli_keep_versions(run_dir, tmp_path, capsys):
     assert "--keep-versions" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ensemble_export_serves_the_weighted_heads(trained, tmp_path):
     _, spec, net, x = trained
     path = export.export_saved_model(net, spec, str(tmp_path / "ens"), heads="ensemble")

@@ -42,6 +42,7 @@ def _epochs(run_dir):
         return [(r["stage"], r["epoch"]) for r in map(json.loads, f)]
 
 
+@pytest.mark.slow
 def test_a_kill_before_the_first_checkpoint_of_a_stage_leaves_no_record_twice(
         tmp_path, monkeypatch):
     recipe = recipe_from_dict(RECIPE)
@@ -68,6 +69,7 @@ def _write(tmp_path, **export):
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", [{}, {"version": 1}], ids=["next-version", "version-1"])
 def test_resume_of_a_finished_run_says_so_and_exports_nothing(tmp_path, capsys, export):
     recipe, run_dir = _write(tmp_path, **export), str(tmp_path / "run")
@@ -83,6 +85,7 @@ def test_resume_of_a_finished_run_says_so_and_exports_nothing(tmp_path, capsys, 
     assert json.loads(open(os.path.join(run_dir, "summary.json")).read()) == summary
 
 
+@pytest.mark.slow
 def test_tools_default_to_the_last_finished_stage(tmp_path):
     recipe = recipe_from_dict(RECIPE)
     run_dir = tmp_path / "run"

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # benchmark child processes
+
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 TOOL = ROOT / "tools" / "benchmark.py"
 QUICKSTART = ROOT / "recipes" / "quickstart.json"
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

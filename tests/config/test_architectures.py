@@ -89,6 +89,7 @@ def test_paper_cifar10_k1_is_the_wide_trunk_without_bn():
     assert shipped.model.blocks == recipe.model.blocks
 
 
+@pytest.mark.slow
 def test_paper_imagenet_k3_parameter_counts():
     recipe = recipe_from_dict({"name": "i", "model": {"architecture": "paper_imagenet"},
                                "aux": {"k": 3, "last_width": 1024}})
@@ -121,6 +122,7 @@ def test_paper_imagenet_k1_shapes_and_no_bn():
 VGG11_BN_PARAMS = 132_868_840  # torchvision.models.vgg11_bn(), 1000 classes
 
 
+@pytest.mark.slow
 def test_vgg11_deployed_model_is_vgg11_bn():
     recipe = recipe_from_dict({"name": "v", "model": {"architecture": "vgg11"},
                                "aux": {"k": 3}})
@@ -222,6 +224,7 @@ def test_ensemble_export_needs_a_greedy_run():
 TRAIN_RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_dry_runs(tmp_path):
     """`--dry-run` of every recipe in recipes/ in one process (CLI, no data needed)."""
     code = ("import sys\nfrom kgreedy import cli, train\n"
@@ -240,6 +243,7 @@ def test_every_shipped_recipe_dry_runs(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_vgg11_without_imagenet_fails_fast_with_the_manual_download_steps(tmp_path):
     data_dir = tmp_path / "tfds"
     start = time.monotonic()

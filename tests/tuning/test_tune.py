@@ -97,6 +97,7 @@ def joint(tmp_path_factory):
             "best_recipe": best_before_extension}
 
 
+@pytest.mark.slow
 def test_random_search_finishes_and_its_best_recipe_trains(joint, tmp_path):
     status, stdout, _ = joint["resumed"]
     assert status == 0
@@ -140,6 +141,7 @@ def test_random_search_finishes_and_its_best_recipe_trains(joint, tmp_path):
     assert summary["final"]["stage"] == 2
 
 
+@pytest.mark.slow
 def test_resumed_search_skips_finished_trials(joint):
     _, stdout, spy = joint["resumed"]
     # Trial 0 finished before the stop: not trained again, its record untouched.
@@ -156,6 +158,7 @@ def test_resumed_search_skips_finished_trials(joint):
     assert len(load(os.path.join(joint["output"], "tuning.json"))["trials"]) == 4
 
 
+@pytest.mark.slow
 def test_output_holding_another_search_is_refused(joint, capsys):
     recipe = os.path.join(joint["folder"], "recipes", "tune.json")
     with pytest.raises(SystemExit) as e:
@@ -165,6 +168,7 @@ def test_output_holding_another_search_is_refused(joint, capsys):
     assert "--output: holds a search with another tune recipe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_invalid_combination_is_a_failed_trial(tmp_path):
     base = {**BASE, "model": {"blocks": [{"width": 4}, {"width": 4, "downsample": "psi"},
                                          {"width": 4, "downsample": "psi"}]}}
@@ -237,6 +241,7 @@ def test_bad_override_and_bad_json_exit_2(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_per_stage_scope_picks_a_design_per_stage(tmp_path):
     recipe = write_recipes(tmp_path, scope="per_stage", max_trials=2)
     status, stdout, spy = run_tune([recipe, "--output", str(tmp_path / "out")])
@@ -288,6 +293,7 @@ def test_per_stage_scope_picks_a_design_per_stage(tmp_path):
     assert load(context_path)["best_trial"] == best["stage1"]["trial_id"]
 
 
+@pytest.mark.slow
 def test_hyperband_continues_trials_from_their_epoch(tmp_path):
     recipe = write_recipes(tmp_path, tuner="hyperband", stages=2, epochs_per_trial=2,
                            hyperband_factor=2, search={**SPACE, "pool_size": [2]})

@@ -467,6 +467,7 @@ def test_tfds_cifar10_describe_and_load(shared_tfds):
     assert x.shape == (32, 32, 32, 3) and y.dtype == tf.int32
 
 
+@pytest.mark.slow
 def test_tfds_cifar10_trains_a_few_steps(shared_tfds, tmp_path):
     from kgreedy.base.progress import Progress
     from kgreedy.training.controller import GreedyTrainer

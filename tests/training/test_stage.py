@@ -82,6 +82,7 @@ def _spy_positions(datasets, monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_skipped_loss_scaled_steps_leave_epoch_position_metrics_and_data_order(
         datasets, monkeypatch, tmp_path):
     recipe = _recipe(mixed_precision="mixed_float16")

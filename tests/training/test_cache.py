@@ -80,6 +80,7 @@ def train(r, run_dir):
     return weights, summary, stream.getvalue()
 
 
+@pytest.mark.slow
 def test_training_on_cached_features_matches_training_through_the_prefix(tmp_path):
     on, summary_on, out = train(recipe("on", cache_memory_mb=0), tmp_path / "on")
     off, summary_off, _ = train(recipe("off"), tmp_path / "off")

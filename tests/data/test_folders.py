@@ -1,4 +1,4 @@
-"""Image folders as users have them (kgreedy.folders, kgreedy.data.image_cache and the
+"""Image folders as users have them (kgreedy.data.folders, kgreedy.data.image_cache and the
 folder path of kgreedy.data): layouts and split names, a real shuffle, files of
 every kind, bad files, the decoded-image cache and the static eval shape."""
 
@@ -245,6 +245,7 @@ def photo_folder(root, sizes=((64, 48), (23, 57), (100, 75), (40, 40), (31, 90))
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["imagenet", "cifar", "none"])
 def test_cache_modes_give_the_same_pixels(tmp_path, augment):
     root = photo_folder(tmp_path / "photos")
@@ -308,6 +309,7 @@ TINY = ["--set", "train.epochs_per_stage=1", "--set", "train.steps_per_epoch=2",
         "--set", "data.channels=3", "--set", "data.source=image_folder"]
 
 
+@pytest.mark.slow
 def test_cli_trains_a_train_test_folder_with_bad_files_and_reports_them(tmp_path):
     root = photo_folder(tmp_path / "photos")
     os.rename(root / "val", root / "test")
@@ -325,6 +327,7 @@ def test_cli_trains_a_train_test_folder_with_bad_files_and_reports_them(tmp_path
     assert not (tmp_path / "run" / "cache").exists()
 
 
+@pytest.mark.slow
 def test_cli_trains_bare_class_folders_and_refuses_bad_files_in_error_mode(tmp_path):
     root = photo_folder(tmp_path / "photos")
     for c in ("cat", "dog"):

@@ -84,13 +84,14 @@ def test_serve_encoded_matches_serving_default(trained, exported):
     # Digits are 0..16; scaled to 0..255 they make JPEGs with something to lose.
     jpegs = tf.stack([tf.io.encode_jpeg(tf.cast(image * 15, tf.uint8), quality=75)
                       for image in x])
-    # The export decodes JPEGs with the accurate DCT (kgreedy.images).
+    # The export decodes JPEGs with the accurate DCT (kgreedy.data.images).
     decoded = tf.cast(tf.stack([tf.io.decode_jpeg(j, channels=1, dct_method="INTEGER_ACCURATE")
                                 for j in jpegs]), tf.float32)
     np.testing.assert_allclose(_run(encoded, image_bytes=jpegs)["probabilities"],
                                _run(default, images=decoded)["probabilities"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_serve_encoded_converts_grey_to_rgb_and_resizes_like_eval(trained, tmp_path):
     """An RGB model that resizes and crops: grey PNGs of several sizes in one request
     give what serving_default gives for the same pixels repeated to RGB, and what the
@@ -227,6 +228,7 @@ def test_rest_outputs_in_tf_serving_shape():
 
 # -------------------------------------------------------- check_serving.py ----
 
+@pytest.mark.slow
 def test_check_serving_passes_a_good_export(exported):
     path, _ = exported
     proc = subprocess.run([sys.executable, CHECK_SERVING, path], env=ENV, cwd=REPO,
@@ -282,6 +284,7 @@ def _check(path):
     return failed, [line for line in lines if line.startswith(("PASS  ", "FAIL  "))]
 
 
+@pytest.mark.slow
 def test_check_serving_fails_a_tampered_serve_encoded(tmp_path):
     failed, checks = _check(_fake_export(tmp_path / "fake" / "1", flip=True))
     failing = [line.split(":")[0] for line in checks if line.startswith("FAIL")]
@@ -352,6 +355,7 @@ def test_predict_json_matches_the_model(trained, exported, images, capsys):
                                want["probabilities"][0][top3], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_bad_files_get_one_line_each(exported, images):
     path, _ = exported
     files = [images / name for name in ("a.png", "missing.png", "text.png", "b.jpg",

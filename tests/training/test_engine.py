@@ -142,6 +142,7 @@ def test_checkpoints_restore_every_weight(greedy_run):
                     np.testing.assert_array_equal(w.numpy(), snap[w.path], err_msg=w.path)
 
 
+@pytest.mark.slow
 def test_end_to_end_trains_every_block_with_the_last_head(tmp_path):
     snaps = Snapshots()
     recipe = tiny_recipe(mode="end_to_end", epochs_per_stage=1)
@@ -155,6 +156,7 @@ def test_end_to_end_trains_every_block_with_the_last_head(tmp_path):
     assert summary["stages"][0]["frozen_params"] == 0
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_stages(tmp_path):
     run_dir = tmp_path / "run"
     first = Snapshots(fail_after=1)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+pytestmark = pytest.mark.slow  # real command lines killed and resumed
+
 RECIPE = {
     "name": "faults",
     "seed": 5,

@@ -12,6 +12,7 @@ ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_
 TOOL = runpy.run_path(str(ROOT / "tools" / "benchmark_folder.py"))
 
 
+@pytest.mark.slow
 def test_pipeline_epochs_are_timed_side_by_side(tmp_path, capsys):
     out = tmp_path / "folder.json"
     status = TOOL["main"](["--make", "30", "--image-size", "16", "--batch-size", "4",

@@ -106,7 +106,7 @@ QUICKSTART_TEST = ("test_quickstart.py::"
 
 COMMANDS = {
     # Quickstart: .ci/run installs the package (with the test extra) and runs the
-    # test command; tests/test_quickstart.py trains and serves the quickstart.
+    # test command; tests/project/test_quickstart.py trains and serves the quickstart.
     "python3 -m venv .venv && . .venv/bin/activate":
         covered(".ci/run", "python3 -m venv .venv", ". .venv/bin/activate"),
     "python -m pip install -e . && python -m kgreedy.train recipes/quickstart.json "
@@ -339,7 +339,7 @@ def test_every_documented_command_is_in_the_table():
     if missing:
         problems.append(
             "documented commands that no test runs; add each to COMMANDS in "
-            "tests/test_readme_commands.py, as tiny(...) (run here on tiny data) or "
+            "tests/project/test_readme_commands.py, as tiny(...) (run here on tiny data) or "
             "covered(...) (the test that runs it):\n"
             + "\n".join(f"  {c}  ({', '.join(commands[c])})" for c in missing))
     if stale:
@@ -554,6 +554,7 @@ def _check_both_signatures_answer(export, photos):
 TINY_GROUPS = sorted({how.group for how in COMMANDS.values() if isinstance(how, Tiny)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [
     pytest.param(g, marks=pytest.mark.xfail(strict=False, reason=PENDING[g]))
     if g in PENDING else g for g in TINY_GROUPS])
