@@ -146,6 +146,7 @@ def test_vgg11_deployed_model_is_vgg11_bn():
     assert net.heads[0].reduce is not None and net.heads[6].width == 1024
 
 
+@pytest.mark.slow
 def test_vgg11_cifar10_head_and_size_check():
     recipe = load_recipe(ROOT / "recipes" / "vgg11_cifar10.json")
     net = _net(recipe, 32)

@@ -52,6 +52,16 @@ def four_psi(r):
 SUBPROCESS_CASES = [
     ("unknown-top-level-key", derived(lambda r: r.update(epochs=3)), [],
      ["epochs: unknown key"]),
+    ("batch-larger-than-train-set", derived(lambda r: r["train"].update(batch_size=5000)),
+     [], ["train.batch_size:", "1437", "received 5000"]),
+    ("tfds-not-prepared", derived(lambda r: r["data"].update(
+        source="tfds", name="cifar10", data_dir="{tmp}/empty_tfds")), [],
+     ["data.data_dir:", "cifar10", "empty_tfds", "received"]),
+    ("invalid-json", '{"name": "tiny_digits",\n "seed": 0,,\n}', [],
+     ["{recipe}", "not valid JSON", "line 2"]),
+]
+
+IN_PROCESS_CASES = [
     ("unknown-nested-key", derived(lambda r: r["model"]["blocks"][1].update(stride=2)), [],
      ["model.blocks[1].stride: unknown key"]),
     ("k-zero", derived(lambda r: r["aux"].update(k=0)), [], ["aux.k:", "received 0"]),
@@ -63,21 +73,11 @@ SUBPROCESS_CASES = [
      ["data.source:", "received 'mnist'"]),
     ("image-too-small-for-four-psi", derived(four_psi), [],
      ["model.blocks[", "].downsample", "received 'psi'"]),
-    ("batch-larger-than-train-set", derived(lambda r: r["train"].update(batch_size=5000)),
-     [], ["train.batch_size:", "1437", "received 5000"]),
     ("image-folder-missing", derived(lambda r: r["data"].update(
         source="image_folder", data_dir="{tmp}/no_such_folder", image_size=8)), [],
      ["data.data_dir:", "received", "no_such_folder"]),
-    ("tfds-not-prepared", derived(lambda r: r["data"].update(
-        source="tfds", name="cifar10", data_dir="{tmp}/empty_tfds")), [],
-     ["data.data_dir:", "cifar10", "empty_tfds", "received"]),
     ("malformed-set", BASE, ["--set", "train.epochs_per_stage"],
      ["--set:", "KEY=VALUE", "received 'train.epochs_per_stage'"]),
-    ("invalid-json", '{"name": "tiny_digits",\n "seed": 0,,\n}', [],
-     ["{recipe}", "not valid JSON", "line 2"]),
-]
-
-IN_PROCESS_CASES = [
     ("epochs-zero", derived(lambda r: r["train"].update(epochs_per_stage=0)), [],
      ["train.epochs_per_stage:", "received 0"]),
     ("true-for-int", derived(lambda r: r.update(seed=True)), [], ["seed:", "received True"]),

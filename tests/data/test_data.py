@@ -443,6 +443,7 @@ def shared_tfds():
     return SHARED_TFDS
 
 
+@pytest.mark.slow
 def test_tfds_cifar10_describe_and_load(shared_tfds):
     config = data_config(source="tfds", name="cifar10", data_dir=str(shared_tfds),
                          augment="cifar", shuffle_buffer=1024)

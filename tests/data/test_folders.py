@@ -266,6 +266,7 @@ def test_cache_modes_give_the_same_pixels(tmp_path, augment):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_auto_cache_goes_to_disk_above_the_memory_limit(tmp_path):
     root = photo_folder(tmp_path / "photos")
     c = config(root, image_size=16, cache_memory_mb=1)

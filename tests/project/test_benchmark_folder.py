@@ -38,6 +38,7 @@ def test_a_missing_folder_is_a_usage_error(tmp_path, capsys):
     assert "folder: is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cache_cost_measures_both_sides_of_the_trade(capsys):
     cost = runpy.run_path(str(ROOT / "tools" / "cache_cost.py"))
     figures = cost["main"](["--examples", "64"])

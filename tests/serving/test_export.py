@@ -537,6 +537,7 @@ def test_ensemble_export_serves_the_weighted_heads(trained, tmp_path):
         export.export_saved_model(net, spec, str(tmp_path / "bad"), heads="all")
 
 
+@pytest.mark.slow
 def test_export_and_summaries_are_readable_by_other_users(trained, tmp_path):
     """mkdtemp/mkstemp make 0700/0600 entries; a TF Serving daemon running as another
     user must still read the export (umask 022 here: 0755 directories, 0644 files)."""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -25,7 +26,7 @@ from kgreedy.serving.checks import check
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
           "aux": {"k": 2, "width": 8}, "export": {"model_name": "digits"}}
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
 CHECK_SERVING = os.path.join(REPO, "tools", "check_serving.py")
 CROSS_CHECKS = ("serve_encoded(PNG) = serving_default(same pixels)",
                 "serve_encoded(JPEG) = serving_default(decoded JPEG pixels)")
