@@ -3,9 +3,37 @@
 The CPU is split into two logical devices before TensorFlow runs its first op, so
 MirroredStrategy tests can run in this process without GPUs (a split cannot be
 made later). Code on the default strategy uses the first device only.
+
+The suite runs in two processes (setup.cfg: pytest-xdist, one file per process at a
+time). Each then gets one thread for TensorFlow's ops, as do the command lines its
+tests start: two processes on two cores with two threads each only wait on each
+other. The files that take longest go first, so neither process is left with a long
+file at the end while the other idles.
 """
 
-import tensorflow as tf
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
+import tensorflow as tf  # noqa: E402
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+# Files by their time on 2 cores, longest first (measured with --durations).
+_LONGEST_FIRST = ["test_readme_commands", "test_faults", "test_architectures",
+                  "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
+                  "test_folders", "test_serving", "test_probe_report", "test_quickstart",
+                  "test_resume", "test_precision", "test_distribute", "test_cache",
+                  "test_multiworker", "test_engine", "test_quiet", "test_data"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    # A stable sort: the tests of a file keep their order.
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
