@@ -30,7 +30,8 @@ _LONGEST_FIRST = ["test_readme_commands", "test_faults", "test_architectures",
                   "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",
                   "test_resume", "test_precision", "test_distribute", "test_cache",
-                  "test_multiworker", "test_engine", "test_quiet", "test_data"]
+                  "test_multiworker", "test_engine", "test_quiet", "test_data",
+                  "test_stage", "test_benchmark_folder"]
 
 
 def pytest_collection_modifyitems(items):

@@ -116,10 +116,11 @@ COMMANDS = {
     'python -m pip install -e ".[test]" && python -m pytest -q':
         covered("test_docs.py::test_ci_runs_the_readme_test_command",
                 'python -m pip install -e ".[test]" && python -m pytest -q'),
-    # The fast subset: collected here (in the repository, nothing run), which shows
-    # that the marker expression is accepted and still selects tests.
+    # The fast subset: collected here (in the repository, nothing run, in this one
+    # process: -n 0), which shows that the marker expression is accepted and still
+    # selects tests.
     'python -m pytest -q -m "not slow"':
-        Tiny("pytest", ("--collect-only", "-p", "no:cacheprovider")),
+        Tiny("pytest", ("--collect-only", "-n", "0", "-p", "no:cacheprovider")),
     "pip install -e .":
         covered(".ci/run", "pip install -e"),
     # Command line.
