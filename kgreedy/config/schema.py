@@ -26,6 +26,7 @@ def setting(default=dataclasses.MISSING, *, choices=None, low=None, high=None,
 
 
 def to_plain(value):
+    """`value` as it reads back from JSON: tuples become lists, recursively."""
     if isinstance(value, dict):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

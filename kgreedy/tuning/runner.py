@@ -14,6 +14,7 @@ from kgreedy.base.errors import SearchFailed
 from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.config.schema import to_plain
 from kgreedy.config.vocabulary import OBJECTIVES
 from kgreedy.tuning.search import TRIAL_INFO, Search, best_net, fmt, make_tuner
 from kgreedy.tuning.space import candidate_recipe, searched_values
@@ -104,7 +105,7 @@ class AuxTuning:
         saved_path = os.path.join(project, CONTEXT)
         if os.path.isdir(project) and os.listdir(project):
             saved = read_json(saved_path) if os.path.isfile(saved_path) else None
-            if saved == _plain(context):
+            if saved == to_plain(context):  # as it reads back from JSON
                 return
             n = 1
             while os.path.exists(f"{project}.superseded-{n}"):
@@ -185,12 +186,3 @@ class AuxTuning:
                            for j, d in enumerate(designs, start=1))
         return (f"Found by kgreedy.tune {tune.name} ({tune.tuner}, scope {tune.scope}, "
                 f"objective {tune.objective}): {chosen}. Base: {tune.base.description}")
-
-
-def _plain(obj):
-    """`obj` as it reads back from JSON (tuples become lists)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
