@@ -114,9 +114,10 @@ def _main(args):
         scratch = tempfile.mkdtemp(prefix=f"kgreedy-{worker.task.replace(':', '-')}-")
         try:
             with _load_data(recipe, spec, scratch, None) as datasets:
-                GreedyTrainer(recipe, datasets, RunDir(scratch), strategy, progress,
+                own = RunDir(scratch)
+                GreedyTrainer(recipe, datasets, own, strategy, progress,
                               source=RunDir(output),
-                              export=_exporter(recipe, datasets.spec, RunDir(scratch))
+                              export=_exporter(recipe, datasets.spec, own)
                               ).fit(resume=args.resume)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -170,7 +171,7 @@ def _load_data(recipe, spec, output, progress):
 
 
 def _check_same_recipe(output, recipe):
-    saved = read_json(os.path.join(output, "recipe.json"), "resume")
+    saved = read_json(os.path.join(output, "recipe.json"), "--resume")
     # Compared after loading, so a run written before a key was added (and so
     # without it in recipe.json) still resumes when the key is at its default.
     try:

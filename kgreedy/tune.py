@@ -66,7 +66,7 @@ def prepare_output(path, tune):
     if not os.path.isfile(saved_path):
         raise KgreedyError("--output", f"is not empty and holds no {TUNE_RECIPE}; choose "
                            "a new or empty directory", path)
-    saved = read_json(saved_path, "output")
+    saved = read_json(saved_path, "--output")
     if _comparable(saved) != _comparable(tune.to_dict()):
         raise KgreedyError("--output", "holds a search with another tune recipe (only "
                            f"{' and '.join(RESUMABLE_CHANGES)} may change when resuming); "

@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass
 
-from kgreedy.base.errors import KgreedyError, RecipeError
+from kgreedy.base.errors import RecipeError
 from kgreedy.base.files import read_json
 from kgreedy.config.recipe import Recipe, apply_overrides, check_against_data, validate
 from kgreedy.config.schema import build, setting
@@ -77,8 +77,7 @@ class TuneRecipe:
 
 
 def _prefixed(error, prefix):
-    return RecipeError(f"{prefix}.{error.path}" if error.path else prefix, error.message,
-                       *([] if error.received is KgreedyError._MISSING else [error.received]))
+    return error.at(f"{prefix}.{error.path}" if error.path else prefix)
 
 
 def _check_choices(space):

@@ -27,7 +27,7 @@ from kgreedy.model.network import parameter_table
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.checkpoints import restore_latest_good
 from kgreedy.training.distribute import WorkerInfo
-from kgreedy.training.driver import EpochDriver
+from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.records import RunRecords
 from kgreedy.training.rundir import stage_checkpoint
 from kgreedy.training.stage import StageLoop
@@ -206,7 +206,8 @@ class GreedyTrainer:
             loop, self.datasets, epochs, eval_data,
             train_source=None if cache is None else cache.train_split,
             actions=[_Records(records, epochs), checkpoints,
-                     _ProgressLines(self.progress, self.worker.num_workers == 1),
+                     LiveSteps(self.progress, live=self.worker.num_workers == 1),
+                     _EpochLines(self.progress),
                      *self.actions],
             nonfinite=self._nonfinite(stage), align=every)
         checkpoints.attach(driver)
@@ -323,25 +324,11 @@ class _Checkpoints:
         self.manager.save(checkpoint_number=driver.loop.step)
 
 
-class _ProgressLines:
-    """The live step line (at most twice a second) and the line of each epoch.
+class _EpochLines:
+    """The line of each finished epoch."""
 
-    Reading metrics is a collective across workers: only a single worker shows live
-    progress.
-    """
-
-    def __init__(self, progress, live):
+    def __init__(self, progress):
         self.progress = progress
-        self.live = live and progress.live
-        self.last_shown = 0.0
-
-    def after_chunk(self, driver, epoch, done, images_per_second):
-        now = time.perf_counter()
-        if self.live and now - self.last_shown >= 0.5:
-            loss, acc = driver.loop.metrics()
-            self.progress.step(driver.loop.stage, epoch, driver.epochs, done,
-                               driver.steps_per_epoch, loss, acc, images_per_second)
-            self.last_shown = now
 
     def after_epoch(self, driver, record):
         self.progress.epoch_end(record, driver.epochs, driver.steps_per_epoch)

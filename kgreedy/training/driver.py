@@ -13,6 +13,8 @@ callbacks. An action is any object with some of these methods:
   counts the epoch as finished.
 """
 
+import time
+
 import tensorflow as tf
 
 
@@ -105,3 +107,30 @@ class EpochDriver:
 
 def _nonfinite_error(epoch, step):
     return FloatingPointError(f"epoch {epoch}, step {step}: the loss is not finite")
+
+
+class LiveSteps:
+    """Rewrites the live step line at most twice a second (on a terminal only).
+
+    Reading the metrics syncs with the device and, across workers, is a collective
+    every worker must join: with several workers it stays off (`live=False`).
+
+    Args:
+        progress: a `kgreedy.base.progress.Progress`.
+        live: whether to show the line at all.
+        last_epoch: the epoch count the line shows (default: the stage's epochs).
+    """
+
+    def __init__(self, progress, live=True, last_epoch=None):
+        self.progress = progress
+        self.live = live and progress.live
+        self.last_epoch = last_epoch
+        self.last_shown = 0.0
+
+    def after_chunk(self, driver, epoch, done, images_per_second):
+        now = time.perf_counter()
+        if self.live and now - self.last_shown >= 0.5:
+            loss, acc = driver.loop.metrics()
+            self.progress.step(driver.loop.stage, epoch, self.last_epoch or driver.epochs,
+                               done, driver.steps_per_epoch, loss, acc, images_per_second)
+            self.last_shown = now

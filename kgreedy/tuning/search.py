@@ -23,7 +23,7 @@ from kgreedy.config.vocabulary import OBJECTIVES
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params, parameter_table
 from kgreedy.training.cache import FeatureCache, use_cache
-from kgreedy.training.driver import EpochDriver
+from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.stage import StageLoop
 from kgreedy.tuning.space import (candidate_recipe, declare, design_from, pool_problem,
                                   searched_values, trial_recipe)
@@ -118,27 +118,13 @@ class Search:
             self.datasets.distributed_eval(self.strategy,
                                            None if cache is None else cache.eval_split),
             train_source=None if cache is None else cache.train_split,
-            actions=[_LiveSteps(self.progress, end), _TunerEpochs(on_epoch)],
+            actions=[LiveSteps(self.progress, last_epoch=end), _TunerEpochs(on_epoch)],
             nonfinite=lambda epoch, step: FailedTrialError(
                 f"stage {stage}, epoch {epoch}: the loss is not finite (learning rate "
                 f"{rate:.4g} too high?)"))
         if start:  # a continued trial: its schedule goes on where it stopped
             driver.start_at(start + 1)
         driver.run(end)
-
-
-class _LiveSteps:
-    """The live step line of a trial's epoch."""
-
-    def __init__(self, progress, last_epoch):
-        self.progress = progress
-        self.last_epoch = last_epoch
-
-    def after_chunk(self, driver, epoch, done, images_per_second):
-        if self.progress.live:
-            loss, acc = driver.loop.metrics()
-            self.progress.step(driver.loop.stage, epoch, self.last_epoch, done,
-                               driver.steps_per_epoch, loss, acc, images_per_second)
 
 
 class _TunerEpochs:

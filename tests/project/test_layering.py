@@ -129,7 +129,7 @@ def test_no_module_outgrows_a_reader():
     assert not long, long
 
 
-def test_the_vocabulary_and_the_config_need_no_tensorflow(graph):
+def test_the_vocabulary_and_the_config_need_no_tensorflow():
     # The config room loads recipes in tools and front ends that answer --help
     # without TensorFlow: it imports only base and itself, and no TensorFlow.
     for name, path in _modules().items():
