@@ -84,6 +84,16 @@ def vgg11(k):
 ARCHITECTURES = {"paper_cifar10": paper_cifar10, "paper_imagenet": paper_imagenet,
                  "vgg11": vgg11}
 
+# Residual networks (He et al. 2016), built whole by kgreedy.model.resnets and split
+# into model.modules balanced modules (or at model.split_at): name -> (family, depth).
+RESIDUAL = {"resnet20": ("cifar", 20), "resnet32": ("cifar", 32),
+            "resnet56": ("cifar", 56), "resnet110": ("cifar", 110),
+            "resnet18": ("imagenet", 18), "resnet34": ("imagenet", 34),
+            "resnet50": ("imagenet", 50)}
+# What a residual architecture sets when the recipe does not: heads as wide as the
+# module's output.
+RESIDUAL_AUX = {"width": "auto"}
+
 
 def layout(name, k):
     """The plain spec of architecture `name` for auxiliary depth `k`.
@@ -97,7 +107,7 @@ def layout(name, k):
     """
     if not isinstance(name, str) or name not in ARCHITECTURES:
         raise RecipeError("model.architecture", "must be one of "
-                          + ", ".join(repr(n) for n in ARCHITECTURES), name)
+                          + ", ".join(repr(n) for n in [*ARCHITECTURES, *RESIDUAL]), name)
     return ARCHITECTURES[name](k)
 
 
@@ -116,6 +126,13 @@ def expand(raw):
     if not isinstance(model, dict) or model.get("architecture") is None:
         return raw
     aux = raw.get("aux") if isinstance(raw.get("aux"), dict) else {}
+    if model["architecture"] in RESIDUAL:
+        if model.get("blocks"):
+            raise RecipeError("model.blocks", f"architecture {model['architecture']!r} "
+                              "is split into modules (model.modules or model.split_at) "
+                              "and has no model.blocks; leave them out", model["blocks"])
+        raw["aux"] = {**RESIDUAL_AUX, **aux}
+        return raw
     k = aux.get("k", 2) if isinstance(aux.get("k", 2), int) else 2
     spec = layout(model["architecture"], k)
     blocks = model.get("blocks")

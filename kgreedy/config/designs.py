@@ -14,12 +14,24 @@ def head_widths(recipe):
 
     A downsampling in block 1 itself (psi on the input image, as the ImageNet
     models do) does not double: aux.width is the width at block 1's output.
+    aux.width "auto" is each block's own width; for a model split into modules it
+    stays "auto", which the network resolves to each module's output channels
+    (and aux.width as a number is then every stage's: modules have no
+    downsampling flag to grow it by).
     """
     widths, width = [], recipe.aux.width
     per_stage = recipe.aux.per_stage
-    for j, block in enumerate(recipe.model.blocks):
-        if j > 0 and block.downsample != "none" and recipe.aux.grow_with_downsample:
-            width *= 2
+    if recipe.split:
+        stages = [width] * recipe.num_stages
+    elif width == "auto":
+        stages = [block.width for block in recipe.model.blocks]
+    else:
+        stages = []
+        for j, block in enumerate(recipe.model.blocks):
+            if j > 0 and block.downsample != "none" and recipe.aux.grow_with_downsample:
+                width *= 2
+            stages.append(width)
+    for j, width in enumerate(stages):
         own = per_stage[j].width if j < len(per_stage) else None
         widths.append(width if own is None else own)
     if recipe.aux.last_width is not None:
@@ -35,10 +47,10 @@ def head_designs(recipe):
     Raises:
         RecipeError: aux.per_stage has more entries than there are blocks.
     """
-    aux, blocks = recipe.aux, recipe.model.blocks
-    if len(aux.per_stage) > len(blocks):
+    aux = recipe.aux
+    if len(aux.per_stage) > recipe.num_stages:
         raise RecipeError("aux.per_stage", f"has {len(aux.per_stage)} entries but "
-                          f"model.blocks has {len(blocks)} stages", len(aux.per_stage))
+                          f"the model has {recipe.num_stages} stages", len(aux.per_stage))
     designs = []
     for j, width in enumerate(head_widths(recipe)):
         own = aux.per_stage[j] if j < len(aux.per_stage) else None

@@ -17,11 +17,12 @@ from kgreedy.config import architectures
 from kgreedy.config.designs import head_designs
 from kgreedy.config.schema import build, setting, to_plain
 from kgreedy.config.vocabulary import (AUGMENTS, BAD_FILES, CACHE_MODES, DOWNSAMPLES,
-                                       EXPORT_HEADS, HEAD_TYPES, IMAGE_CACHES, MODES,
+                                       EXPORT_HEADS, HEAD_TYPES, IMAGE_CACHES,
+                                       LAST_HEAD_TYPES, MODES,
                                        NAME_RE, OPTIMIZERS, PRECISIONS, SCHEDULES, SOURCES,
                                        STRATEGIES, WEIGHT_DECAY_TYPES)
 
-ARCHITECTURE_NAMES = tuple(architectures.ARCHITECTURES)
+ARCHITECTURE_NAMES = tuple(architectures.ARCHITECTURES) + tuple(architectures.RESIDUAL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,11 +85,30 @@ class ModelConfig:
 
     architecture: typing.Optional[str] = setting(
         None, choices=ARCHITECTURE_NAMES,
-        doc="a named model of kgreedy/config/architectures.py (paper_cifar10 and paper_imagenet "
-            "pick their k=1 or k>=2 variant by aux.k); fills model.blocks and the model's "
-            "defaults of the keys below and of aux.*")
+        doc="a named model of kgreedy/config/architectures.py. paper_cifar10, "
+            "paper_imagenet (their k=1 or k>=2 variant by aux.k) and vgg11 fill "
+            "model.blocks and the model's defaults of the keys below and of aux.*; the "
+            "residual networks (CIFAR resnet20/32/56/110, ImageNet resnet18/34/50) are "
+            "split into model.modules or at model.split_at")
     blocks: typing.Tuple[BlockConfig, ...] = setting(
-        (), doc="the trunk, one block per stage (required without model.architecture)")
+        (), doc="the trunk, one block per stage (required unless the model is split "
+                "into modules)")
+    keras_application: typing.Optional[str] = setting(
+        None, doc="a keras.applications constructor by name (e.g. MobileNetV2, ResNet50), "
+                  "built with weights=None at the data's image size and split into "
+                  "modules")
+    keras_file: typing.Optional[str] = setting(
+        None, doc="a saved .keras model (one image input), loaded in Keras' safe mode "
+                  "and split into modules")
+    split_at: typing.Optional[typing.Tuple[str, ...]] = setting(
+        None, doc="split a residual architecture, keras_application or keras_file "
+                  "after these layers (by name, in order): len + 1 modules")
+    modules: typing.Optional[int] = setting(
+        None, low=1, doc="split a residual architecture, keras_application or "
+                         "keras_file into this many modules of balanced depth")
+    balanced_memory: bool = setting(
+        False, doc="model.modules balances the activation size each module writes "
+                   "instead of its conv and dense layers")
     batch_norm: bool = setting(True, doc="BN after every conv (blocks and heads)")
     conv_bias: bool = setting(False, doc="trunk convs keep a bias even before BN "
                                       "(torchvision's VGG does; vgg11 sets it)")
@@ -118,7 +138,10 @@ class AuxConfig:
                          "layer (k, width unused); vgg: VGG's classifier (max-pool, "
                          "FC-4096, FC-4096, linear, dropout 0.5)")
     k: int = setting(2, low=1, doc="hidden layers of the auxiliary problem, block included")
-    width: int = setting(128, low=1, doc="width of the head's k-1 conv layers at block 1")
+    width: typing.Union[int, str] = setting(
+        128, low=1, words=("auto",),
+        doc="width of the head's k-1 conv layers at stage 1; auto: the output channels "
+            "of each stage's block or module (residual architectures' default)")
     grow_with_downsample: bool = setting(
         True, doc="double the head width at every downsampling after block 1, as the "
                   "official code does")
@@ -127,8 +150,11 @@ class AuxConfig:
         None, low=1, doc="conv and mlp_sr heads first average the map to 1/reduction of "
                          "its side (default: conv 1, i.e. not at all; mlp_sr 4)")
     last_head: typing.Optional[str] = setting(
-        None, choices=HEAD_TYPES, doc="head type of the last stage, the deployed "
-                                      "classifier (default: aux.head); vgg: VGG's FC-4096 x2")
+        None, choices=LAST_HEAD_TYPES,
+        doc="head type of the last stage, the deployed classifier (default: aux.head); "
+            "vgg: VGG's FC-4096 x2; model: the split model's own classifier (named "
+            "ResNets: global average pool + linear), so the deployed model is exactly "
+            "that architecture")
     last_width: typing.Optional[int] = setting(
         None, low=1, doc="width of the last stage's head, the paper's M~_f (default: "
                          "aux.width grown as the other stages')")
@@ -248,16 +274,76 @@ class Recipe:
     def model_name(self):
         return self.export.model_name or self.name
 
+    @property
+    def num_stages(self):
+        """Stages of the recipe: its blocks, or the modules its model is split into."""
+        model = self.model
+        if model.split_at is not None:
+            return len(model.split_at) + 1
+        return model.modules or len(model.blocks)
+
+    @property
+    def split(self):
+        """Whether the trunk is a model split into modules (not `model.blocks`)."""
+        return split_source(self.model) is not None
+
     def to_dict(self):
         """Plain JSON-ready dict; `recipe_from_dict(r.to_dict()) == r`."""
         return to_plain(dataclasses.asdict(self))
 
 
+def split_source(model):
+    """The key naming a model to split (`model.architecture` for a residual one,
+    `model.keras_application`, `model.keras_file`), or None for `model.blocks`."""
+    named = [key for key, value in (
+        ("architecture", model.architecture in architectures.RESIDUAL or None),
+        ("keras_application", model.keras_application),
+        ("keras_file", model.keras_file)) if value is not None]
+    if len(named) > 1:
+        raise RecipeError(f"model.{named[1]}", f"a recipe names one model; it also has "
+                          f"model.{named[0]}", getattr(model, named[1]))
+    return f"model.{named[0]}" if named else None
+
+
+def _validate_model(recipe):
+    model, source = recipe.model, split_source(recipe.model)
+    if source is None:
+        if not model.blocks:
+            raise RecipeError("model.blocks", "needs at least one block (or set "
+                              "model.architecture, model.keras_application or "
+                              "model.keras_file)", [])
+        for key in ("split_at", "modules"):
+            if getattr(model, key) is not None:
+                raise RecipeError(f"model.{key}", "splits a residual architecture, "
+                                  "model.keras_application or model.keras_file; this "
+                                  "recipe's trunk is model.blocks", getattr(model, key))
+        if recipe.aux.last_head == "model":
+            raise RecipeError("aux.last_head", "'model' keeps a split model's own "
+                              "classifier; model.blocks has none", "model")
+        return
+    if model.blocks:
+        raise RecipeError("model.blocks", f"a recipe with {source} splits that model into "
+                          "modules and has no model.blocks; leave them out",
+                          [b.width for b in model.blocks])
+    if model.split_at is None and model.modules is None:
+        raise RecipeError("model.modules", f"{source} {getattr(model, source[6:])!r} is "
+                          "split into modules: set model.modules (K modules of balanced "
+                          "depth) or model.split_at (layer names)", None)
+    if model.split_at is not None and model.modules is not None:
+        raise RecipeError("model.split_at", "give model.modules or model.split_at, not "
+                          "both", list(model.split_at))
+    if model.split_at is not None and model.balanced_memory:
+        raise RecipeError("model.balanced_memory", "only applies to model.modules, not "
+                          "model.split_at", True)
+    if model.keras_application is not None and not model.keras_application.isidentifier():
+        raise RecipeError("model.keras_application", "must be the name of a "
+                          "keras.applications constructor, e.g. 'MobileNetV2'",
+                          model.keras_application)
+
+
 def validate(recipe):
     """Checks that span several keys."""
-    if not recipe.model.blocks:
-        raise RecipeError("model.blocks", "needs at least one block (or set "
-                          "model.architecture)", [])
+    _validate_model(recipe)
     data = recipe.data
     if data.source == "tfds" and not data.name:
         raise RecipeError("data.name", "is required when data.source is 'tfds'", data.name)
@@ -276,9 +362,9 @@ def validate(recipe):
         raise RecipeError("data.std", "values must be > 0", list(data.std))
     if data.augment == "imagenet" and data.image_size is None:
         raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
-    if len(recipe.aux.per_stage) > len(recipe.model.blocks):
+    if len(recipe.aux.per_stage) > recipe.num_stages:
         raise RecipeError("aux.per_stage", f"has more entries than the "
-                          f"{len(recipe.model.blocks)} stages of model.blocks",
+                          f"{recipe.num_stages} stages of the model",
                           len(recipe.aux.per_stage))
     if recipe.train.cache_features == "on" and recipe.data.augment != "none":
         raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
@@ -412,7 +498,9 @@ def check_against_data(recipe, image_size, num_replicas=1):
                 "small for the number of downsamplings", block.downsample)
         sides.append(size)
     last = len(sides) - 1
-    for i, design in enumerate(head_designs(recipe)):
+    # A split model's feature maps are known once it is built:
+    # kgreedy.model.from_recipe checks its heads against them.
+    for i, design in enumerate(head_designs(recipe)[:len(sides)]):
         if design["kind"] == "vgg" and sides[i] < 2:
             key = ("aux.last_head" if i == last and recipe.aux.last_head == "vgg" else
                    f"aux.per_stage[{i}].head" if i < len(recipe.aux.per_stage)

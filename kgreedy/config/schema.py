@@ -16,10 +16,14 @@ from kgreedy.base.errors import RecipeError
 
 
 def setting(default=dataclasses.MISSING, *, choices=None, low=None, high=None,
-         open_low=False, open_high=False, pattern=None, doc=""):
-    """Declares a recipe key with its default and allowed values."""
+         open_low=False, open_high=False, pattern=None, words=None, doc=""):
+    """Declares a recipe key with its default and allowed values.
+
+    `words` are the strings a number-or-string key accepts (`aux.width: "auto"`);
+    `choices`, `low` and `high` then apply to its numbers.
+    """
     meta = dict(choices=choices, low=low, high=high, open_low=open_low,
-                open_high=open_high, pattern=pattern, doc=doc)
+                open_high=open_high, pattern=pattern, words=words, doc=doc)
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,7 +56,18 @@ def convert(tp, value, path):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return convert(args[0], value, path)
+        for arg in args[:-1]:
+            try:
+                return convert(arg, value, path)
+            except RecipeError:
+                pass  # not this member of the union: try the next
+        try:
+            return convert(args[-1], value, path)
+        except RecipeError:
+            if len(args) == 1:
+                raise
+            raise RecipeError(path, "expected " + " or ".join(map(_type_name, args)),
+                              value) from None
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, list):
@@ -78,6 +93,11 @@ def convert(tp, value, path):
 
 def _check_range(meta, value, path):
     if value is None:
+        return
+    if meta.get("words") is not None and isinstance(value, str):
+        if value not in meta["words"]:
+            raise RecipeError(path, "must be a number or one of "
+                              + ", ".join(repr(w) for w in meta["words"]), value)
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
@@ -133,6 +153,8 @@ def describe_keys(cls, prefix=""):
         doc = f.metadata.get("doc", "")
         if choices:
             doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, choices))
+        if f.metadata.get("words"):
+            doc = (doc + "; " if doc else "") + "or " + ", ".join(f.metadata["words"])
         yield (path, _json_type(tp), default, doc)
 
 
@@ -141,7 +163,8 @@ def _json_type(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_json_type(args[0])} or null"
+        names = " or ".join(_json_type(a) for a in args)
+        return f"{names} or null" if type(None) in typing.get_args(tp) else names
     if origin is tuple:
         item = _json_type(typing.get_args(tp)[0])
         return "list of " + {"integer": "integers", "number": "numbers",

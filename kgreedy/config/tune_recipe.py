@@ -58,7 +58,8 @@ class TuneRecipe:
                       doc="joint: one design for stages 1..N, scored on stage N; "
                           "per_stage: stage by stage, each keeps its best design")
     stages: typing.Optional[int] = setting(None, low=1,
-                                        doc="N stages trained (default: all base blocks)")
+                                        doc="N stages trained (default: all of the base "
+                                            "model's blocks or modules)")
     epochs_per_trial: int = setting(3, low=1, doc="epochs per stage in a trial; "
                                                "hyperband: its max_epochs")
     steps_per_epoch: typing.Optional[int] = setting(
@@ -70,7 +71,7 @@ class TuneRecipe:
 
     @property
     def num_stages(self):
-        return self.stages or len(self.base.model.blocks)
+        return self.stages or self.base.num_stages
 
     def to_dict(self):
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -115,9 +116,9 @@ def tune_recipe_from_dict(raw):
         raise _prefixed(e, "base") from None
     base = tune.base
     _check_choices(tune.search)
-    if tune.stages is not None and tune.stages > len(base.model.blocks):
-        raise RecipeError("stages", f"must be <= the {len(base.model.blocks)} blocks of "
-                          "base.model.blocks", tune.stages)
+    if tune.stages is not None and tune.stages > base.num_stages:
+        raise RecipeError("stages", f"must be <= the {base.num_stages} stages of "
+                          "the base model", tune.stages)
     if base.train.mode != "greedy":
         raise RecipeError("base.train.mode", "must be 'greedy': trials train stage by "
                           "stage", base.train.mode)

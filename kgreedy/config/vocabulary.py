@@ -8,6 +8,8 @@ SOURCES = ("digits", "tfds", "image_folder")
 AUGMENTS = ("none", "cifar", "imagenet")
 DOWNSAMPLES = ("none", "psi", "maxpool", "avgpool", "stride")
 HEAD_TYPES = ("conv", "mlp_sr", "linear", "vgg")
+# The last stage may also keep the model's own classifier (split models only).
+LAST_HEAD_TYPES = HEAD_TYPES + ("model",)
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_DECAY_TYPES = ("l2", "decoupled")
 SCHEDULES = ("constant", "step", "cosine")

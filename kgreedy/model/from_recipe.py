@@ -1,14 +1,24 @@
 """The model's edge: a `GreedyNet` from a recipe.
 
 The net itself takes plain arguments (`kgreedy.model.network.GreedyNet`); this is the
-one place that reads a recipe for it.
+one place that reads a recipe for it: plain blocks, or a whole model (a named
+ResNet, a `keras.applications` constructor, a saved `.keras` file) split into
+modules.
 """
 
+import os
+
+import keras
+
+from kgreedy.base.errors import RecipeError
+from kgreedy.config import architectures
 from kgreedy.config.designs import head_designs
+from kgreedy.model import resnets, split
+from kgreedy.model.layers import conv_blocks
 from kgreedy.model.network import GreedyNet
 
 
-def from_recipe(recipe, image_shape, num_classes, mean, std):
+def from_recipe(recipe, image_shape, num_classes, mean, std, stages=None):
     """The `GreedyNet` a recipe describes, for data of `image_shape` and `num_classes`.
 
     Args:
@@ -17,9 +27,164 @@ def from_recipe(recipe, image_shape, num_classes, mean, std):
         num_classes: classes of the task.
         mean: per-channel mean of raw pixels.
         std: per-channel std of raw pixels.
+        stages: build only the first `stages` stages (default: all), as the whole
+            recipe defines them: a split model keeps the module boundaries of the
+            whole model, and the last built stage keeps its ordinary head unless it
+            is the recipe's last (a tuner's trial, `kgreedy.tuning.space`).
+
+    Raises:
+        RecipeError: the model cannot be built, loaded or split as the recipe asks,
+            or its feature maps are too small for the heads.
+    """
+    model, designs = recipe.model, head_designs(recipe)
+    stages = recipe.num_stages if stages is None else stages
+    if not 1 <= stages <= recipe.num_stages:
+        raise ValueError(f"`stages` must be between 1 and the recipe's "
+                         f"{recipe.num_stages} stages. Received: stages={stages}")
+    if recipe.split:
+        modules, top = split_modules(recipe, image_shape, num_classes)
+        if top is not None:
+            designs[-1] = top
+        modules, designs = modules[:stages], designs[:stages]
+        _check_pools(recipe, modules, designs, image_shape)
+    else:
+        modules = conv_blocks([{"width": b.width, "downsample": b.downsample}
+                               for b in model.blocks[:stages]], model.batch_norm,
+                              model.sync_batch_norm, model.conv_bias)
+        designs = designs[:stages]
+    return GreedyNet(modules, designs, image_shape, num_classes, mean, std,
+                     batch_norm=model.batch_norm, sync_batch_norm=model.sync_batch_norm,
+                     name=recipe.name)
+
+
+def trunk_shapes(recipe, image_shape, num_classes):
+    """(height, width, channels) of each stage's output, for every stage of the
+    recipe, without building heads: the tuner checks a trial's pooling against
+    them before it builds the trial's net.
+
+    Raises:
+        RecipeError: the model cannot be built, loaded or split as the recipe asks.
     """
     model = recipe.model
-    return GreedyNet([{"width": b.width, "downsample": b.downsample} for b in model.blocks],
-                     head_designs(recipe), image_shape, num_classes, mean, std,
-                     batch_norm=model.batch_norm, sync_batch_norm=model.sync_batch_norm,
-                     conv_bias=model.conv_bias, name=recipe.name)
+    if recipe.split:
+        modules = split_modules(recipe, image_shape, num_classes)[0]
+    else:
+        modules = conv_blocks([{"width": b.width, "downsample": b.downsample}
+                               for b in model.blocks], model.batch_norm,
+                              model.sync_batch_norm, model.conv_bias)
+    shape, shapes = (None, *image_shape), []
+    for module in modules:
+        shape = tuple(module.compute_output_shape(shape))
+        shapes.append(shape[1:])
+    return shapes
+
+
+def whole_model(recipe, image_shape, num_classes):
+    """The model a split recipe names, with its own classifier when
+    `aux.last_head` is `model` (`num_classes` logits), else without."""
+    model, with_top = recipe.model, recipe.aux.last_head == "model"
+    if model.architecture is not None:
+        family, depth = architectures.RESIDUAL[model.architecture]
+        return resnets.resnet(family, depth, image_shape, model.sync_batch_norm,
+                              classes=num_classes if with_top else None)
+    if model.keras_application is not None:
+        return _application(model.keras_application, image_shape, num_classes, with_top)
+    return _load_file(model.keras_file, image_shape)
+
+
+def split_modules(recipe, image_shape, num_classes):
+    """(modules, top): the recipe's model split into modules, and its own
+    classifier (a Keras model on the last module's output) when `aux.last_head`
+    is `model`, else None."""
+    model = recipe.model
+    whole = whole_model(recipe, image_shape, num_classes)
+    trunk, top = split.trunk_and_top(whole, key="model")
+    if recipe.aux.last_head == "model":
+        _check_top(top, num_classes, model)
+    if model.split_at is not None:
+        at = model.split_at
+        key = "model.split_at"
+    else:
+        at = split.balanced_split_points(
+            trunk, model.modules, "memory" if model.balanced_memory else "layers",
+            key="model.modules")
+        key = "model.modules"
+    modules = split.split_model(trunk, at, key=key)
+    return modules, (top if recipe.aux.last_head == "model" else None)
+
+
+def _application(name, image_shape, num_classes, with_top):
+    constructor = getattr(keras.applications, name, None)
+    if not callable(constructor) or not name[:1].isupper():
+        raise RecipeError("model.keras_application", "is not a keras.applications "
+                          "constructor (e.g. 'MobileNetV2', 'ResNet50', 'EfficientNetB0')",
+                          name)
+    kwargs = dict(weights=None, input_shape=tuple(image_shape), include_top=with_top)
+    if with_top:
+        kwargs.update(classes=num_classes, classifier_activation=None)
+    try:
+        return constructor(**kwargs)
+    except ValueError as e:
+        # keras.applications refuses an input it cannot take (too small, wrong
+        # channels) with a ValueError; its first line says which.
+        raise RecipeError("model.keras_application", f"keras.applications.{name} "
+                          f"cannot be built for {'x'.join(map(str, image_shape))} "
+                          f"images: {str(e).strip().splitlines()[0]}", name) from None
+
+
+def _load_file(path, image_shape):
+    if not os.path.isfile(path):
+        raise RecipeError("model.keras_file", "no such file", path)
+    if not path.endswith(".keras"):
+        raise RecipeError("model.keras_file", "must be a .keras file (model.save("
+                          "'name.keras'))", path)
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, OSError) as e:
+        raise RecipeError("model.keras_file", "Keras cannot load it: "
+                          f"{str(e).strip().splitlines()[0]}", path) from None
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) == 1 and tuple(inputs[0].shape[1:]) not in (tuple(image_shape),):
+        shape = tuple(inputs[0].shape[1:])
+        if len(shape) != 3 or any(a is not None and a != b
+                                  for a, b in zip(shape, image_shape)):
+            raise RecipeError("model.keras_file", f"the model takes inputs of shape "
+                              f"{shape}, the data gives images of "
+                              f"{tuple(image_shape)}", path)
+    return model
+
+
+def _check_top(top, num_classes, model):
+    source = ("model.keras_file" if model.keras_file else
+              "model.keras_application" if model.keras_application else "model.architecture")
+    if top is None:
+        raise RecipeError("aux.last_head", f"'model' needs a classifier of the model's "
+                          f"own, and the {source} model ends in a feature map", "model")
+    out = top.outputs[0].shape[-1]
+    if out != num_classes:
+        raise RecipeError("aux.last_head", f"'model': the {source} model's classifier "
+                          f"has {out} outputs, the data {num_classes} classes", "model")
+    last = top.layers[-1]
+    if (isinstance(last, keras.layers.Softmax)
+            or getattr(last, "activation", None) is keras.activations.softmax):
+        raise RecipeError("aux.last_head", f"'model': the last layer of the {source} "
+                          f"model ({last.name!r}) applies softmax, and kgreedy trains "
+                          "logits; save it with activation=None", "model")
+
+
+def _check_pools(recipe, modules, designs, image_shape):
+    """Refuses a head that pools a module's map to more than the map's side."""
+    shape = (None, *image_shape)
+    for j, (module, design) in enumerate(zip(modules, designs), start=1):
+        shape = tuple(module.compute_output_shape(shape))
+        if not isinstance(design, dict) or design["kind"] in ("vgg",):
+            continue
+        pool = design.get("pool_size") or 1
+        side = min(d for d in shape[1:3] if d is not None) if any(shape[1:3]) else None
+        if side is not None and side < pool:
+            own = (j - 1 < len(recipe.aux.per_stage)
+                   and recipe.aux.per_stage[j - 1].pool_size is not None)
+            key = f"aux.per_stage[{j - 1}].pool_size" if own else "aux.pool_size"
+            raise RecipeError(key, f"module {j} outputs a {shape[1]}x{shape[2]} map, "
+                              f"smaller than the head's {pool}x{pool} pool (image size "
+                              f"{image_shape[0]})", pool)

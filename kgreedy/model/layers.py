@@ -121,6 +121,21 @@ class ConvBlock(keras.layers.Layer):
                 "sync_batch_norm": self.sync_batch_norm, "use_bias": self.use_bias}
 
 
+def conv_blocks(blocks, batch_norm=True, sync_batch_norm=False, conv_bias=False):
+    """The modules of a plain trunk: one `ConvBlock` per `{"width", "downsample"}`,
+    named `stage{j}_block`.
+
+    Args:
+        blocks: per stage, `{"width": int, "downsample": one of DOWNSAMPLES}`.
+        batch_norm: BN after every conv.
+        sync_batch_norm: BN statistics over all replicas.
+        conv_bias: the convs keep a bias even before BN.
+    """
+    return [ConvBlock(b["width"], b.get("downsample", "none"), batch_norm, sync_batch_norm,
+                      use_bias=True if conv_bias else None, name=f"stage{j}_block")
+            for j, b in enumerate(blocks, start=1)]
+
+
 @keras.saving.register_keras_serializable(package="kgreedy")
 class Standardize(keras.layers.Layer):
     """(x - mean) / std per channel, with the dataset's statistics as constants.

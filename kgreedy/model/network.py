@@ -1,4 +1,4 @@
-"""The greedy network: a trunk of blocks with one auxiliary head per stage.
+"""The greedy network: a trunk of modules with one auxiliary head per stage.
 
 Models know nothing of training. `GreedyNet` owns the layers; the engine decides
 which are frozen, and `deployed_model` assembles what is exported.
@@ -8,91 +8,103 @@ import keras
 
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.model.heads import make_head
-from kgreedy.model.layers import ConvBlock, Standardize
+from kgreedy.model.layers import Standardize
 
 
 class GreedyNet:
-    """A trunk of `ConvBlock`s (`stage{j}_block`) and heads (`stage{j}_head`).
+    """A trunk of modules (`stage{j}_...`) with one head per stage (`stage{j}_head`).
 
-    Stage j (1-based) is block j with head j on top of blocks 1..j-1. Every layer is
-    built at construction, so weights exist before a checkpoint is restored. The
-    arguments are plain values, as a keras-hub backbone takes them;
-    `kgreedy.model.from_recipe` builds one from a recipe.
+    Stage j (1-based) is module j with head j on top of modules 1..j-1. A module is
+    any Keras layer or model that maps a feature map to a feature map: a plain conv
+    block (`kgreedy.model.layers.conv_blocks`), or a piece of a split model
+    (`kgreedy.model.split.split_model`). Every layer is built at construction, so
+    weights exist before a checkpoint is restored. The arguments are plain values,
+    as a keras-hub backbone takes them; `kgreedy.model.from_recipe` builds one from
+    a recipe.
 
     Args:
-        blocks: per stage, `{"width": int, "downsample": one of DOWNSAMPLES}`.
+        modules: per stage, a Keras layer or model, in the order the data passes.
         heads: per stage, a head design `{"kind", "k", "width", "pool_size",
-            "reduction"}` (`kgreedy.model.heads.make_head`).
+            "reduction"}` (`kgreedy.model.heads.make_head`; width "auto" is the
+            module's output channels), or a Keras layer used as the head itself.
         image_shape: (height, width, channels) of the model input.
         num_classes: classes of the task.
         mean: per-channel mean of raw pixels (the `standardize` layer).
         std: per-channel std of raw pixels.
-        batch_norm: BN after every conv, in blocks and heads.
-        sync_batch_norm: BN statistics over all replicas.
-        conv_bias: the trunk's convs keep a bias even before BN.
+        batch_norm: BN in the heads made from designs.
+        sync_batch_norm: BN statistics over all replicas, in those heads.
         name: prefix of the Keras models this net assembles.
     """
 
-    def __init__(self, blocks, heads, image_shape, num_classes, mean, std, *,
-                 batch_norm=True, sync_batch_norm=False, conv_bias=False, name="greedy"):
-        if len(blocks) != len(heads) or not blocks:
-            raise ValueError("GreedyNet needs one head design per block, and at least "
-                             f"one block. Received: {len(blocks)} blocks, {len(heads)} "
+    def __init__(self, modules, heads, image_shape, num_classes, mean, std, *,
+                 batch_norm=True, sync_batch_norm=False, name="greedy"):
+        if len(modules) != len(heads) or not modules:
+            raise ValueError("GreedyNet needs one head per module, and at least one "
+                             f"module. Received: {len(modules)} modules, {len(heads)} "
                              "heads")
         self.name = name
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.standardize = Standardize(mean, std, name="standardize")
-        self.blocks = [ConvBlock(b["width"], b.get("downsample", "none"), batch_norm,
-                                 sync_batch_norm, use_bias=True if conv_bias else None,
-                                 name=f"stage{j}_block")
-                       for j, b in enumerate(blocks, start=1)]
-        self.heads = [make_head(d["kind"], num_classes=num_classes, k=d.get("k"),
-                                width=d.get("width"), pool_size=d.get("pool_size"),
-                                reduction=d.get("reduction"), batch_norm=batch_norm,
-                                sync_batch_norm=sync_batch_norm, name=f"stage{j}_head")
-                      for j, d in enumerate(heads, start=1)]
+        self.modules = list(modules)
+        self.heads, self.stage_shapes = [], []
         shape = (None, *self.image_shape)
-        self.stage_shapes = []
-        for block, head in zip(self.blocks, self.heads):
-            block.build(shape)
-            shape = block.compute_output_shape(shape)
-            head.build(shape)
+        for j, (module, head) in enumerate(zip(self.modules, heads), start=1):
+            if not module.built:
+                module.build(shape)
+            shape = tuple(module.compute_output_shape(shape))
+            if len(shape) != 4:
+                raise ValueError(f"Module {j} ({module.name!r}) outputs shape {shape}, not "
+                                 "a feature map (batch, height, width, channels). "
+                                 f"Received: modules[{j - 1}]={module.name!r}")
+            if isinstance(head, dict):
+                width = shape[-1] if head.get("width") == "auto" else head.get("width")
+                head = make_head(head["kind"], num_classes=num_classes, k=head.get("k"),
+                                 width=width, pool_size=head.get("pool_size"),
+                                 reduction=head.get("reduction"), batch_norm=batch_norm,
+                                 sync_batch_norm=sync_batch_norm, name=f"stage{j}_head")
+            if not head.built:
+                head.build(shape)
+            self.heads.append(head)
             self.stage_shapes.append(shape[1:])
 
     @property
     def num_stages(self):
-        return len(self.blocks)
+        return len(self.modules)
 
     def features(self, images, stop, training=False):
-        """Raw images through `standardize` and blocks 1..stop."""
+        """Raw images through `standardize` and modules 1..stop."""
         x = self.standardize(images)
-        for block in self.blocks[:stop]:
-            x = block(x, training=training)
+        for module in self.modules[:stop]:
+            x = module(x, training=training)
         return x
 
     def stage_logits(self, features, stage, training):
-        """Block `stage` and its head on the output of blocks 1..stage-1."""
-        return self.heads[stage - 1](self.blocks[stage - 1](features, training=training),
+        """Module `stage` and its head on the output of modules 1..stage-1."""
+        return self.heads[stage - 1](self.modules[stage - 1](features, training=training),
                                      training=training)
 
     def stage_variables(self, stage):
-        """The weights a greedy stage trains: block `stage` and its head."""
-        return (self.blocks[stage - 1].trainable_weights
+        """The weights a greedy stage trains: module `stage` and its head."""
+        return (self.modules[stage - 1].trainable_weights
                 + self.heads[stage - 1].trainable_weights)
 
     def set_trainable_stage(self, stage, end_to_end=False):
-        """Freezes every block but `stage` (all blocks up to it when end_to_end)."""
-        for j, (block, head) in enumerate(zip(self.blocks, self.heads), start=1):
-            block.trainable = j == stage or (end_to_end and j < stage)
+        """Freezes every module but `stage` (all modules up to it when end_to_end)."""
+        for j, (module, head) in enumerate(zip(self.modules, self.heads), start=1):
+            module.trainable = j == stage or (end_to_end and j < stage)
             head.trainable = j == stage
 
     def checkpoint_objects(self, stage):
-        """What a stage's checkpoint holds: blocks and heads 1..stage."""
-        return {"blocks": self.blocks[:stage], "heads": self.heads[:stage]}
+        """What a stage's checkpoint holds: modules and heads 1..stage.
+
+        The key stays "blocks", the name of the trunk's pieces before modules:
+        run directories written then still restore.
+        """
+        return {"blocks": self.modules[:stage], "heads": self.heads[:stage]}
 
     def deployed_model(self, stage=None, heads="last"):
-        """Keras model of blocks 1..stage and head `stage` (default: the last).
+        """Keras model of modules 1..stage and head `stage` (default: the last).
 
         Its input is raw pixels of `image_shape`; its output is logits: of head
         `stage` (`heads="last"`), or the ensemble of heads 1..stage
@@ -109,12 +121,12 @@ class GreedyNet:
         return keras.Model(inputs, logits, name=f"{self.name}_stage{stage}")
 
     def all_head_logits(self, images, stage=None):
-        """Logits of heads 1..stage on raw `images`, each on its own block's output
+        """Logits of heads 1..stage on raw `images`, each on its own module's output
         (one pass through the trunk)."""
         stage = stage or self.num_stages
         x, logits = self.standardize(images), []
-        for block, head in zip(self.blocks[:stage], self.heads[:stage]):
-            x = block(x, training=False)
+        for module, head in zip(self.modules[:stage], self.heads[:stage]):
+            x = module(x, training=False)
             logits.append(head(x, training=False))
         return logits
 
@@ -123,8 +135,8 @@ class GreedyNet:
         stage = stage or self.num_stages
         inputs = keras.Input(self.image_shape, name="images")
         x, outputs = self.standardize(inputs), {}
-        for j, block in enumerate(self.blocks[:stage], start=1):
-            x = block(x, training=False)
+        for j, module in enumerate(self.modules[:stage], start=1):
+            x = module(x, training=False)
             outputs[f"stage{j}"] = x
         return keras.Model(inputs, outputs, name=f"{self.name}_backbone")
 
@@ -160,19 +172,19 @@ def count_params(weights):
 def parameter_table(net):
     """Per stage: output shape, trainable and frozen parameter counts.
 
-    `trainable` counts what stage j's optimizer updates (block j and head j, BN
-    moving statistics excluded); `frozen` counts every weight of blocks 1..j-1;
+    `trainable` counts what stage j's optimizer updates (module j and head j, BN
+    moving statistics excluded); `frozen` counts every weight of modules 1..j-1;
     `deployed` counts every weight of the model exported after that stage.
     """
     rows = []
     for j in range(1, net.num_stages + 1):
-        prefix = [w for b in net.blocks[:j - 1] for w in b.weights]
-        own = net.blocks[j - 1].weights + net.heads[j - 1].weights
+        prefix = [w for m in net.modules[:j - 1] for w in m.weights]
+        own = net.modules[j - 1].weights + net.heads[j - 1].weights
         rows.append({
             "stage": j,
             "output_shape": list(net.stage_shapes[j - 1]),
             "trainable_params": count_params(
-                net.blocks[j - 1].trainable_weights + net.heads[j - 1].trainable_weights),
+                net.modules[j - 1].trainable_weights + net.heads[j - 1].trainable_weights),
             "frozen_params": count_params(prefix),
             "deployed_params": count_params(prefix + own),
         })

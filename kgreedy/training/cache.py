@@ -1,9 +1,9 @@
 """The frozen-prefix feature cache (`train.cache_features`).
 
-During stage j, blocks 1..j-1 are frozen and run in inference mode, so when the
+During stage j, modules 1..j-1 are frozen and run in inference mode, so when the
 stage's inputs are deterministic (no augmentation) their output is the same every
 epoch. `FeatureCache` runs them once over the train and eval examples and stage j
-trains on the result: each step then costs only block j and its head.
+trains on the result: each step then costs only module j and its head.
 """
 
 import os
@@ -18,7 +18,7 @@ from kgreedy.data.stores import Examples, HasSplits, PackedStore
 
 
 # Prefix FLOPs per cached byte above which the cache pays for itself: the frozen
-# blocks' forward pass it saves must cost more than reading the features back
+# modules' forward pass it saves must cost more than reading the features back
 # (and, on disk, writing them once). tools/cache_cost.py on the quiet 2-core CPU of
 # docs/BENCHMARKS.md: forward convs at 16-250 GFLOP/s, features read back at 2.3 GB/s
 # from memory and 1.2 GB/s from disk, so break-even near 110 and 200; disk is set
@@ -27,10 +27,30 @@ MIN_FLOPS_PER_BYTE = {"memory": 100, "disk": 300}
 
 
 def prefix_flops(net, stage):
-    """Multiply-adds x 2 of the convs of blocks 1..stage-1, per example."""
+    """Multiply-adds x 2 of the convs and dense layers of modules 1..stage-1, per
+    example."""
+    return sum(module_flops(module, shape)
+               for module, shape in zip(net.modules[:stage - 1], net.stage_shapes))
+
+
+def module_flops(module, output_shape):
+    """Multiply-adds x 2 per example of a module's kernels: each kernel's size times
+    the positions of its output map (a `ConvBlock`'s is the module's output; a
+    layer of a split model has the output its model gave it)."""
+    conv = getattr(module, "conv", None)
+    if conv is not None and not hasattr(module, "layers"):
+        return 2 * output_shape[0] * output_shape[1] * int(np.prod(conv.kernel.shape))
     total = 0
-    for block, shape in zip(net.blocks[:stage - 1], net.stage_shapes):
-        total += 2 * shape[0] * shape[1] * int(np.prod(block.conv.kernel.shape))
+    for layer in getattr(module, "layers", ()):
+        if getattr(layer, "layers", None):
+            total += module_flops(layer, output_shape)
+            continue
+        kernel = getattr(layer, "kernel", None)
+        nodes = getattr(layer, "_inbound_nodes", None)
+        if kernel is None or not nodes:
+            continue
+        positions = int(np.prod([d or 1 for d in nodes[0].output_tensors[0].shape[1:-1]]))
+        total += 2 * positions * int(np.prod(kernel.shape))
     return total
 
 
@@ -73,13 +93,13 @@ def use_cache(recipe, datasets, stage, num_workers, net):
 
 
 def feature_bytes(net, stage, datasets):
-    """Bytes of the output of blocks 1..stage-1 for every train and eval example."""
+    """Bytes of the output of modules 1..stage-1 for every train and eval example."""
     examples = (datasets.spec.num_train or 0) + (datasets.spec.num_eval or 0)
     return int(np.prod(net.stage_shapes[stage - 2])) * 4 * examples
 
 
 class FeatureCache(HasSplits):
-    """Output of blocks 1..stage-1 for every train and eval example, computed once.
+    """Output of modules 1..stage-1 for every train and eval example, computed once.
 
     Examples keep the order of `datasets.train_source`/`eval_source`, so the seeded
     per-epoch order (and a mid-epoch resume) is the same with or without the cache:
@@ -90,7 +110,7 @@ class FeatureCache(HasSplits):
 
     Args:
         net: the `GreedyNet`.
-        stage: the stage about to train (blocks 1..stage-1 are cached).
+        stage: the stage about to train (modules 1..stage-1 are cached).
         datasets: the run's `Datasets`.
         directory: where features that do not fit in memory go.
         memory_mb: the in-memory limit in MiB.
@@ -112,11 +132,11 @@ class FeatureCache(HasSplits):
 
     def describe(self):
         where = "in memory" if self.in_memory else f"on disk in {self.directory}"
-        return (f"caching the output of blocks 1..{self.stage - 1} "
+        return (f"caching the output of modules 1..{self.stage - 1} "
                 f"({self.bytes / 2 ** 30:.2f} GiB, {where})")
 
     def build(self):
-        """Runs the frozen blocks over every example; returns self."""
+        """Runs the frozen modules over every example; returns self."""
         start = time.perf_counter()
         prefix = tf.function(
             lambda images: self.net.features(images, self.stage - 1, training=False),

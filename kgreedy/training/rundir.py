@@ -94,7 +94,7 @@ def load_trained(run_dir, stage=None):
                                "missing", run_dir)
     recipe = recipe_from_dict(run.read_json(run.recipe))
     spec = data.load_spec(run.dataset)
-    num_stages = len(recipe.model.blocks)
+    num_stages = recipe.num_stages
     with_checkpoints = [j for j in range(1, num_stages + 1)
                         if tf.train.latest_checkpoint(run.checkpoints(j))]
     if stage is None:

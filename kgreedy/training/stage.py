@@ -22,7 +22,7 @@ def _sum_variable(name):
 
 
 class StageLoop:
-    """Trains stage `stage` of a `GreedyNet`: block `stage` and its head.
+    """Trains stage `stage` of a `GreedyNet`: module `stage` and its head.
 
     A stage gets a fresh optimizer and freshly traced `tf.function`s: a traced
     function keeps the `trainable` flags it saw, and the optimizer's slots belong to
@@ -39,10 +39,14 @@ class StageLoop:
         end_to_end: train blocks 1..stage jointly (the baseline).
         cached_features: the datasets yield the output of blocks 1..stage-1 (the
             feature cache) instead of images.
+        optimizer: called as `optimizer(stage)` in the strategy's scope, returns the
+            stage's new Keras optimizer (`kgreedy.fit`); its own learning rate or
+            schedule and weight decay then apply, and `train.optimizer`,
+            `train.lr_schedule` and the L2 penalty are unused. Default: the recipe's.
     """
 
     def __init__(self, net, stage, train, strategy, steps_per_epoch, end_to_end=False,
-                 cached_features=False):
+                 cached_features=False, *, optimizer=None):
         self.net = net
         self.stage = stage
         self.train = train
@@ -54,11 +58,16 @@ class StageLoop:
         self.loss_scaling = train.mixed_precision == "mixed_float16"
         with strategy.scope():
             net.set_trainable_stage(stage, end_to_end)
-            blocks = net.blocks[:stage] if end_to_end else [net.blocks[stage - 1]]
-            self.variables = ([w for b in blocks for w in b.trainable_weights]
+            modules = net.modules[:stage] if end_to_end else [net.modules[stage - 1]]
+            self.variables = ([w for m in modules for w in m.trainable_weights]
                               + net.heads[stage - 1].trainable_weights)
-            self.schedule = make_schedule(train, steps_per_epoch)
-            self.optimizer = make_optimizer(train.optimizer, self.schedule)
+            if optimizer is None:
+                self.schedule = make_schedule(train, steps_per_epoch)
+                self.optimizer = make_optimizer(train.optimizer, self.schedule)
+                self.penalized = train.optimizer
+            else:
+                self.schedule = self.penalized = None
+                self.optimizer = optimizer(stage)
             if self.loss_scaling:
                 # float16 gradients underflow without it; dynamic scaling also skips
                 # steps whose scaled gradients overflow.
@@ -110,10 +119,14 @@ class StageLoop:
             logits = self._logits(images, training=True)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels, tf.cast(logits, tf.float32))
-            # Averaged over the global batch, so summing gradients over replicas gives
-            # the mean gradient whatever the replica count.
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
-            penalty = l2_penalty(self.train.optimizer, self.variables)
+            # Averaged over the global batch (per-replica batch x replicas: the
+            # recipe's batch, whose pipelines drop partial batches), so summing
+            # gradients over replicas gives the mean gradient whatever the replica
+            # count; a partial last batch of a user's pipeline (kgreedy.fit) is
+            # averaged over its own examples, as Keras' fit does.
+            loss = tf.nn.compute_average_loss(per_example)
+            penalty = (None if self.penalized is None
+                       else l2_penalty(self.penalized, self.variables))
             if penalty is not None:
                 loss += tf.nn.scale_regularization_loss(penalty)
             scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
@@ -180,6 +193,8 @@ class StageLoop:
     @property
     def learning_rate(self):
         """The rate the next step will use."""
+        if self.schedule is None:  # a caller's optimizer: its rate or schedule
+            return float(self.optimizer.learning_rate)
         return float(self.schedule(self.optimizer.iterations))
 
     def state(self):

@@ -26,7 +26,7 @@ from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.stage import StageLoop
 from kgreedy.tuning.space import (candidate_recipe, declare, design_from, pool_problem,
-                                  searched_values, trial_recipe)
+                                  searched_values, stage_sides, trial_recipe)
 
 TRIAL_INFO = "kgreedy.json"  # in each trial directory: what tuning.json reports
 
@@ -56,11 +56,13 @@ class Search:
         fixed: per_stage: the designs chosen for stages 1..stage-1.
         learning_rate: per_stage after stage 1: the rate chosen with stage 1.
         trunk_net: per_stage after stage 1: the best network of the stage before
-            (blocks 1..stage-1 are its trained trunk).
+            (its modules 1..stage-1 are the trained trunk).
+        sides: `kgreedy.tuning.space.stage_sides` of the base recipe's trunk
+            (default: computed here, which builds a split model once).
     """
 
     def __init__(self, tune, datasets, strategy, progress, work_dir, stage, fixed=(),
-                 learning_rate=None, trunk_net=None):
+                 learning_rate=None, trunk_net=None, sides=None):
         self.tune = tune
         self.datasets = datasets
         self.strategy = strategy
@@ -70,7 +72,10 @@ class Search:
         self.fixed = list(fixed)
         self.learning_rate = learning_rate
         self.trunk_net = trunk_net
-        self.trunk = None if trunk_net is None else [b.get_weights() for b in trunk_net.blocks]
+        self.trunk = (None if trunk_net is None else
+                      [m.get_weights() for m in trunk_net.modules[:stage - 1]])
+        spec = datasets.spec
+        self.sides = sides or stage_sides(tune.base, spec.image_shape, spec.num_classes)
         self.cache = None  # per_stage: the trunk's features, shared by every trial
         self.name = "joint" if tune.scope == "joint" else f"stage{stage}"
 
@@ -102,7 +107,7 @@ class Search:
         """Stages whose pooling a trial's design must fit: joint, every stage (the
         final recipe gives the design to all); per_stage, the searched stage."""
         if self.tune.scope == "joint":
-            return 1, len(self.tune.base.model.blocks)
+            return 1, self.tune.base.num_stages
         return self.stage, self.stage
 
     def train_stage(self, net, stage, recipe, start, end, cache, on_epoch):
@@ -168,7 +173,7 @@ class AuxHyperModel(keras_tuner.HyperModel):
         lr = hp.values.get("learning_rate", s.learning_rate)
         candidate = candidate_recipe(tune, [*s.fixed, design], lr)
         recipe = trial_recipe(tune, candidate, s.stage)
-        problem = pool_problem(candidate, spec.image_shape[0], *s.checked_stages())
+        problem = pool_problem(candidate, s.sides, *s.checked_stages())
         if problem and tune.scope == "joint":
             problem += " (the best recipe gives the design to every stage)"
         self.report.update(design=design, learning_rate=recipe.train.optimizer.learning_rate)
@@ -177,9 +182,10 @@ class AuxHyperModel(keras_tuner.HyperModel):
             self.built_last = (model, None, recipe, problem)
             return model
         with s.strategy.scope():
-            net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
-            for block, weights in zip(net.blocks, s.trunk or ()):
-                block.set_weights(weights)
+            net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean,
+                              spec.std, stages=s.stage)
+            for module, weights in zip(net.modules, s.trunk or ()):
+                module.set_weights(weights)
             model = net.deployed_model(s.stage)
         row = parameter_table(net)[s.stage - 1]
         self.report.update(trainable_params=row["trainable_params"],

@@ -74,7 +74,7 @@ def test_paper_cifar10_k2_k3_parameter_counts(k):
     net = _net(recipe, 32)
     expected = paper_stage_counts(3, [(128, "none"), (128, "none"), (256, "psi"),
                                       (256, "none")], k, [128, 128, 256, 256], 10, True)
-    got = [(_trainable(b), _trainable(h)) for b, h in zip(net.blocks, net.heads)]
+    got = [(_trainable(b), _trainable(h)) for b, h in zip(net.modules, net.heads)]
     assert got == expected
     assert [r["trainable_params"] for r in parameter_table(net)] == [a + b for a, b in expected]
 
@@ -101,7 +101,7 @@ def test_paper_imagenet_k3_parameter_counts():
     widths = [256, 256, 512, 512, 1024, 1024, 2048, 1024]
     net = _net(recipe, 224, classes=1000)
     expected = paper_stage_counts(3, blocks, 3, widths, 1000, True)
-    got = [(_trainable(b), _trainable(h)) for b, h in zip(net.blocks, net.heads)]
+    got = [(_trainable(b), _trainable(h)) for b, h in zip(net.modules, net.heads)]
     assert got == expected
     shapes = [tuple(s) for s in net.stage_shapes]
     assert shapes[0] == (112, 112, 128) and shapes[-1] == (14, 14, 1024)
@@ -169,8 +169,8 @@ def test_architecture_blocks_that_disagree_are_refused():
         recipe_from_dict({"name": "c", "model": {"architecture": "paper_cifar10",
                                                  "blocks": [{"width": 8}]}})
     with pytest.raises(RecipeError, match=r"^model\.architecture: must be one of .*"
-                                          r"received 'resnet50'"):
-        recipe_from_dict({"name": "c", "model": {"architecture": "resnet50"}})
+                                          r"received 'resnet51'"):
+        recipe_from_dict({"name": "c", "model": {"architecture": "resnet51"}})
     with pytest.raises(RecipeError, match=r"^model\.blocks: needs at least one block"):
         recipe_from_dict({"name": "c", "model": {}})
     # A key the recipe sets wins over the architecture's default.

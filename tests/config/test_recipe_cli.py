@@ -236,7 +236,7 @@ def test_resolved_recipe_with_overrides_round_trips(tmp_path):
 
 # ---------------------------------------------------------------- dry run ----
 
-ROW = re.compile(r"^\s*(\d+)\s+(\d+x\d+x\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s*$")
+ROW = re.compile(r"^\s*(\d+)\s+(\d+x\d+x\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+(\S.*)$")
 
 
 def parse_dry_run(stdout):
@@ -244,12 +244,12 @@ def parse_dry_run(stdout):
     for line in stdout.splitlines():
         m = ROW.match(line)
         if m:
-            stage, shape, trainable, frozen, deployed = m.groups()
+            stage, shape, trainable, frozen, deployed, _module = m.groups()
             rows.append({"stage": int(stage), "shape": shape,
                          "trainable": int(trainable.replace(",", "")),
                          "frozen": int(frozen.replace(",", "")),
                          "deployed": int(deployed.replace(",", ""))})
-    deployed = re.findall(r"^deployed model.*?([\d,]+) parameters\s*$", stdout, re.M)
+    deployed = re.findall(r"^deployed model.*?([\d,]+) parameters \(", stdout, re.M)
     return rows, [int(d.replace(",", "")) for d in deployed]
 
 

@@ -130,7 +130,7 @@ def test_per_stage_overrides_the_aux_keys_for_their_stage():
     assert recipe_from_dict(recipe.to_dict()) == recipe
     # Too many entries: refused when the recipe loads, before anything is built.
     with pytest.raises(RecipeError, match=r"aux.per_stage: has more entries than the 3 "
-                                          r"stages of model.blocks; received 4"):
+                                          r"stages of the model; received 4"):
         _recipe({"per_stage": [{}] * 4})
 
 

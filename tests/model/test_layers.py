@@ -88,9 +88,9 @@ def _recipe(**model):
 
 def test_layer_and_weight_names_say_stage_and_role():
     net = from_recipe(_recipe(), (8, 8, 1), 10, [0.0], [1.0])
-    assert [b.name for b in net.blocks] == ["stage1_block", "stage2_block", "stage3_block"]
+    assert [b.name for b in net.modules] == ["stage1_block", "stage2_block", "stage3_block"]
     assert [h.name for h in net.heads] == ["stage1_head", "stage2_head", "stage3_head"]
-    paths = {w.path for w in net.blocks[1].weights + net.heads[1].weights}
+    paths = {w.path for w in net.modules[1].weights + net.heads[1].weights}
     assert "stage2_block/conv/kernel" in paths
     assert "stage2_head/dense/kernel" in paths
     assert "stage2_head/conv1/conv/kernel" in paths

@@ -65,7 +65,7 @@ class Weights:
     def on_stage_end(self, trainer, stage, loop):
         self.loops[stage] = loop.cached_features
         self.values = {w.path: np.array(w.numpy())
-                       for layer in trainer.net.blocks + trainer.net.heads
+                       for layer in trainer.net.modules + trainer.net.heads
                        for w in layer.weights}
 
 
@@ -86,7 +86,7 @@ def test_training_on_cached_features_matches_training_through_the_prefix(tmp_pat
     off, summary_off, _ = train(recipe("off"), tmp_path / "off")
     assert on.loops == {1: False, 2: True, 3: True}
     assert off.loops == {1: False, 2: False, 3: False}
-    assert "stage 3: caching the output of blocks 1..2" in out
+    assert "stage 3: caching the output of modules 1..2" in out
     for path, value in off.values.items():
         np.testing.assert_allclose(on.values[path], value, rtol=1e-4, atol=1e-4, err_msg=path)
     assert summary_on["final"]["val_accuracy"] == pytest.approx(

@@ -152,7 +152,7 @@ class Weights:
     def on_stage_end(self, trainer, stage, loop):
         net = trainer.net
         self.values = {w.path: np.array(w.numpy())
-                       for layer in net.blocks + net.heads for w in layer.weights}
+                       for layer in net.modules + net.heads for w in layer.weights}
 
 
 def train_with(strategy, run_dir):

@@ -44,7 +44,7 @@ class Snapshots:
     def on_stage_end(self, trainer, stage, loop):
         net = trainer.net
         self.weights[stage] = {w.path: w.numpy().copy()
-                               for layer in net.blocks + net.heads for w in layer.weights}
+                               for layer in net.modules + net.heads for w in layer.weights}
         self.optimizers[stage] = loop.optimizer
         self.trained[stage] = {v.path for v in loop.variables}
         if stage == self.fail_after:
@@ -130,14 +130,14 @@ def test_checkpoints_restore_every_weight(greedy_run):
         _, _, restored, got = rundir.load_trained(run_dir, stage)
         assert got == stage
         if stage == 3:  # the live net is at its final state
-            live = {w.path: w.numpy() for layer in trainer.net.blocks + trainer.net.heads
+            live = {w.path: w.numpy() for layer in trainer.net.modules + trainer.net.heads
                     for w in layer.weights}
-            for layer in restored.blocks + restored.heads:
+            for layer in restored.modules + restored.heads:
                 for w in layer.weights:
                     np.testing.assert_array_equal(w.numpy(), live[w.path], err_msg=w.path)
         else:  # stage 2's own head and block, as they were at its end
             snap = greedy_run[2].weights[2]
-            for layer in restored.blocks[:2] + restored.heads[:2]:
+            for layer in restored.modules[:2] + restored.heads[:2]:
                 for w in layer.weights:
                     np.testing.assert_array_equal(w.numpy(), snap[w.path], err_msg=w.path)
 

@@ -39,8 +39,8 @@ def test_precision_and_compilation_variants_train_and_export(tmp_path, train):
                                 export=Exporter(datasets.spec, run.export_root("prec")))
         compute = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
             train.get("mixed_precision"), "float32")
-        assert trainer.net.blocks[0].conv.compute_dtype == compute
-        assert trainer.net.blocks[0].conv.kernel.dtype == "float32"  # variables stay float32
+        assert trainer.net.modules[0].conv.compute_dtype == compute
+        assert trainer.net.modules[0].conv.kernel.dtype == "float32"  # variables stay float32
         summary = trainer.fit()
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -50,17 +50,17 @@ def test_a_stage_trains_its_block_and_head_and_counts_its_own_steps(datasets):
     net = _net(recipe, datasets)
     strategy = tf.distribute.get_strategy()
     loop = StageLoop(net, 2, recipe.train, strategy, STEPS)
-    frozen, own = _weights(net.blocks[0]), _weights(net.blocks[1]) + _weights(net.heads[1])
+    frozen, own = _weights(net.modules[0]), _weights(net.modules[1]) + _weights(net.heads[1])
     other_head = _weights(net.heads[0])
     result = loop.train_epoch(datasets.distributed_train(strategy, 2, 1, recipe.train))
     assert loop.step == STEPS and int(loop.optimizer.iterations.numpy()) == STEPS
     assert float(loop.train_sums["count"].numpy()) == STEPS * BATCH
     assert 0 < result["train_loss"] < 10 and 0 <= result["train_accuracy"] <= 1
     for before, after in zip(frozen + other_head,
-                             _weights(net.blocks[0]) + _weights(net.heads[0])):
+                             _weights(net.modules[0]) + _weights(net.heads[0])):
         np.testing.assert_array_equal(before, after)  # block 1 (BN stats too), head 1
     changed = [not np.array_equal(b, a) for b, a in
-               zip(own, _weights(net.blocks[1]) + _weights(net.heads[1]))]
+               zip(own, _weights(net.modules[1]) + _weights(net.heads[1]))]
     assert all(changed[:2]) and sum(changed) >= len(changed) // 2
     # Evaluating in the middle of an epoch leaves the epoch's train sums alone: a
     # mid-epoch checkpoint holds them.
