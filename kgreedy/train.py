@@ -108,6 +108,13 @@ def _main(args):
         print_dry_run(recipe, spec)
         return cli.EXIT_OK
     if recipe.split:
+        # A model to load and split can be refused (a crossing split point, a
+        # file Keras cannot load): find out before the data is read and a run
+        # directory made. Built and dropped; the trainer builds its own in scope.
+        channels = spec.image_shape[2]
+        from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
+                    [1.0] * channels)
+    if recipe.split:
         # Builds a split model once: a model that cannot be built or split is
         # refused before anything is written.
         channels = spec.image_shape[2]
