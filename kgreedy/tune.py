@@ -32,6 +32,7 @@ from kgreedy.training import session
 from kgreedy.training.runlock import RunLock
 from kgreedy.tuning.runner import BEST_RECIPE, TUNE_RECIPE, TUNING, AuxTuning
 from kgreedy.tuning.search import ConfigError, quiet_trial_tracebacks
+from kgreedy.tuning.space import stage_sides
 
 # Keys that may change when a search is resumed: they do not change what a trial is.
 RESUMABLE_CHANGES = ("max_trials", "max_consecutive_failed_trials")
@@ -89,6 +90,9 @@ def _main(args):
     base = tune.base
     spec, strategy = session.start(base)
     check_base(tune, spec.image_shape[0], strategy.num_replicas_in_sync)
+    # Builds a split model once: a model that cannot be built or split is refused
+    # before anything is written.
+    sides = stage_sides(base, spec.image_shape, spec.num_classes)
     output = args.output or os.path.join("runs", tune.name)
     prepare_output(output, tune)
     progress = Progress()
@@ -96,12 +100,12 @@ def _main(args):
                          eval_batch_size=base.train.eval_batch_size, seed=base.seed,
                          progress=progress)
     try:
-        return _search(tune, datasets, strategy, output, progress)
+        return _search(tune, datasets, strategy, output, progress, sides)
     finally:
         datasets.close()
 
 
-def _search(tune, datasets, strategy, output, progress):
+def _search(tune, datasets, strategy, output, progress, sides):
     quiet_trial_tracebacks()
     os.makedirs(output, exist_ok=True)
     with RunLock(output) as lock:
@@ -111,7 +115,7 @@ def _search(tune, datasets, strategy, output, progress):
         write_json(os.path.join(output, TUNE_RECIPE), tune.to_dict())
         start = time.perf_counter()
         try:
-            results = AuxTuning(tune, datasets, strategy, output, progress).run()
+            results = AuxTuning(tune, datasets, strategy, output, progress, sides).run()
         except ConfigError as e:
             raise e.error from None
     best = results["best"][-1]

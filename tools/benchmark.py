@@ -9,8 +9,8 @@
 
 For every stage j, side by side: `kgreedy` (StageLoop's traced step on one in-memory
 synthetic batch), `minimal` (a hand-written tf.function + GradientTape loop doing the
-same math: the overhead floor), `cached` (StageLoop fed the output of blocks 1..j-1, when
-StageLoop takes `cached_features`) and `pipeline` (StageLoop fed by the real tf.data
+same math: the overhead floor), `cached` (StageLoop fed the output of modules 1..j-1,
+when StageLoop takes `cached_features`) and `pipeline` (StageLoop fed by the real tf.data
 pipeline, when the data is there). Once per run: Keras `fit` of the deployed network end
 to end, and a roofline probe (a large conv and a large matmul).
 
@@ -45,12 +45,13 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
 from kgreedy.config.recipe import load_recipe
 
-FLOPS_NOTE = ("needed work per image: forward of the frozen blocks 1..j-1 + 3x the forward "
-              "of block j and head j (forward+backward); end to end: 3x the forward of "
-              "every block and the last head; Conv2D and Dense (MatMul) ops only "
+FLOPS_NOTE = ("needed work per image: forward of the frozen modules 1..j-1 + 3x the "
+              "forward of module j and head j (forward+backward); end to end: 3x the "
+              "forward of every module and the last head; Conv2D and Dense (MatMul) ops only "
               "(2*Hout*Wout*kh*kw*Cin*Cout, 2*in*out), psi, pooling, BN and ReLU ignored. "
               "An upper bound: "
-              "nothing needs the gradient of block j's input, so its conv costs 2x, not 3x")
+              "nothing needs the gradient of module j's input, so its first conv costs 2x, "
+              "not 3x")
 PARALLEL = 2  # children preparing at once
 KINDS = ("kgreedy", "minimal", "cached", "pipeline")
 _DIGITS = re.compile(r"[0-9]+")
@@ -240,7 +241,7 @@ def assemble(recipe, args, stages, runs):
     e2e = runs.get(("end_to_end", None)) or {}
     rows = [stage_row(j, probe, runs, e2e.get("peak_above_baseline_mb")) for j in stages]
     e2e_ips, e2e_gflop = e2e.get("images_per_second"), probe["end_to_end_flops"] / 1e9
-    last = rows[-1] if stages[-1] == len(recipe.model.blocks) else {}
+    last = rows[-1] if stages[-1] == recipe.num_stages else {}
     baselines = [r["baseline_rss_mb"] for k, r in runs.items() if r and k[0] != "probe"]
     return {
         "machine": probe["machine"], "recipe": recipe.name,
@@ -302,7 +303,7 @@ def main(argv=None):
     args = parse_args(argv)
     overrides = args.set + ([f"train.batch_size={args.batch_size}"] if args.batch_size else [])
     recipe = load_recipe(args.recipe, overrides)
-    stages = parse_stages(args.stages, len(recipe.model.blocks))
+    stages = parse_stages(args.stages, recipe.num_stages)
     base = {"recipe": recipe.to_dict(), "steps": args.steps, "repeats": args.repeats,
             "warmup": args.warmup}
     runs = run_jobs(plan(stages), base)

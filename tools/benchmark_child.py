@@ -132,13 +132,13 @@ def graph_flops(tf, layer, shape):
 
 
 def stage_flops(tf, net):
-    """Per stage [prefix forward, block j + head j forward] FLOPs/image; end to end."""
+    """Per stage [prefix forward, module j + head j forward] FLOPs/image; end to end."""
     rows, prefix, shape, head_f = [], 0, net.image_shape, 0
-    for block, head, out in zip(net.blocks, net.heads, net.stage_shapes):
-        block_f, head_f = graph_flops(tf, block, shape), graph_flops(tf, head, out)
-        rows.append([prefix, block_f + head_f])
-        prefix, shape = prefix + block_f, out
-    return rows, 3 * (prefix + head_f)  # every block and the last head, fwd + bwd
+    for module, head, out in zip(net.modules, net.heads, net.stage_shapes):
+        module_f, head_f = graph_flops(tf, module, shape), graph_flops(tf, head, out)
+        rows.append([prefix, module_f + head_f])
+        prefix, shape = prefix + module_f, out
+    return rows, 3 * (prefix + head_f)  # every module and the last head, fwd + bwd
 
 
 def machine_info(tf, keras):
@@ -262,7 +262,7 @@ def measure_minimal(tf, recipe, spec):
 
 
 def measure_end_to_end(tf, recipe, spec):
-    """Keras compile + fit of every block and the last head, all trainable.
+    """Keras compile + fit of every module and the last head, all trainable.
 
     Built from the layers, not `deployed_model()`, whose call pins BN to inference
     mode. No L2 term: Keras' SGD has decoupled decay only, and the term costs little.
@@ -276,8 +276,8 @@ def measure_end_to_end(tf, recipe, spec):
     net.set_trainable_stage(net.num_stages, end_to_end=True)
     inputs = keras.Input(shape)
     x = net.standardize(inputs)
-    for block in net.blocks:
-        x = block(x)
+    for module in net.modules:
+        x = module(x)
     model = keras.Model(inputs, net.heads[-1](x))
     steps, warmup, repeats = spec["steps"], spec["warmup"], spec["repeats"]
     per_call = math.gcd(min(recipe.train.steps_per_execution, steps), steps, warmup)

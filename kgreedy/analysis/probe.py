@@ -1,11 +1,12 @@
 """Layer-wise linear separability of a trained trunk (Belilovsky et al., ICML 2019, §4.2).
 
-For each block j of a trained run, a logistic regression is fitted on block j's
-output, average-pooled to 2x2 (adaptively, as the heads pool) and standardised, and
-its accuracy is measured on a sample of the train split and of the eval split. The
-paper uses this to show that greedy training makes every layer progressively more
-linearly separable. Both samples are taken without augmentation: the eval-time view
-of each split, the same pixels evaluation sees.
+For each module j of a trained run's trunk (a block, or a module of a split model),
+a logistic regression is fitted on module j's output, average-pooled to 2x2
+(adaptively, as the heads pool) and standardised, and its accuracy is measured on a
+sample of the train split and of the eval split. The paper uses this to show that
+greedy training makes every layer progressively more linearly separable. Both
+samples are taken without augmentation: the eval-time view of each split, the same
+pixels evaluation sees.
 
 Writes RUN_DIR/probes.json (the figures, next to each stage's head accuracy from
 summary.json) and RUN_DIR/probes.png (accuracy against depth), both atomically.
@@ -28,7 +29,7 @@ from kgreedy.analysis import report
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
 
-POOL = 2          # the heads' default pool side; features per block: 4 x channels
+POOL = 2          # the heads' default pool side; features per module: 4 x channels
 MAX_ITER = 1000   # lbfgs iterations; digits and CIFAR samples converge well before
 
 
@@ -54,18 +55,18 @@ def sample(datasets, split, count, seed):
 
 
 def block_features(net, stage, batches):
-    """Every block's output for a sample, pooled to 2x2 and flattened.
+    """Every module's output for a sample, pooled to 2x2 and flattened.
 
     The images stream through: only the pooled features are kept, so a sample of
     large images needs no more memory than its features.
 
     Args:
         net: a trained `GreedyNet`.
-        stage: blocks 1..stage are run.
+        stage: modules 1..stage are run.
         batches: (raw images, labels) batches, as `sample` gives.
 
     Returns:
-        ({block j: float32 [n, features]}, labels int [n]).
+        ({module j: float32 [n, features]}, labels int [n]).
     """
     import tensorflow as tf
 
@@ -107,7 +108,7 @@ def fit_probe(train_x, train_y, eval_x, eval_y, seed):
     # threads made lbfgs 50x slower (27 s against 0.4 s for 5,000 x 64 CIFAR
     # features), each waiting for the other to be scheduled.
     with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
-        # Non-convergence is recorded in probes.json instead of a warning per block.
+        # Non-convergence is recorded in probes.json instead of a warning per module.
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(train_x, train_y)
     converged = bool(np.all(model[-1].n_iter_ < MAX_ITER))
@@ -116,13 +117,18 @@ def fit_probe(train_x, train_y, eval_x, eval_y, seed):
 
 
 def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=print):
-    """Measures the linear separability of every block of a run; writes the results.
+    """Measures the linear separability of every module of a run's trunk (its blocks,
+    or the modules of a split model); writes the results.
+
+    Each entry of probes.json's "blocks" (the key kept from before modules) is one
+    module, numbered by its "block" key; "unit" says what the trunk's pieces are
+    ("block" or "module").
 
     Args:
         run_dir: a run directory written by `kgreedy.train`.
         max_train: the most train examples to fit the probes on.
         max_eval: the most eval examples to measure them on.
-        stage: probe blocks 1..stage (default: every block the newest checkpoint
+        stage: probe modules 1..stage (default: every module the newest checkpoint
             holds; an end-to-end run's checkpoint holds all).
         seed: seeds the samples and the logistic regression.
         log: prints progress lines.
@@ -141,16 +147,17 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KgreedyError(flag, "must be a positive integer", value)
     recipe, spec, net, available = rundir.load_trained(run_dir)
+    unit = trunk_unit(recipe)
     if stage is None:
         stage = available
     if not 1 <= stage <= available:
-        raise KgreedyError("stage", f"must be between 1 and {available} (the blocks "
-                           "the newest checkpoint holds)", stage)
+        raise KgreedyError("stage", f"must be between 1 and {available} (the "
+                           f"{unit}s the newest checkpoint holds)", stage)
     run = rundir.RunDir(run_dir)
     summary = run.read_json(run.summary) if os.path.isfile(run.summary) else {}
     heads = report.head_accuracies(summary)
 
-    log(f"probing blocks 1..{stage} of {run.root}: features of up to {max_train} train "
+    log(f"probing {unit}s 1..{stage} of {run.root}: features of up to {max_train} train "
         f"and {max_eval} eval examples")
     start = time.perf_counter()
     batch = recipe.train.eval_batch_size or recipe.train.batch_size
@@ -181,7 +188,7 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
                  "seconds": time.perf_counter() - began}
         blocks.append(entry)
         head = "-" if heads.get(j) is None else f"{heads[j]:.4f}"
-        log(f"  block {j}/{stage}: {_shape(entry['output_shape'])}, {entry['features']} "
+        log(f"  {unit} {j}/{stage}: {_shape(entry['output_shape'])}, {entry['features']} "
             f"features: probe train acc {train_acc:.4f} eval acc {eval_acc:.4f} | "
             f"head val acc {head} | {entry['seconds']:.1f}s"
             + ("" if converged else " (not converged)"))
@@ -189,7 +196,7 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
     result = {"run": run.root, "recipe": recipe.name, "mode": recipe.train.mode,
               "stage": stage, "seed": seed, "train_examples": int(len(train_y)),
               "eval_examples": int(len(eval_y)), "pooled_to": [POOL, POOL],
-              "max_iter": MAX_ITER, "blocks": blocks,
+              "max_iter": MAX_ITER, "unit": unit, "blocks": blocks,
               "ensemble_val_accuracy": report.ensemble_accuracy(summary)}
     report.save_png(report.depth_figure(summary, result),
                     os.path.join(run.root, "probes.png"))
@@ -197,17 +204,23 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
     return result
 
 
+def trunk_unit(recipe):
+    """What a recipe's trunk is made of, in words: "module" for a split model,
+    "block" for `model.blocks`."""
+    return "module" if recipe.split else "block"
+
+
 def _shape(shape):
     return "x".join(map(str, shape))
 
 
 def print_table(result, log=print):
-    """The per-block results as a table."""
-    log(f"{'block':>5}  {'output':>10}  {'features':>8}  {'probe train':>11}  "
-        f"{'probe eval':>10}  {'head val':>8}")
+    """The per-module results as a table."""
+    log(f"{result.get('unit', 'block'):>6}  {'output':>10}  {'features':>8}  "
+        f"{'probe train':>11}  {'probe eval':>10}  {'head val':>8}")
     for b in result["blocks"]:
         head = b["head_val_accuracy"]
-        log(f"{b['block']:>5}  {_shape(b['output_shape']):>10}  {b['features']:>8}  "
+        log(f"{b['block']:>6}  {_shape(b['output_shape']):>10}  {b['features']:>8}  "
             f"{b['probe_train_accuracy']:>11.4f}  {b['probe_eval_accuracy']:>10.4f}  "
             f"{'-' if head is None else format(head, '.4f'):>8}")
     if result.get("ensemble_val_accuracy") is not None:

@@ -6,8 +6,8 @@ RUN_DIR/report/):
 
 - `loss.png`, `accuracy.png`, `learning_rate.png`: train/val curves over the run's
   epochs, one colour per stage, dotted lines at stage boundaries;
-- `depth.png`: each stage's head accuracy, the probe accuracy of each block and the
-  ensemble accuracy, against depth;
+- `depth.png`: each stage's head accuracy, the probe accuracy of each module (a
+  block, or a module of a split model) and the ensemble accuracy, against depth;
 - `report.md`: the recipe, the plots and a per-stage table.
 
 Every file is written atomically (temporary file, then a rename). Plotting uses
@@ -139,14 +139,16 @@ def ensemble_accuracy(summary):
     return (summary.get("final") or {}).get("ensemble_val_accuracy")
 
 
-def depth_figure(summary, probes=None):
+def depth_figure(summary, probes=None, unit=None):
     """Accuracy against depth: each stage's head val accuracy, the linear probe's eval
-    (and train, dotted) accuracy of each block from `probes` (probes.json), and
+    (and train, dotted) accuracy of each module from `probes` (probes.json), and
     the ensemble's val accuracy as a horizontal line.
 
     Args:
         summary: the run's summary.json.
         probes: probes.json, or None.
+        unit: what the trunk's pieces are called on the x axis, "block" or
+            "module" (default: the probes' "unit", else "block").
 
     Returns:
         A `matplotlib.figure.Figure`.
@@ -170,7 +172,8 @@ def depth_figure(summary, probes=None):
         ax.axhline(ensemble, color="C2", linestyle="--", label="ensemble of heads (val)")
     if depths:
         ax.set_xticks(sorted(depths))
-    ax.set_xlabel("block (depth)")
+    unit = unit or (probes or {}).get("unit") or "block"
+    ax.set_xlabel(f"{unit} (depth)")
     ax.set_ylabel("accuracy")
     ax.set_title("accuracy vs depth")
     ax.grid(alpha=0.3)
@@ -188,7 +191,7 @@ def write_plots(run, output):
                                    "accuracy (solid: train, dashed: val)"),
         "learning_rate": _curves_figure(metrics, ("learning_rate",), "learning rate",
                                         "learning rate"),
-        "depth": depth_figure(run["summary"], run["probes"]),
+        "depth": depth_figure(run["summary"], run["probes"], trunk(run["recipe"])[1]),
     }
     for name in PLOTS:
         save_png(figures[name], os.path.join(output, f"{name}.png"))
@@ -234,7 +237,7 @@ _STAGE_COLUMNS = (("stage", "stage", "d"), ("output", "output_shape", None),
                   ("deployed", "deployed_params", ","), ("val acc", "val_accuracy", ".4f"),
                   ("train acc", "train_accuracy", ".4f"), ("seconds", "seconds", ".1f"),
                   ("images/s", "images_per_second", ",.0f"))
-_PROBE_COLUMNS = (("block", "block", "d"), ("output", "output_shape", None),
+_PROBE_COLUMNS = (("{unit}", "block", "d"), ("output", "output_shape", None),
                   ("features", "features", "d"),
                   ("probe train acc", "probe_train_accuracy", ".4f"),
                   ("probe eval acc", "probe_eval_accuracy", ".4f"),
@@ -243,15 +246,30 @@ _TITLES = {"loss": "Loss", "accuracy": "Accuracy", "learning_rate": "Learning ra
            "depth": "Accuracy vs depth"}
 
 
+def trunk(recipe):
+    """(count, unit, source) of a raw recipe.json's trunk: its blocks ("block",
+    source None), or the modules its model is split into ("module", source the
+    model: the architecture, keras.applications name or .keras file's name)."""
+    model = recipe.get("model") or {}
+    if model.get("split_at") is not None or model.get("modules") is not None:
+        count = (len(model["split_at"]) + 1 if model.get("split_at") is not None
+                 else model["modules"])
+        source = (model.get("architecture") or model.get("keras_application")
+                  or os.path.basename(model.get("keras_file") or "") or None)
+        return count, "module", source
+    return len(model.get("blocks") or []), "block", None
+
+
 def markdown(run, plots):
     """The text of report.md: recipe, tables and the plots (relative links)."""
     recipe, summary, probes = run["recipe"], run["summary"], run["probes"]
+    count, unit, source = trunk(recipe)
     lines = [f"# Run report: {recipe.get('name', '?')}", ""]
     if recipe.get("description"):
         lines += [recipe["description"], ""]
     lines += [f"Mode: {recipe.get('train', {}).get('mode', 'greedy')}; "
-              f"{len(recipe.get('model', {}).get('blocks', []))} blocks; "
-              f"{len(run['metrics'])} epochs recorded.", "", "## Stages", ""]
+              f"{count} {unit}s" + (f" of {source}" if source else "")
+              + f"; {len(run['metrics'])} epochs recorded.", "", "## Stages", ""]
     lines += _table(_STAGE_COLUMNS, stage_rows(summary, run["metrics"])) + [""]
     final = summary.get("final")
     if final:
@@ -265,11 +283,13 @@ def markdown(run, plots):
         lines.append("**Final**: not yet (the run has not finished).")
     if probes:
         lines += ["", "## Linear probes", "",
-                  f"Logistic regression on each block's output, average-pooled to "
+                  f"Logistic regression on each {unit}'s output, average-pooled to "
                   f"{_shape(probes.get('pooled_to'))} and standardised; "
                   f"{probes.get('train_examples')} train and {probes.get('eval_examples')} "
                   "eval examples, without augmentation (`kgreedy.probe`).", ""]
-        lines += _table(_PROBE_COLUMNS, probes["blocks"])
+        columns = tuple((title.format(unit=unit), key, fmt)
+                        for title, key, fmt in _PROBE_COLUMNS)
+        lines += _table(columns, probes["blocks"])
     lines += ["", "## Plots"]
     for name, file in plots.items():
         lines += ["", f"### {_TITLES[name]}", "", f"![{_TITLES[name]}]({file})"]

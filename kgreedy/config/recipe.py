@@ -11,10 +11,12 @@ import json
 import typing
 from dataclasses import dataclass
 
-from kgreedy.base.errors import KgreedyError, RecipeError
+from kgreedy.base.errors import RecipeError
 from kgreedy.base.files import read_json
 from kgreedy.config import architectures
 from kgreedy.config.designs import head_designs
+from kgreedy.config.model_checks import split_source, validate_model
+from kgreedy.config.overrides import apply_overrides
 from kgreedy.config.schema import build, setting, to_plain
 from kgreedy.config.vocabulary import (AUGMENTS, BAD_FILES, CACHE_MODES, DOWNSAMPLES,
                                        EXPORT_HEADS, HEAD_TYPES, IMAGE_CACHES,
@@ -292,58 +294,9 @@ class Recipe:
         return to_plain(dataclasses.asdict(self))
 
 
-def split_source(model):
-    """The key naming a model to split (`model.architecture` for a residual one,
-    `model.keras_application`, `model.keras_file`), or None for `model.blocks`."""
-    named = [key for key, value in (
-        ("architecture", model.architecture in architectures.RESIDUAL or None),
-        ("keras_application", model.keras_application),
-        ("keras_file", model.keras_file)) if value is not None]
-    if len(named) > 1:
-        raise RecipeError(f"model.{named[1]}", f"a recipe names one model; it also has "
-                          f"model.{named[0]}", getattr(model, named[1]))
-    return f"model.{named[0]}" if named else None
-
-
-def _validate_model(recipe):
-    model, source = recipe.model, split_source(recipe.model)
-    if source is None:
-        if not model.blocks:
-            raise RecipeError("model.blocks", "needs at least one block (or set "
-                              "model.architecture, model.keras_application or "
-                              "model.keras_file)", [])
-        for key in ("split_at", "modules"):
-            if getattr(model, key) is not None:
-                raise RecipeError(f"model.{key}", "splits a residual architecture, "
-                                  "model.keras_application or model.keras_file; this "
-                                  "recipe's trunk is model.blocks", getattr(model, key))
-        if recipe.aux.last_head == "model":
-            raise RecipeError("aux.last_head", "'model' keeps a split model's own "
-                              "classifier; model.blocks has none", "model")
-        return
-    if model.blocks:
-        raise RecipeError("model.blocks", f"a recipe with {source} splits that model into "
-                          "modules and has no model.blocks; leave them out",
-                          [b.width for b in model.blocks])
-    if model.split_at is None and model.modules is None:
-        raise RecipeError("model.modules", f"{source} {getattr(model, source[6:])!r} is "
-                          "split into modules: set model.modules (K modules of balanced "
-                          "depth) or model.split_at (layer names)", None)
-    if model.split_at is not None and model.modules is not None:
-        raise RecipeError("model.split_at", "give model.modules or model.split_at, not "
-                          "both", list(model.split_at))
-    if model.split_at is not None and model.balanced_memory:
-        raise RecipeError("model.balanced_memory", "only applies to model.modules, not "
-                          "model.split_at", True)
-    if model.keras_application is not None and not model.keras_application.isidentifier():
-        raise RecipeError("model.keras_application", "must be the name of a "
-                          "keras.applications constructor, e.g. 'MobileNetV2'",
-                          model.keras_application)
-
-
 def validate(recipe):
     """Checks that span several keys."""
-    _validate_model(recipe)
+    validate_model(recipe)
     data = recipe.data
     if data.source == "tfds" and not data.name:
         raise RecipeError("data.name", "is required when data.source is 'tfds'", data.name)
@@ -396,50 +349,6 @@ def recipe_from_dict(raw):
     recipe = build(Recipe, raw, "")
     validate(recipe)
     return recipe
-
-
-def parse_override(text):
-    """Splits `KEY=VALUE`; the value is parsed as JSON, else taken as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise KgreedyError("overrides", "expected KEY=VALUE with a dotted KEY", text)
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    return key, value
-
-
-def apply_overrides(raw, overrides):
-    """Returns a copy of `raw` with each `KEY=VALUE` in `overrides` applied.
-
-    KEY is a dotted path; list items are addressed by index (`model.blocks.0.width`).
-    Missing objects along the path are created, so a key the recipe left at its
-    default can be set; unknown keys are caught by validation afterwards.
-    """
-    raw = json.loads(json.dumps(raw))
-    for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        node = raw
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            where = ".".join(parts[:depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise KgreedyError("overrides", f"{where}: no list item {part!r} "
-                                       f"(the list has {len(node)} items)", text)
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise KgreedyError("overrides", f"{where}: cannot descend into a "
-                                   f"{type(node).__name__}", text)
-            if last:
-                node[part] = value
-            else:
-                if isinstance(node, dict) and part not in node:
-                    node[part] = {}
-                node = node[part]
-    return raw
 
 
 def load_recipe(path, overrides=()):

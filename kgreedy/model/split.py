@@ -339,7 +339,9 @@ def trunk_and_top(model, key="model"):
                          f"{tuple(model.outputs[0].shape)} and has no feature-map layer "
                          "that all paths pass", model.name)
     end = model.get_layer(names[-1]).output
-    return (keras.Model(model.inputs[0], end, name=f"{model.name}_trunk"),
+    # The trunk keeps the model's name: errors about its split points name the
+    # model the user gave.
+    return (keras.Model(model.inputs[0], end, name=model.name),
             keras.Model(end, model.outputs[0], name=f"{model.name}_top"))
 
 

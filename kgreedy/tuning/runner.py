@@ -32,14 +32,17 @@ class AuxTuning:
         strategy: the base recipe's `tf.distribute.Strategy`.
         output: the output directory (it exists).
         progress: a `Progress`.
+        sides: `kgreedy.tuning.space.stage_sides` of the base recipe's trunk
+            (default: computed at the first search).
     """
 
-    def __init__(self, tune, datasets, strategy, output, progress=None):
+    def __init__(self, tune, datasets, strategy, output, progress=None, sides=None):
         self.tune = tune
         self.datasets = datasets
         self.strategy = strategy
         self.output = output
         self.progress = progress or Progress()
+        self.sides = sides
         self.searches = []  # (search, tuner), in order
 
     def path(self, *parts):
@@ -75,7 +78,8 @@ class AuxTuning:
         it is moved aside and searched again.
         """
         search = Search(self.tune, self.datasets, self.strategy, self.progress, self.output,
-                        stage, designs, learning_rate, trunk_net)
+                        stage, designs, learning_rate, trunk_net, self.sides)
+        self.sides = search.sides
         self._check_context(search.name, context)
         tuner = make_tuner(search, self.path("tuner"))
         self.searches.append((search, tuner))

@@ -6,6 +6,7 @@ import dataclasses
 
 from kgreedy.config.designs import head_designs, head_widths
 from kgreedy.config.recipe import AuxStageConfig
+from kgreedy.model.from_recipe import trunk_shapes
 
 
 def declare(hp, tune, searched_stage):
@@ -64,8 +65,10 @@ def candidate_recipe(tune, designs, learning_rate=None, name=None):
         # Each stage's growth factor, by the rule the network applies to aux.width.
         unit = dataclasses.replace(base, aux=dataclasses.replace(
             base.aux, width=1, per_stage=(), last_width=None))
+        # A width of "auto" (each stage's own output channels) stays aux.width's.
         entries = [AuxStageConfig(head=design["head"], k=design["k"],
-                                  width=design["width"] * factor,
+                                  width=None if design["width"] == "auto"
+                                  else design["width"] * factor,
                                   pool_size=design["pool_size"])
                    for design, factor in zip(designs, head_widths(unit))]
         aux = dataclasses.replace(base.aux, per_stage=tuple(entries))
@@ -77,40 +80,51 @@ def candidate_recipe(tune, designs, learning_rate=None, name=None):
 
 
 def trial_recipe(tune, candidate, stages):
-    """What a trial trains: `candidate` cut to its first `stages` blocks, with the
-    trial's epochs and step cap, without export."""
-    blocks = candidate.model.blocks[:stages]
+    """What a trial trains: `candidate` with the trial's epochs and step cap, without
+    export; the trial builds and trains only its first `stages` stages
+    (`from_recipe(..., stages=stages)`).
+
+    The recipe keeps the candidate's whole model, so a split model's module
+    boundaries are those of the whole model (modules 1..stages of the trial are the
+    same layers as in the final run), and a stage before the last keeps the
+    ordinary head where the model's last stage would have aux.last_head.
+    """
     aux = dataclasses.replace(candidate.aux, per_stage=candidate.aux.per_stage[:stages])
     train = dataclasses.replace(candidate.train, epochs_per_stage=tune.epochs_per_trial,
                                 steps_per_epoch=tune.steps_per_epoch
                                 or candidate.train.steps_per_epoch)
-    if stages < len(candidate.model.blocks):
-        # The trial's last stage is not the model's: it keeps the ordinary head, and
-        # the cut trunk is no longer the named architecture.
-        aux = dataclasses.replace(aux, last_head=None, last_width=None)
-        model = dataclasses.replace(candidate.model, blocks=blocks, architecture=None)
-    else:
-        model = candidate.model
     return dataclasses.replace(
-        candidate, name=f"{tune.name}_trial", aux=aux, train=train, model=model,
+        candidate, name=f"{tune.name}_trial", aux=aux, train=train,
         export=dataclasses.replace(candidate.export, enabled=False))
 
 
-def map_sides(recipe, image_size):
-    """Side of the feature map after each block."""
-    sides, side = [], image_size
-    for block in recipe.model.blocks:
-        side = side // 2 if block.downsample != "none" else side
-        sides.append(side)
-    return sides
+def stage_sides(recipe, image_shape, num_classes):
+    """Side (the smaller of height and width) of each stage's feature map, for
+    every stage of the recipe's trunk: blocks or the modules of a split model.
+
+    Raises:
+        RecipeError: a split model cannot be built, loaded or split as the recipe
+            asks.
+    """
+    return [min(shape[:2]) for shape in trunk_shapes(recipe, image_shape, num_classes)]
 
 
-def pool_problem(recipe, image_size, first, last):
-    """Why stages `first`..`last` of `recipe` cannot pool as their heads ask, or None."""
+def pool_problem(recipe, sides, first, last):
+    """Why stages `first`..`last` of `recipe` cannot pool as their heads ask, or None.
+
+    Args:
+        recipe: the candidate recipe.
+        sides: `stage_sides` of its trunk.
+        first: the first stage checked.
+        last: the last stage checked.
+    """
     designs = head_designs(recipe)
-    for j, side in enumerate(map_sides(recipe, image_size), start=1):
-        pool = designs[j - 1]["pool_size"]
-        if first <= j <= last and side < pool:
+    for j, side in enumerate(sides, start=1):
+        design = designs[j - 1]
+        if not first <= j <= last or design["kind"] == "model":  # the model's own top
+            continue
+        pool = design["pool_size"]
+        if side < pool:
             return (f"aux.pool_size {pool} is larger than the {side}x{side} feature map "
                     f"of stage {j}")
     return None

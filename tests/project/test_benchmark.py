@@ -63,6 +63,29 @@ def test_quickstart_report(tmp_path):
     assert "benchmark: [" in proc.stderr  # progress lines
 
 
+def test_flops_of_a_split_model_are_its_modules(monkeypatch):
+    """The probe's FLOPs on a model split into modules: the prefix of stage j is
+    modules 1..j-1, each as `kgreedy.training.cache.module_flops` counts it."""
+    import tensorflow as tf
+
+    from kgreedy.config.recipe import recipe_from_dict
+    from kgreedy.training.cache import module_flops
+
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import benchmark_child
+
+    recipe = recipe_from_dict({"name": "split", "model": {"architecture": "resnet20",
+                                                          "modules": 3},
+                               "aux": {"k": 1, "width": "auto", "pool_size": 1,
+                                       "last_head": "model"}})
+    net = benchmark_child.build_net(recipe, (8, 8, 1), 10)
+    rows, end_to_end = benchmark_child.stage_flops(tf, net)
+    own = [module_flops(m, s) for m, s in zip(net.modules, net.stage_shapes)]
+    assert [prefix for prefix, _ in rows] == [0, own[0], own[0] + own[1]]
+    assert all(stage > module for (_, stage), module in zip(rows, own))  # + the head
+    assert end_to_end > 3 * sum(own)
+
+
 def test_bad_stage_is_one_line_and_exit_2():
     proc = run_tool(QUICKSTART, "--stages", 9, timeout=60)
     assert proc.returncode == 2

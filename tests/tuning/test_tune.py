@@ -206,7 +206,7 @@ def test_a_search_where_every_trial_fails_exits_1_with_one_line(tmp_path, capsys
     ({"search": {"head": ["conv", "mlp"]}}, "search.head[1]: must be one of"),
     ({"search": {"learning_rate": {"min": 0.5, "max": 0.1}}},
      "search.learning_rate.max: must be >= min"),
-    ({"stages": 5}, "stages: must be <= the 2 blocks of base.model.blocks; received 5"),
+    ({"stages": 5}, "stages: must be <= the 2 stages of the base model; received 5"),
     ({"base": {**BASE, "aux": {"per_stage": [{"k": 1}]}}}, "base.aux.per_stage: must be empty"),
     ({"base": {**BASE, "model": {"blocks": [{"width": 4, "downsample": "psi"}] * 4}}},
      "base.model.blocks[2].downsample: the feature map is 1x1 after this block"),
