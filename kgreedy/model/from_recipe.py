@@ -14,7 +14,7 @@ from kgreedy.base.errors import RecipeError
 from kgreedy.config import architectures
 from kgreedy.config.designs import head_designs
 from kgreedy.model import resnets, split
-from kgreedy.model.layers import conv_blocks
+from kgreedy.model.layers import BN_MOMENTUM, conv_blocks
 from kgreedy.model.network import GreedyNet
 
 
@@ -123,13 +123,21 @@ def _application(name, image_shape, num_classes, with_top):
     if with_top:
         kwargs.update(classes=num_classes, classifier_activation=None)
     try:
-        return constructor(**kwargs)
+        model = constructor(**kwargs)
     except ValueError as e:
         # keras.applications refuses an input it cannot take (too small, wrong
         # channels) with a ValueError; its first line says which.
         raise RecipeError("model.keras_application", f"keras.applications.{name} "
                           f"cannot be built for {'x'.join(map(str, image_shape))} "
                           f"images: {str(e).strip().splitlines()[0]}", name) from None
+    # keras.applications' BN keeps moving statistics with momentum 0.99 or 0.999
+    # (MobileNets): after a short greedy stage they are still near their start, and a
+    # frozen module keeps them for good. kgreedy's own layers use PyTorch's 0.1
+    # (Keras 0.9, `batch_norm_layer`); a model kgreedy builds gets the same.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = BN_MOMENTUM
+    return model
 
 
 def _load_file(path, image_shape):

@@ -6,6 +6,9 @@ import tensorflow as tf
 from kgreedy.config.vocabulary import DOWNSAMPLES
 
 
+BN_MOMENTUM = 0.9  # Keras' name for PyTorch's momentum 0.1
+
+
 def batch_norm_layer(name="bn", synchronized=False):
     """BatchNormalization with PyTorch's defaults, as in the paper's code.
 
@@ -14,7 +17,7 @@ def batch_norm_layer(name="bn", synchronized=False):
     `synchronized` computes batch statistics over all replicas of a
     tf.distribute strategy instead of per replica.
     """
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5,
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5,
                                            synchronized=synchronized, name=name)
 
 

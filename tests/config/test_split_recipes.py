@@ -374,3 +374,24 @@ def test_a_keras_file_trains_in_two_modules_and_exports_the_users_network(
     assert net.heads[-1].get_layer("predictions").kernel.shape == (8, 10)
     trained = net.modules[0].get_layer("stem_conv").kernel.numpy()
     assert not np.array_equal(trained, user.get_layer("stem_conv").kernel.numpy())
+
+
+def test_a_keras_application_gets_kgreedys_batch_norm_momentum(tmp_path):
+    """MobileNetV2's BN (momentum 0.999) is set to 0.9 when kgreedy builds it; a
+    user's .keras file keeps its own."""
+    from kgreedy.model.from_recipe import whole_model
+    recipe = recipe_from_dict({"name": "mob", "model": {"keras_application": "MobileNetV2",
+                                                        "modules": 2}})
+    built = whole_model(recipe, (32, 32, 3), 10)
+    momenta = {layer.momentum for layer in built.layers
+               if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta == {0.9}
+    path = tmp_path / "own.keras"
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.999)(x)
+    keras.Model(inputs, keras.layers.ReLU()(x)).save(path)
+    own = whole_model(recipe_from_dict({"name": "own", "model": {
+        "keras_file": str(path), "modules": 1}}), (8, 8, 1), 10)
+    assert [layer.momentum for layer in own.layers
+            if isinstance(layer, keras.layers.BatchNormalization)] == [0.999]
