@@ -21,13 +21,12 @@ import tempfile
 import keras
 
 from kgreedy import cli, data
+from kgreedy.api import stage_table
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.model.network import count_params, parameter_table
-from kgreedy.model.split import layer_span
 from kgreedy.serving.export import Exporter
 from kgreedy.training import distribute, session
 from kgreedy.training.cache import check_cache_workers
@@ -57,22 +56,11 @@ def print_dry_run(recipe, spec):
     channels = spec.image_shape[2]
     net = from_recipe(recipe, spec.image_shape, spec.num_classes,
                     [0.0] * channels, [1.0] * channels)
-    rows = parameter_table(net)
-    print(f"recipe {recipe.name}: {recipe.train.mode}, {len(rows)} stages, k={recipe.aux.k}, "
-          f"input {'x'.join(map(str, spec.image_shape))}, {spec.num_classes} classes")
-    print(f"{'stage':>5}  {'output':>12}  {'trainable':>12}  {'frozen':>12}  {'deployed':>12}"
-          "  module")
-    for r, module in zip(rows, net.modules):
-        first, last, count = layer_span(module)
-        span = module.name if count <= 1 else f"{first} .. {last} ({count} layers)"
-        print(f"{r['stage']:>5}  {'x'.join(map(str, r['output_shape'])):>12}  "
-              f"{r['trainable_params']:>12,}  {r['frozen_params']:>12,}  "
-              f"{r['deployed_params']:>12,}  {span}")
-    trainable = count_params([w for layer in (*net.modules, net.heads[-1])
-                              for w in layer.trainable_weights])
-    print(f"deployed model (trunk + stage {len(rows)} head): "
-          f"{rows[-1]['deployed_params']:,} parameters ({trainable:,} trainable, the rest "
-          "BN moving statistics)")
+    print(f"recipe {recipe.name}: {recipe.train.mode}, {net.num_stages} stages, "
+          f"k={recipe.aux.k}, input {'x'.join(map(str, spec.image_shape))}, "
+          f"{spec.num_classes} classes")
+    for line in stage_table(net):  # the table of the Python API's SplitNet.summary()
+        print(line)
 
 
 def prepare_output(path, resume):
@@ -111,12 +99,6 @@ def _main(args):
         # A model to load and split can be refused (a crossing split point, a
         # file Keras cannot load): find out before the data is read and a run
         # directory made. Built and dropped; the trainer builds its own in scope.
-        channels = spec.image_shape[2]
-        from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
-                    [1.0] * channels)
-    if recipe.split:
-        # Builds a split model once: a model that cannot be built or split is
-        # refused before anything is written.
         channels = spec.image_shape[2]
         from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
                     [1.0] * channels)

@@ -338,7 +338,11 @@ def trunk_and_top(model, key="model"):
         raise SplitError(key, f"model {model.name!r} outputs shape "
                          f"{tuple(model.outputs[0].shape)} and has no feature-map layer "
                          "that all paths pass", model.name)
-    end = model.get_layer(names[-1]).output
+    # The tensor in this model's graph: a nested model's own `.output` belongs to
+    # the graph it was built in, not to this one.
+    graph = _graph(model, key)
+    (end_id,) = graph.nodes[graph.node_of(names[-1], key)][2]
+    end = graph.tensors[end_id]
     # The trunk keeps the model's name: errors about its split points name the
     # model the user gave.
     return (keras.Model(model.inputs[0], end, name=model.name),

@@ -6,7 +6,8 @@ export action at the end.
 (`kgreedy.training.driver`), to which the trainer adds its actions: records,
 checkpoints and preemption, progress lines. The trainer knows nothing of a specific
 dataset (it gets ready-made `Datasets`) nor of the export format (the caller passes
-an `export` action).
+an `export` action). `kgreedy.train` hands it a recipe; `kgreedy.fit` a ready net,
+the user's tf.data pipelines and an optimizer factory instead, on the same path.
 """
 
 import os
@@ -44,9 +45,12 @@ class GreedyTrainer:
     needs to continue exactly where the run stopped.
 
     Args:
-        recipe: a validated `Recipe`.
-        datasets: `kgreedy.data.Datasets` (spec with normalisation statistics).
-        run: the `RunDir` to write into; it must exist.
+        recipe: a validated `Recipe`; or None with `net` and `train` given (then no
+            recipe.json is written and no feature cache is used).
+        datasets: `kgreedy.data.Datasets` (spec with normalisation statistics), or
+            an object with its interface (`kgreedy.data.external.ExternalDatasets`).
+        run: the `RunDir` to write into; it must exist. None: no run directory
+            (records in memory, no checkpoints, no resume, SIGTERM left alone).
         strategy: the `tf.distribute.Strategy` to train under.
         progress: a `Progress` (default: stdout).
         callbacks: objects with optional `on_stage_end(trainer, stage, loop)`; for
@@ -56,11 +60,22 @@ class GreedyTrainer:
         export: called as `export(net, stage)` once every stage is done; returns
             the path it wrote (`kgreedy.serving.export.Exporter`), or None.
         actions: more epoch-driver actions for every stage (tests and tools).
+        net: a ready `GreedyNet` to train instead of the recipe's (built in
+            `strategy`'s scope); a finished run's resume restores its weights.
+        train: the `TrainConfig` to train with (default: the recipe's).
+        optimizer: `optimizer(stage)` returns each stage's new Keras optimizer
+            (`StageLoop`'s `optimizer`); default: the recipe's.
     """
 
     def __init__(self, recipe, datasets, run, strategy, progress=None, callbacks=(),
-                 source=None, export=None, actions=()):
+                 source=None, export=None, actions=(), *, net=None, train=None,
+                 optimizer=None):
+        if recipe is None and (net is None or train is None):
+            raise ValueError("GreedyTrainer needs a recipe, or a net and a train "
+                             f"config. Received: recipe=None, net={net!r}, train={train!r}")
         self.recipe = recipe
+        self.train = train or recipe.train
+        self.optimizer = optimizer
         self.datasets = datasets
         self.run = run
         self.source = source or run
@@ -71,21 +86,26 @@ class GreedyTrainer:
         self.actions = list(actions)
         self.worker = WorkerInfo(strategy)
         spec = datasets.spec
-        # Global Keras state: set on every trainer so one run's policy never leaks
-        # into the next in the same process.
-        precision = recipe.train.mixed_precision
-        keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)
-        with strategy.scope():
-            self.net = from_recipe(recipe, spec.image_shape, spec.num_classes,
-                                 spec.mean, spec.std)
+        self.given_net = net is not None
+        if net is None:
+            # Global Keras state: set on every trainer so one run's policy never
+            # leaks into the next in the same process. A given net keeps the
+            # policy its layers were made with.
+            precision = self.train.mixed_precision
+            keras.mixed_precision.set_global_policy(
+                "float32" if precision == "none" else precision)
+            with strategy.scope():
+                net = from_recipe(recipe, spec.image_shape, spec.num_classes,
+                                  spec.mean, spec.std)
+        self.net = net
         self.table = parameter_table(self.net)
-        self.steps_per_epoch = datasets.stage_steps(recipe.train, self.worker.num_workers)
+        self.steps_per_epoch = datasets.stage_steps(self.train, self.worker.num_workers)
         self.eval_data = datasets.distributed_eval(strategy)
         self._stop_requested = False
 
     @property
     def end_to_end(self):
-        return self.recipe.train.mode == "end_to_end"
+        return self.train.mode == "end_to_end"
 
     def stages(self):
         """Stages to train: 1..J greedily, or only J (every block) end to end."""
@@ -99,8 +119,12 @@ class GreedyTrainer:
             NonFiniteLoss: a loss was NaN/inf; the last good checkpoint is kept.
             Preempted: SIGTERM arrived; a checkpoint of the current step was written.
         """
-        if not resume:
-            write_json(self.run.recipe, self.recipe.to_dict())
+        if resume and self.run is None:
+            raise ValueError("resuming needs a run directory. Received: run=None, "
+                             "resume=True")
+        if not resume and self.run is not None:
+            if self.recipe is not None:
+                write_json(self.run.recipe, self.recipe.to_dict())
             data.save_spec(self.datasets.spec, self.run.dataset)
         records = RunRecords(self.run, self._existing_summary() if resume else None)
         done = {s for s in records.completed_stages() if s in self.stages()}
@@ -108,6 +132,8 @@ class GreedyTrainer:
             # Finished before: scoring and exporting again would only add a version.
             records.close()
             final = records.summary["final"]
+            if self.given_net:  # the caller keeps the net: give it the trained weights
+                self._restore_stage(final["stage"])
             self.progress.message(
                 f"the run in {self.source.root} finished before (stage {final['stage']}, "
                 f"val accuracy {final['val_accuracy']:.4f}"
@@ -135,8 +161,9 @@ class GreedyTrainer:
 
     def _catch_sigterm(self):
         # Python runs signal handlers between bytecodes, so the handler only sets a
-        # flag; the loop sees it after the steps in flight and checkpoints.
-        if threading.current_thread() is not threading.main_thread():
+        # flag; the loop sees it after the steps in flight and checkpoints. Without
+        # a run directory nothing would checkpoint and stop: SIGTERM is left alone.
+        if threading.current_thread() is not threading.main_thread() or self.run is None:
             return None
 
         def handler(signum, frame):
@@ -167,23 +194,27 @@ class GreedyTrainer:
 
     def _nonfinite(self, stage):
         def error(epoch, step):
-            last = tf.train.latest_checkpoint(self.run.checkpoints(stage))
+            last = (None if self.run is None
+                    else tf.train.latest_checkpoint(self.run.checkpoints(stage)))
             return NonFiniteLoss(
                 f"stage {stage}, epoch {epoch}, step {step}: the loss is not finite (NaN "
                 f"or inf); stopped without saving; last good checkpoint: "
-                f"{last or 'none in this stage'}; lower train.optimizer.learning_rate or "
-                "check the data")
+                f"{last or 'none in this stage'}; lower "
+                + ("the optimizer's learning rate" if self.optimizer
+                   else "train.optimizer.learning_rate") + " or check the data")
         return error
 
     # -------------------------------------------------------------- stage ----
 
     def _fit_stage(self, stage, records, resume):
         cache = None
-        if use_cache(self.recipe, self.datasets, stage, self.worker.num_workers,
-                     self.net):
+        # Without a recipe the data are the caller's own pipelines, which the cache
+        # cannot replay in the engine's seeded order: no cache then.
+        if self.recipe is not None and use_cache(self.recipe, self.datasets, stage,
+                                                 self.worker.num_workers, self.net):
             cache = FeatureCache(self.net, stage, self.datasets,
                                  self.run.path("cache", f"stage{stage}"),
-                                 self.recipe.train.cache_memory_mb)
+                                 self.train.cache_memory_mb)
             self.progress.message(f"stage {stage}: {cache.describe()}")
             cache.build()
             self.progress.message(f"stage {stage}: cached in {cache.seconds:.1f}s")
@@ -194,23 +225,25 @@ class GreedyTrainer:
                 cache.remove()
 
     def _fit_stage_on(self, stage, records, resume, cache):
-        epochs = self.recipe.train.epochs_per_stage
+        epochs = self.train.epochs_per_stage
         steps = self.steps_per_epoch
-        loop = StageLoop(self.net, stage, self.recipe.train, self.strategy, steps,
-                         end_to_end=self.end_to_end, cached_features=cache is not None)
+        loop = StageLoop(self.net, stage, self.train, self.strategy, steps,
+                         end_to_end=self.end_to_end, cached_features=cache is not None,
+                         optimizer=self.optimizer)
         eval_data = self.eval_data if cache is None else \
             self.datasets.distributed_eval(self.strategy, cache.eval_split)
-        every = self.recipe.train.checkpoint_every_steps
-        checkpoints = _Checkpoints(self, stage)
+        every = self.train.checkpoint_every_steps
+        checkpoints = _Checkpoints(self, stage) if self.run is not None else None
         driver = EpochDriver(
             loop, self.datasets, epochs, eval_data,
             train_source=None if cache is None else cache.train_split,
-            actions=[_Records(records, epochs), checkpoints,
+            actions=[_Records(records, epochs), *filter(None, [checkpoints]),
                      LiveSteps(self.progress, live=self.worker.num_workers == 1),
                      _EpochLines(self.progress),
                      *self.actions],
             nonfinite=self._nonfinite(stage), align=every)
-        checkpoints.attach(driver)
+        if checkpoints is not None:
+            checkpoints.attach(driver)
         if resume:
             restored = restore_latest_good(checkpoints.checkpoint,
                                            self.source.checkpoints(stage),
@@ -230,8 +263,10 @@ class GreedyTrainer:
         record = driver.run()
         if record is None:  # resumed after this stage's last epoch: read its record
             last = [r for r in records.epochs() if r["stage"] == stage]
-            record = last[-1] if last else {**loop.evaluate(eval_data),
-                                            "train_loss": None, "train_accuracy": None}
+            record = last[-1] if last else {
+                **(loop.evaluate(eval_data) if eval_data is not None
+                   else {"val_loss": None, "val_accuracy": None}),
+                "train_loss": None, "train_accuracy": None}
         entry = {"stage": stage, "val_accuracy": record["val_accuracy"],
                  "val_loss": record["val_loss"],
                  "train_accuracy": record["train_accuracy"],
@@ -239,7 +274,8 @@ class GreedyTrainer:
                  "trainable_params": row["trainable_params"],
                  "frozen_params": row["frozen_params"],
                  "deployed_params": row["deployed_params"],
-                 "output_shape": row["output_shape"], "epochs": epochs,
+                 # fewer than epochs when a callback ended the stage early
+                 "output_shape": row["output_shape"], "epochs": record.get("epoch", epochs),
                  "seconds": time.perf_counter() - stage_start}
         records.stage(entry)
         self.progress.stage_end(entry)
@@ -254,8 +290,10 @@ class GreedyTrainer:
                  "deployed_params": last["deployed_params"],
                  "seconds": sum(e["seconds"] for e in records.summary["stages"]),
                  "ensemble_val_accuracy": None, "head_val_accuracies": None,
-                 "export_heads": self.recipe.export.heads, "export_path": None}
-        if not self.end_to_end and self.worker.is_chief:
+                 "export_heads": (self.recipe.export.heads if self.recipe is not None
+                                  else getattr(self.export, "heads", None)),
+                 "export_path": None}
+        if not self.end_to_end and self.worker.is_chief and self.eval_data is not None:
             # One pass through the frozen trunk scores every head and the paper's
             # ensemble (an end-to-end run trains the last head only). Other workers'
             # summaries are thrown away, so they skip it.
@@ -297,7 +335,7 @@ class _Checkpoints:
     def __init__(self, trainer, stage):
         self.trainer = trainer
         self.stage = stage
-        self.every = trainer.recipe.train.checkpoint_every_steps
+        self.every = trainer.train.checkpoint_every_steps
         self.checkpoint = self.manager = None
 
     def attach(self, driver):

@@ -5,12 +5,16 @@ counter and the count of epochs finished), the train data positioned there, the
 steps, the non-finite check, the evaluation and the epoch's record. Everything
 else plugs in as an action, as orbit's Controller takes its actions: the trainer
 adds checkpoints, preemption, records and progress lines; the tuner adds its
-callbacks. An action is any object with some of these methods:
+callbacks; `kgreedy.fit` adds Keras callbacks. An action is any object with some
+of these methods:
 
+- `before_epoch(driver, epoch)`: before an epoch's first step (also a resumed
+  epoch's);
 - `after_chunk(driver, epoch, done, images_per_second)`: after every chunk of
   traced steps (`done` steps of the epoch so far);
 - `after_epoch(driver, record)`: after an epoch's evaluation, once the driver
-  counts the epoch as finished.
+  counts the epoch as finished. An action may set `driver.stop` to end the stage
+  there (a Keras callback's `model.stop_training`).
 """
 
 import time
@@ -25,7 +29,8 @@ class EpochDriver:
         loop: the stage's `kgreedy.training.stage.StageLoop`.
         datasets: the run's `kgreedy.data.Datasets`.
         epochs: epochs of the stage.
-        eval_data: the distributed eval dataset (images, or cached features).
+        eval_data: the distributed eval dataset (images, or cached features), or
+            None to train without evaluating (the records' val_* are then None).
         train_source: the cached features' train split, or None for images.
         actions: see the module docstring; called in order.
         nonfinite: called as `nonfinite(epoch, step_in_epoch)` when a loss was not
@@ -43,6 +48,7 @@ class EpochDriver:
         self.actions = list(actions)
         self.nonfinite = nonfinite or _nonfinite_error
         self.align = align
+        self.stop = False
         with loop.strategy.scope():
             # Epochs whose record is out: a checkpoint taken after the last step of an
             # epoch but before its evaluation still evaluates it on resume.
@@ -83,6 +89,9 @@ class EpochDriver:
         loop, record = self.loop, None
         first, start_step = self.position()
         for epoch in range(first, (last_epoch or self.epochs) + 1):
+            for action in self.actions:
+                if hasattr(action, "before_epoch"):
+                    action.before_epoch(self, epoch)
             learning_rate = loop.learning_rate
             train_data = self.datasets.distributed_train(
                 loop.strategy, loop.stage, epoch, loop.train, start_step, self.train_source)
@@ -94,7 +103,8 @@ class EpochDriver:
 
             result = loop.train_epoch(train_data, start_step, after_chunk, align=self.align)
             self.check_finite()
-            result.update(loop.evaluate(self.eval_data))
+            result.update(loop.evaluate(self.eval_data) if self.eval_data is not None
+                          else {"val_loss": None, "val_accuracy": None, "val_examples": 0})
             record = {"stage": loop.stage, "epoch": epoch, **result,
                       "learning_rate": learning_rate}
             self.epochs_done.assign(epoch)
@@ -102,6 +112,8 @@ class EpochDriver:
                 if hasattr(action, "after_epoch"):
                     action.after_epoch(self, record)
             start_step = 0
+            if self.stop:
+                break
         return record
 
 

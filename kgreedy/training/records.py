@@ -18,8 +18,11 @@ class RunRecords:
     `stage{j}/...` (step: epoch within the stage) and `all/...` (step: epochs since
     the start of the run); summary.json is rewritten atomically after every stage.
 
+    With `run` None (`kgreedy.fit` without a run directory) the records stay in
+    memory and nothing is written.
+
     Args:
-        run: a `RunDir`.
+        run: a `RunDir`, or None.
         summary: an existing summary to extend (on resume), or None.
     """
 
@@ -27,6 +30,7 @@ class RunRecords:
         self.run = run
         self.summary = summary or {"stages": [], "final": None}
         self._writer = None
+        self._kept = []  # the epoch records when there is no run directory
 
     @property
     def writer(self):
@@ -36,9 +40,13 @@ class RunRecords:
         return self._writer
 
     def epoch(self, record, global_epoch):
+        if self.run is None:
+            self._kept.append(record)
+            return
         append_jsonl(self.run.metrics, record)
         with self.writer.as_default():
-            for key in _SCALARS:
+            # val_* are None in a run without eval data (kgreedy.fit).
+            for key in (k for k in _SCALARS if record[k] is not None):
                 tf.summary.scalar(f"stage{record['stage']}/{key}", record[key],
                                   step=record["epoch"])
                 tf.summary.scalar(f"all/{key}", record[key], step=global_epoch)
@@ -46,6 +54,8 @@ class RunRecords:
 
     def epochs(self):
         """The epoch records in metrics.jsonl, in order."""
+        if self.run is None:
+            return list(self._kept)
         if not os.path.isfile(self.run.metrics):
             return []
         with open(self.run.metrics, encoding="utf-8") as f:
@@ -58,7 +68,9 @@ class RunRecords:
         that epoch; without this its record would appear twice.
         """
         kept = [r for r in self.epochs() if (r["stage"], r["epoch"]) <= (stage, epoch)]
-        if os.path.isfile(self.run.metrics):
+        if self.run is None:
+            self._kept = kept
+        elif os.path.isfile(self.run.metrics):
             write_text(self.run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def completed_stages(self):
@@ -67,11 +79,13 @@ class RunRecords:
     def stage(self, entry):
         self.summary["stages"] = [e for e in self.summary["stages"]
                                   if e["stage"] != entry["stage"]] + [entry]
-        write_json(self.run.summary, self.summary)
+        if self.run is not None:
+            write_json(self.run.summary, self.summary)
 
     def final(self, final):
         self.summary["final"] = final
-        write_json(self.run.summary, self.summary)
+        if self.run is not None:
+            write_json(self.run.summary, self.summary)
 
     def close(self):
         if self._writer is not None:

@@ -189,7 +189,7 @@ def test_named_paths_and_modules_exist(page):
 
 
 RUN_FILES = {"recipe.json", "summary.json", "dataset.json", "probes.json", "tuning.json",
-             "best_recipe.json", "tune_recipe.json"}
+             "best_recipe.json", "tune_recipe.json", "fit.json"}
 
 
 @pytest.mark.parametrize("page", doc_pages(), ids=_name)

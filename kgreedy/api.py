@@ -1,0 +1,407 @@
+"""The Python API in Keras' idiom: `kgreedy.split`, `kgreedy.fit`, `SplitNet.export`.
+
+    net = kgreedy.split(backbone, at=["res1", "res2"], num_classes=10,
+                        head=kgreedy.heads.Conv(k=2, width=64))
+    history = kgreedy.fit(net, train_ds, validation_data=eval_ds, epochs_per_stage=10)
+    net.export("exports/mymodel/1")
+
+`split` cuts a Keras model into modules (`kgreedy.model.split`) and gives each a
+head; `fit` trains them greedily through the command line's engine
+(`kgreedy.training.controller.GreedyTrainer`: the same stage loop, epoch driver,
+records and checkpoints) on the caller's tf.data pipelines; `export` writes the
+SavedModel of `kgreedy.serving.export`, the command line's serving contract.
+Reference: docs/python-api.md. Arguments are checked before any work, with Keras'
+errors (`ValueError: ... Received: x=...`).
+"""
+
+import numbers
+import os
+
+import keras
+import numpy as np
+
+from kgreedy import fitting
+from kgreedy import heads as designs
+from kgreedy.base.errors import KgreedyError
+from kgreedy.config.vocabulary import EXPORT_HEADS
+from kgreedy.data.external import external_spec
+from kgreedy.model import split as splitting
+from kgreedy.model.network import GreedyNet, count_params, parameter_table
+from kgreedy.serving.export import export_saved_model
+
+__all__ = ["SplitNet", "fit", "split"]
+
+
+class SplitNet(GreedyNet):
+    """A `GreedyNet` made by `kgreedy.split`: modules, heads, and what its export needs.
+
+    Everything of `GreedyNet` (`modules`, `heads`, `stage_shapes`,
+    `deployed_model(stage, heads)`, `backbone()`), plus `summary` and `export`.
+
+    Args:
+        modules: per stage, a Keras layer or model (see `GreedyNet`).
+        heads: per stage, a design dictionary or a Keras layer.
+        image_shape: (height, width, channels) of the input.
+        num_classes: classes of the task.
+        mean: per-channel mean subtracted inside the net.
+        std: per-channel standard deviation divided by inside the net.
+        class_names: one name per class for the export (default: the class ids).
+        **kwargs: `GreedyNet`'s keyword arguments (`batch_norm`, `name`, ...).
+    """
+
+    def __init__(self, modules, heads, image_shape, num_classes, mean, std, *,
+                 class_names=None, **kwargs):
+        super().__init__(modules, heads, image_shape, num_classes, mean, std, **kwargs)
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.class_names = class_names
+
+    @property
+    def spec(self):
+        """The `DatasetSpec` an export and a run directory's dataset.json hold."""
+        return external_spec(self.image_shape, self.num_classes, self.mean, self.std,
+                             self.class_names)
+
+    def summary(self, print_fn=None):
+        """Prints one row per stage: output shape, trainable, frozen and deployed
+        parameters, and the layers of its module."""
+        for line in stage_table(self):
+            (print_fn or print)(line)
+
+    def export(self, path, heads="last", stage=None):
+        """Exports the deployed model as a TF Serving version directory.
+
+        The same SavedModel as the command line's export (`serving_default` on raw
+        pixels, `serve_encoded` on PNG/JPEG files, warm-up requests), written whole
+        or not at all, never over an existing version.
+
+        Args:
+            path: the version directory, `MODEL_DIR/VERSION` with VERSION a
+                positive integer (TF Serving's layout), e.g. "exports/mymodel/1".
+            heads: "last" serves the stage's head; "ensemble" the paper's weighted
+                ensemble of heads 1..stage.
+            stage: the deepest stage exported (default: the last).
+
+        Returns:
+            The absolute path of the version directory.
+
+        Raises:
+            ValueError: a bad path, `heads` or `stage`, or an existing version.
+        """
+        path = os.fspath(path)
+        root, version = os.path.split(os.path.normpath(path))
+        if not (version.isascii() and version.isdigit() and int(version) > 0 and root):
+            raise ValueError("`path` must be a version directory MODEL_DIR/VERSION with "
+                             "VERSION a positive integer, as TF Serving reads it, e.g. "
+                             f"'exports/mymodel/1'. Received: path={path!r}")
+        if heads not in EXPORT_HEADS:
+            raise ValueError(f"`heads` must be one of {EXPORT_HEADS}. Received: "
+                             f"heads={heads!r}")
+        if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)
+                                  or not 1 <= stage <= self.num_stages):
+            raise ValueError(f"`stage` must be between 1 and {self.num_stages}. "
+                             f"Received: stage={stage!r}")
+        if os.path.exists(path):
+            raise ValueError("`path` exists already; exported versions are never "
+                             f"overwritten: pick the next version. Received: path={path!r}")
+        try:
+            return export_saved_model(self, self.spec, root, stage=stage,
+                                      version=int(version), heads=heads)
+        except KgreedyError as e:  # a version written meanwhile by someone else
+            raise ValueError(f"{e}. Received: path={path!r}") from None
+
+
+def stage_table(net):
+    """The per-stage table of `SplitNet.summary` and `kgreedy.train --dry-run`, as
+    lines."""
+    rows = parameter_table(net)
+    lines = [f"{'stage':>5}  {'output':>12}  {'trainable':>12}  {'frozen':>12}  "
+             f"{'deployed':>12}  module"]
+    for r, module in zip(rows, net.modules):
+        first, last, count = splitting.layer_span(module)
+        span = module.name if count <= 1 else f"{first} .. {last} ({count} layers)"
+        lines.append(f"{r['stage']:>5}  {'x'.join(map(str, r['output_shape'])):>12}  "
+                     f"{r['trainable_params']:>12,}  {r['frozen_params']:>12,}  "
+                     f"{r['deployed_params']:>12,}  {span}")
+    trainable = count_params([w for layer in (*net.modules, net.heads[-1])
+                              for w in layer.trainable_weights])
+    lines.append(f"deployed model (trunk + stage {len(rows)} head): "
+                 f"{rows[-1]['deployed_params']:,} parameters ({trainable:,} trainable, "
+                 "the rest BN moving statistics)")
+    return lines
+
+
+# ------------------------------------------------------------------ split ----
+
+def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
+          head=None, last_head=None, mean=None, std=None, class_names=None,
+          input_shape=None, name=None):
+    """Splits a Keras model into the modules of a greedy net, each with a head.
+
+    Stage j trains module j and its head on the output of modules 1..j-1. The
+    modules share the model's own layers: after `kgreedy.fit` the model holds the
+    trained weights.
+
+    Args:
+        model: a functional or Sequential `keras.Model` with one fixed-size image
+            input (a classifier's own top is cut off first, see `last_head`); or a
+            list of Keras layers or models, used as the modules as they are.
+        at: names of the layers to split after, in the order the data passes them:
+            len(at) + 1 modules. A split point must be a layer that every path goes
+            through and no skip connection spans.
+        modules: instead of `at`, the number of modules of balanced depth.
+        balanced_memory: with `modules`, balance the activation size each module
+            writes instead of its conv and dense layers.
+        num_classes: classes of the task.
+        head: a design of `kgreedy.heads` for every stage (default
+            `kgreedy.heads.Conv()`), or a list with one design or ready Keras layer
+            per stage.
+        last_head: the last stage's head, the deployed classifier: a design, a
+            Keras layer, or "model" for the model's own classifier (its top).
+        mean: per-channel mean (or one number) of the raw pixels, subtracted inside
+            the net, so the export takes raw pixels. Default 0: no normalisation,
+            the pipeline's values go in as they are.
+        std: per-channel standard deviation (or one number); default 1.
+        class_names: one name per class, answered by the export (default: the ids).
+        input_shape: (height, width, channels), for a list of modules whose first
+            one does not know its input.
+        name: prefix of the Keras models the net assembles (default: the model's).
+
+    Returns:
+        A `SplitNet`.
+
+    Raises:
+        ValueError: an argument is wrong, or the model cannot be split there.
+    """
+    _check_count("num_classes", num_classes, low=2)
+    if isinstance(model, (list, tuple)):
+        for key, value in (("at", at), ("modules", modules)):
+            if value is not None:
+                raise ValueError(f"`{key}` splits a model; a list of modules is used as "
+                                 f"it is. Received: {key}={value!r}")
+        parts, top = _module_list(model), None
+        image_shape = _image_shape(input_shape, parts[0], "input_shape")
+    elif isinstance(model, keras.Model):
+        image_shape = _image_shape(input_shape, model, "model")
+        parts, top = _split_model(model, at, modules, balanced_memory, num_classes,
+                                  last_head == "model")
+    else:
+        raise ValueError("`model` must be a keras.Model or a list of Keras layers. "
+                         f"Received: model={_short(model)}")
+    heads = _heads(head, last_head, top, len(parts))
+    channels = image_shape[-1]
+    mean = _statistic("mean", 0.0 if mean is None else mean, channels)
+    std = _statistic("std", 1.0 if std is None else std, channels)
+    if any(s <= 0 for s in std):
+        raise ValueError(f"`std` must be > 0. Received: std={std!r}")
+    if class_names is not None and (isinstance(class_names, str)
+                                    or len(class_names) != num_classes):
+        raise ValueError(f"`class_names` needs one name per class ({num_classes}). "
+                         f"Received: class_names={_short(class_names)}")
+    _check_pools(parts, heads, image_shape)
+    return SplitNet(parts, heads, image_shape, num_classes, mean, std,
+                    class_names=None if class_names is None else list(class_names),
+                    name=name or getattr(model, "name", None) or "greedy")
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _check_count(key, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"`{key}` must be an integer >= {low}. Received: {key}={value!r}")
+
+
+def _module_list(model):
+    if not model:
+        raise ValueError("`model` as a list needs at least one module. Received: model=[]")
+    for i, part in enumerate(model):
+        if not isinstance(part, keras.layers.Layer):
+            raise ValueError(f"Every module must be a Keras layer or model. Received: "
+                             f"model[{i}]={_short(part)}")
+    if len({id(p) for p in model}) != len(model):
+        raise ValueError("A module appears twice in `model`; each stage trains its own. "
+                         f"Received: model={[p.name for p in model]}")
+    return list(model)
+
+
+def _image_shape(given, model, key):
+    if given is None:
+        inputs = _inputs(model)
+        if len(inputs) != 1:
+            raise ValueError(f"`{key}` needs one image input"
+                             + ("; pass input_shape=(height, width, channels)"
+                                if key == "input_shape" else "")
+                             + f". Received: {len(inputs)} inputs")
+        given = tuple(inputs[0].shape[1:])
+    shape = tuple(given)
+    if len(shape) != 3 or not all(isinstance(d, numbers.Integral) and d > 0 for d in shape):
+        raise ValueError("The net needs a fixed image shape (height, width, channels): "
+                         "build the model on keras.Input((H, W, C)) or pass "
+                         f"input_shape. Received: input shape {shape}")
+    return tuple(int(d) for d in shape)
+
+
+def _inputs(model):
+    try:
+        return list(model.inputs or [])
+    except (AttributeError, ValueError):  # a layer, or an unbuilt Sequential
+        return []
+
+
+def _keras_error(error):
+    """A `SplitError` (`KgreedyError`) in Keras' words."""
+    text = f"`{error.path}`: {error.message}" if error.path else error.message
+    if error.received is not KgreedyError._MISSING:
+        text += f". Received: {error.path}={_short(error.received)}"
+    return ValueError(text)
+
+
+def _split_model(model, at, modules, balanced_memory, num_classes, own_top):
+    if (at is None) == (modules is None):
+        raise ValueError("Pass exactly one of `at` (layer names to split after) and "
+                         f"`modules` (a number of balanced modules). Received: at={at!r}, "
+                         f"modules={modules!r}")
+    if modules is not None:
+        _check_count("modules", modules)
+    elif isinstance(at, str) or not all(isinstance(n, str) for n in at):
+        raise ValueError(f"`at` must be a list of layer names. Received: at={at!r}")
+    try:
+        trunk, top = splitting.trunk_and_top(model, key="model")
+        if own_top:
+            _check_top(top, num_classes)
+        if modules is not None:
+            at = splitting.balanced_split_points(
+                trunk, modules, "memory" if balanced_memory else "layers", key="modules")
+        return splitting.split_model(trunk, at, key="at" if modules is None else "modules"), top
+    except splitting.SplitError as e:
+        raise _keras_error(e) from None
+
+
+def _check_top(top, num_classes):
+    if top is None:
+        raise ValueError("`last_head='model'` keeps the model's own classifier, and the "
+                         "model ends in a feature map. Received: last_head='model'")
+    units = top.outputs[0].shape[-1]
+    if units != num_classes:
+        raise ValueError(f"The model's classifier has {units} outputs and the task "
+                         f"{num_classes} classes. Received: num_classes={num_classes}")
+    last = top.layers[-1]
+    if (isinstance(last, keras.layers.Softmax)
+            or getattr(last, "activation", None) is keras.activations.softmax):
+        raise ValueError(f"The model's last layer ({last.name!r}) applies softmax, and "
+                         "kgreedy trains logits: build it with activation=None. "
+                         "Received: last_head='model'")
+
+
+def _design(value, key):
+    if isinstance(value, designs.DESIGNS):
+        return value.to_design()
+    if isinstance(value, keras.layers.Layer):
+        return value
+    raise ValueError(f"`{key}` must be a design of kgreedy.heads (Conv, MlpSr, Linear, "
+                     f"Vgg) or a Keras layer. Received: {key}={_short(value)}")
+
+
+def _heads(head, last_head, top, count):
+    head = designs.Conv() if head is None else head
+    if isinstance(head, (list, tuple)):
+        if len(head) != count:
+            raise ValueError(f"`head` as a list needs one head per stage ({count}). "
+                             f"Received: {len(head)} heads")
+        heads = [_design(h, f"head[{i}]") for i, h in enumerate(head)]
+    elif isinstance(head, keras.layers.Layer):
+        raise ValueError("A ready Keras layer is the head of one stage: pass a list "
+                         f"with one head per stage. Received: head={_short(head)}")
+    else:
+        heads = [_design(head, "head")] * count
+    if last_head == "model":
+        heads[-1] = top
+    elif last_head is not None:
+        heads[-1] = _design(last_head, "last_head")
+    layers = [h for h in heads if not isinstance(h, dict)]
+    if len({id(h) for h in layers}) != len(layers):
+        raise ValueError("A head layer appears for two stages; each stage needs its own. "
+                         f"Received: heads {[h.name for h in layers]}")
+    return [dict(h) if isinstance(h, dict) else h for h in heads]
+
+
+def _statistic(key, value, channels):
+    values = [value] if isinstance(value, numbers.Real) else np.ravel(value).tolist()
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels or not all(np.isfinite(v) for v in values):
+        raise ValueError(f"`{key}` needs one finite number, or one per channel "
+                         f"({channels}). Received: {key}={_short(value)}")
+    return [float(v) for v in values]
+
+
+def _check_pools(parts, heads, image_shape):
+    """Refuses a head that pools a module's map to more than the map's side."""
+    shape = (None, *image_shape)
+    for j, (part, head) in enumerate(zip(parts, heads), start=1):
+        if not part.built:
+            part.build(shape)
+        shape = tuple(part.compute_output_shape(shape))
+        pool = head.get("pool_size") if isinstance(head, dict) else None
+        if len(shape) == 4 and pool and None not in shape[1:3] and min(shape[1:3]) < pool:
+            raise ValueError(f"Module {j} outputs a {shape[1]}x{shape[2]} map, smaller "
+                             f"than its head's {pool}x{pool} pool. Received: "
+                             f"pool_size={pool} for stage {j}")
+
+
+def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=None,
+        mode="greedy", steps_per_epoch=None, callbacks=(), run_dir=None, resume=False,
+        verbose=1):
+    """Trains a `SplitNet` greedily, stage by stage (or end to end), like `Model.fit`.
+
+    Stage j trains module j and head j with a new optimizer, modules 1..j-1 frozen
+    (BN in inference mode). The engine is the command line's: the same stage loop,
+    epoch driver, records and checkpoints (docs/DESIGN.md, "The training engine").
+
+    Args:
+        net: what `kgreedy.split` returned.
+        train_ds: a `tf.data.Dataset` of (images, labels) batches, labels integer
+            class ids; each epoch iterates it afresh (its own shuffling applies).
+        validation_data: the same for evaluation after every epoch, or None.
+        epochs_per_stage: epochs of each stage (end to end: of the whole fit).
+        optimizer: `optimizer(stage)` returns a new Keras optimizer for the stage
+            (its learning rate, schedule and weight decay apply). Default:
+            `keras.optimizers.SGD(0.1, momentum=0.9)`.
+        mode: "greedy", or "end_to_end" (every module with the last head, the
+            baseline).
+        steps_per_epoch: batches per epoch; required when tf.data does not know
+            the dataset's length (a `repeat()`ed or filtered one). Default: one
+            pass over `train_ds`.
+        callbacks: `keras.callbacks.Callback`s: `set_model` gets each stage's
+            deployed model (with the stage's `optimizer`); `on_train_begin/end` once
+            per fit, `on_epoch_begin/end` with logs `loss`, `accuracy`, `val_loss`,
+            `val_accuracy`, `learning_rate`, `stage` (batch hooks are not called).
+            `model.stop_training` ends the stage after that epoch.
+        run_dir: a directory for the command line's run files (metrics.jsonl,
+            summary.json, TensorBoard, checkpoints every epoch) plus fit.json; it
+            must be new or empty unless `resume`.
+        resume: continue the fit in `run_dir` from its last checkpoint (same net,
+            mode, epochs, steps and batch size), mid-epoch included.
+        verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+
+    Returns:
+        A `keras.callbacks.History` (`kgreedy.training.keras_hooks.StageHistory`):
+        `history.history[key]` over every epoch this call ran,
+        `history.stages[j][key]` for stage j, and `history.summary` (per-stage
+        entries and the final scores, as summary.json).
+
+    Raises:
+        ValueError: a bad argument, found before any work.
+        kgreedy.base.errors.NonFiniteLoss: a loss was NaN or infinite.
+    """
+    if not isinstance(net, SplitNet):
+        raise ValueError("`net` must be what kgreedy.split returned. "
+                         f"Received: net={_short(net)}")
+    callbacks = [] if callbacks is None else callbacks
+    return fitting.fit_net(net, train_ds, validation_data, epochs_per_stage=epochs_per_stage,
+                           optimizer=optimizer, mode=mode, steps_per_epoch=steps_per_epoch,
+                           callbacks=callbacks, run_dir=run_dir, resume=resume,
+                           verbose=verbose)

@@ -1,0 +1,195 @@
+"""What `kgreedy.fit` does (`kgreedy.api.fit` is the entry point): check the
+arguments, prepare the run directory, and run the command line's trainer on a ready
+net, the caller's tf.data pipelines and an optimizer factory.
+
+The trainer (`kgreedy.training.controller.GreedyTrainer`) is the one of
+`kgreedy.train`: only the data (`kgreedy.data.external.ExternalDatasets`), the
+optimizer and the reporting (`kgreedy.training.keras_hooks`: Keras' progress bar,
+callbacks and history) differ. A run directory gets the command line's files, with
+fit.json (what a resume must match) in place of recipe.json.
+"""
+
+import numbers
+import os
+
+import keras
+import tensorflow as tf
+
+from kgreedy.base.files import read_json, write_json
+from kgreedy.config.recipe import OptimizerConfig, TrainConfig
+from kgreedy.config.vocabulary import MODES
+from kgreedy.data.external import ExternalDatasets, check_pipeline
+from kgreedy.model.network import parameter_table
+from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.keras_hooks import KerasCallbacks, ProgbarProgress, StageHistory
+from kgreedy.training.rundir import RunDir
+from kgreedy.training.runlock import RunLock
+
+FIT_FILE = "fit.json"  # in a run directory of kgreedy.fit, instead of recipe.json
+
+
+def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode,
+            steps_per_epoch, callbacks, run_dir, resume, verbose):
+    """`kgreedy.api.fit` after its `net` is known to be a `SplitNet`."""
+    _check_options(epochs_per_stage, optimizer, mode, steps_per_epoch, callbacks,
+                   run_dir, resume, verbose)
+    steps = _steps(train_ds, steps_per_epoch, net.image_shape)
+    if validation_data is not None:
+        if check_pipeline(validation_data, "validation_data",
+                          net.image_shape) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError("`validation_data` is infinite, so an evaluation would never "
+                             "end. Received: validation_data with infinite cardinality")
+    train = TrainConfig(mode=mode, epochs_per_stage=epochs_per_stage,
+                        batch_size=_batch_size(train_ds), steps_per_epoch=steps,
+                        cache_features="off",
+                        # The caller's optimizer brings its own decay; this config
+                        # only describes the run.
+                        optimizer=OptimizerConfig(weight_decay=0.0))
+    run = _prepare_run(run_dir, resume) if run_dir is not None else None
+    datasets = ExternalDatasets(train_ds, validation_data, net.spec, steps)
+    progress = ProgbarProgress(1 if verbose == "auto" else verbose)
+    history = StageHistory()
+    epochs = epochs_per_stage * (1 if mode == "end_to_end" else net.num_stages)
+    hooks = KerasCallbacks(
+        keras.callbacks.CallbackList([*callbacks, history], verbose=verbose,
+                                     epochs=epochs, steps=steps),
+        net, epochs_per_stage, mode == "end_to_end")
+    trainer = GreedyTrainer(None, datasets, run, tf.distribute.get_strategy(), progress,
+                            actions=[progress, hooks], net=net, train=train,
+                            optimizer=_optimizer_factory(optimizer))
+    try:
+        if run is None:
+            hooks.train_begin(trainer.stages()[0])
+            summary = trainer.fit()
+        else:
+            with RunLock(run.root) as lock:
+                if lock.warning:
+                    progress.warning(lock.warning)
+                _record_or_compare(run, _settings(net, train), resume)
+                hooks.train_begin(trainer.stages()[0])
+                summary = trainer.fit(resume=resume)
+    except tf.errors.OutOfRangeError:
+        raise ValueError(f"`train_ds` ran out of batches before the {steps} steps of an "
+                         "epoch; lower steps_per_epoch, or repeat the dataset "
+                         f"(train_ds.repeat()). Received: steps_per_epoch={steps}") from None
+    hooks.train_end()
+    history.summary = summary
+    return history
+
+
+def _check_options(epochs_per_stage, optimizer, mode, steps_per_epoch, callbacks,
+                   run_dir, resume, verbose):
+    for key, value in (("epochs_per_stage", epochs_per_stage),
+                       ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"`{key}` must be a positive integer. Received: "
+                             f"{key}={value!r}")
+    if epochs_per_stage is None:
+        raise ValueError("`epochs_per_stage` must be a positive integer. Received: "
+                         "epochs_per_stage=None")
+    if optimizer is not None and (not callable(optimizer) or isinstance(optimizer, type)
+                                  or isinstance(optimizer, keras.optimizers.Optimizer)):
+        raise ValueError("`optimizer` must be a function of the stage returning a new "
+                         "optimizer, e.g. lambda stage: keras.optimizers.SGD(0.1, "
+                         "momentum=0.9): every stage needs its own. Received: "
+                         f"optimizer={optimizer!r}")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+    bad = [c for c in callbacks if not isinstance(c, keras.callbacks.Callback)]
+    if bad or isinstance(callbacks, keras.callbacks.Callback):
+        raise ValueError("`callbacks` must be a list of keras.callbacks.Callback. "
+                         f"Received: callbacks={callbacks!r}")
+    if resume and run_dir is None:
+        raise ValueError("`resume=True` continues the fit in `run_dir`; pass run_dir. "
+                         "Received: run_dir=None")
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+        raise ValueError(f"`run_dir` must be a path. Received: run_dir={run_dir!r}")
+    if verbose not in (0, 1, 2, "auto"):
+        raise ValueError(f"`verbose` must be 0, 1, 2 or 'auto'. Received: verbose={verbose!r}")
+
+
+def _steps(train_ds, steps_per_epoch, image_shape):
+    """Batches of one epoch: one pass, or `steps_per_epoch` of it."""
+    cardinality = check_pipeline(train_ds, "train_ds", image_shape)
+    if cardinality < 0:  # infinite or unknown
+        if steps_per_epoch is None:
+            kind = "infinite" if cardinality == tf.data.INFINITE_CARDINALITY else "unknown"
+            raise ValueError(f"`train_ds` has {kind} length, so an epoch has no end: pass "
+                             "steps_per_epoch. Received: steps_per_epoch=None")
+        return steps_per_epoch
+    if steps_per_epoch is not None and steps_per_epoch > cardinality:
+        raise ValueError(f"`train_ds` yields {cardinality} batches per pass, fewer than "
+                         "steps_per_epoch; lower it or repeat the dataset "
+                         f"(train_ds.repeat()). Received: steps_per_epoch={steps_per_epoch}")
+    return steps_per_epoch or cardinality
+
+
+def _batch_size(train_ds):
+    """The batch size (for images/s and the run's record): static, or the first
+    batch's."""
+    size = train_ds.element_spec[0].shape[0]
+    if size is None:
+        size = int(tf.shape(next(iter(train_ds))[0])[0])
+    return max(int(size), 1)
+
+
+def _optimizer_factory(optimizer):
+    """`optimizer(stage)`, checked to return a Keras optimizer not used before."""
+    make = optimizer or (lambda stage: keras.optimizers.SGD(0.1, momentum=0.9))
+
+    def factory(stage):
+        made = make(stage)
+        if not isinstance(made, keras.optimizers.Optimizer):
+            raise ValueError("`optimizer(stage)` must return a Keras optimizer. Received: "
+                             f"optimizer({stage})={made!r}")
+        if made.built:
+            # Its slots belong to another stage's variables.
+            raise ValueError("`optimizer(stage)` must return a new optimizer for every "
+                             f"stage. Received: optimizer({stage}) returned one already "
+                             "used")
+        return made
+
+    return factory
+
+
+def _prepare_run(run_dir, resume):
+    """The `RunDir`, checked before any work: new or empty, or a kgreedy.fit run to
+    resume."""
+    path = os.fspath(run_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`run_dir` exists and is not a directory. Received: "
+                         f"run_dir={path!r}")
+    if resume and not os.path.isfile(os.path.join(path, FIT_FILE)):
+        raise ValueError(f"`resume=True` needs a run directory of kgreedy.fit (with "
+                         f"{FIT_FILE}). Received: run_dir={path!r}")
+    if not resume and os.path.isdir(path) and os.listdir(path):
+        raise ValueError("`run_dir` is not empty: pass resume=True to continue that fit, "
+                         f"or choose another directory. Received: run_dir={path!r}")
+    os.makedirs(path, exist_ok=True)
+    return RunDir(path)
+
+
+def _settings(net, train):
+    """What fit.json holds: what a resumed fit must match."""
+    return {"format": "kgreedy.fit", "name": net.name,
+            "image_shape": list(net.image_shape), "num_classes": net.num_classes,
+            "mean": net.mean, "std": net.std,
+            "stages": [{**row, "module": module.name, "head": head.name}
+                       for row, module, head in zip(parameter_table(net), net.modules,
+                                                    net.heads)],
+            "mode": train.mode, "epochs_per_stage": train.epochs_per_stage,
+            "steps_per_epoch": train.steps_per_epoch, "batch_size": train.batch_size}
+
+
+def _record_or_compare(run, settings, resume):
+    path = run.path(FIT_FILE)
+    if not resume:
+        write_json(path, settings)
+        return
+    saved = read_json(path, FIT_FILE)
+    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if differ:
+        raise ValueError(f"This fit differs from the one in {path} in {differ}; resume "
+                         "with the same net and arguments. Received: "
+                         + ", ".join(f"{k}={settings.get(k)!r}" for k in differ))
