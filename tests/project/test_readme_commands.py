@@ -175,6 +175,18 @@ COMMANDS = {
         tiny("results"),
     "python -m kgreedy.report runs/cifar10_budget_k3":
         tiny("results"),
+    # Bring your own network: the ResNet-32 dry run is test_split_recipes'; MobileNetV2
+    # in 4 modules on a few CIFAR-10 images, exported, and its export checked.
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --dry-run":
+        covered("test_split_recipes.py::"
+                "test_dry_run_resnet32_k4_prints_four_modules_and_resnet32s_count",
+                "kgreedy.train", "resnet32_cifar10_k4.json", "--dry-run"),
+    "python -m kgreedy.train recipes/mobilenetv2_cifar10_k4.json --output runs/mobilenetv2 "
+    "--set data.data_dir=../shared/tfds --set train.epochs_per_stage=1 "
+    "--set train.steps_per_epoch=100":
+        tiny("mobilenet", *TINY_CIFAR10[:-1]),
+    "python tools/check_serving.py runs/mobilenetv2/export/mobilenetv2_cifar10_k4/1":
+        tiny("mobilenet"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
@@ -465,7 +477,7 @@ def _setup_group(group, scratch):
         return ROOT, {}  # the suite itself: collected in the repository
     for name in ("recipes", "tools"):
         (scratch / name).symlink_to(ROOT / name, target_is_directory=True)
-    if group in ("cifar10", "results"):
+    if group in ("cifar10", "results", "mobilenet"):
         if not (SHARED_TFDS / "cifar10").is_dir():
             pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
         (scratch / "docs").mkdir()  # results_table.py --json docs/...
@@ -519,6 +531,9 @@ def _check_outputs(argv, cwd, stdout):
         return
     if argv[2] == "kgreedy.report":
         assert (cwd / argv[3] / "report" / "report.md").is_file()
+        return
+    if argv[1] == "tools/check_serving.py":
+        assert "checks passed" in stdout and "FAIL" not in stdout, stdout[-2000:]
         return
     scratch = cwd
     out = scratch / argv[argv.index("--output") + 1]
