@@ -168,6 +168,13 @@ COMMANDS = {
     "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
     "--output runs/cifar10_budget_$r":
         tiny("results", *TINY_CIFAR10, each=("r", ("k1", "k2", "k3", "end_to_end"))),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --set data.data_dir=../shared/tfds "
+    "--set train.epochs_per_stage=1 --output runs/resnet32_k4":
+        tiny("results", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_end_to_end.json "
+    "--set data.data_dir=../shared/tfds --set train.epochs_per_stage=4 "
+    "--output runs/resnet32_end_to_end":
+        tiny("results", *TINY_CIFAR10),
     "python tools/results_table.py runs/cifar10_budget_{k1,k2,k3,end_to_end} "
     "--json docs/results_cifar10_budget.json":
         tiny("results"),
