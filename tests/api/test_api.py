@@ -345,3 +345,23 @@ def test_fit_and_export_refuse_bad_targets(net, tmp_path):
     optimizer.build([tf.Variable(1.0)])  # used before, as by a previous stage
     with pytest.raises(ValueError, match=r"new optimizer for every stage"):
         kgreedy.fit(net, digits(32), optimizer=lambda stage: optimizer, verbose=0)
+
+
+def test_the_head_ensemble_of_a_split_net_is_scored_and_exported(tmp_path):
+    """Every head of a split net is scored in one pass, and `heads="ensemble"`
+    serves the paper's weighted ensemble of the modules' heads."""
+    from kgreedy.model.ensemble import evaluate_heads
+    from kgreedy.model.network import ensemble_logits
+
+    net = tiny_net(at=["res1_add", "res1"])  # a module that is one ReLU: still a module
+    scores = evaluate_heads(net, digits(32, start=1500))
+    assert len(scores["head_val_accuracies"]) == 3 and scores["val_examples"] == 32
+    images = next(iter(digits(4, start=1500)))[0]
+    expected = ensemble_logits([net.deployed_model(j)(images, training=False)
+                                for j in (1, 2, 3)])
+    path = net.export(tmp_path / "ens" / "1", heads="ensemble")
+    served = tf.saved_model.load(path).signatures["serving_default"](images=images)
+    np.testing.assert_allclose(served["probabilities"].numpy(),
+                               tf.nn.softmax(expected).numpy(), atol=1e-5)
+    last = tf.nn.softmax(net.deployed_model()(images, training=False)).numpy()
+    assert np.abs(served["probabilities"].numpy() - last).max() > 1e-4
