@@ -28,9 +28,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Files by their time on 2 cores, longest first (measured with --durations).
 _LONGEST_FIRST = ["test_readme_commands", "test_faults", "test_architectures",
                   "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
-                  "test_split_recipes",
+                  "test_split_recipes", "test_api",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",
-                  "test_resume", "test_precision", "test_distribute", "test_cache",
+                  "test_probe_report_modules", "test_modules_engine", "test_resume",
+                  "test_tune_modules", "test_resnets", "test_precision", "test_distribute", "test_cache",
                   "test_multiworker", "test_engine", "test_quiet", "test_data",
                   "test_stage", "test_benchmark_folder"]
 
