@@ -24,7 +24,7 @@ from kgreedy.base.files import write_json
 from kgreedy.base.progress import Progress
 from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.model.network import parameter_table
+from kgreedy.model.network import count_params, parameter_table
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.checkpoints import restore_latest_good
 from kgreedy.training.distribute import WorkerInfo
@@ -257,7 +257,10 @@ class GreedyTrainer:
                                       f"{step} of {steps}")
         row = self.table[stage - 1]
         if self.end_to_end:
-            row = {**row, "trainable_params": row["deployed_params"], "frozen_params": 0}
+            # Every module trains, with the last head: what the optimizer updates
+            # (BN moving statistics are in deployed_params, not here).
+            row = {**row, "trainable_params": count_params(loop.variables),
+                   "frozen_params": 0}
         self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)
         stage_start = time.perf_counter()
         record = driver.run()
