@@ -28,7 +28,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Files by their time on 2 cores, longest first (measured with --durations).
 _LONGEST_FIRST = ["test_readme_commands", "test_faults", "test_architectures",
                   "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
-                  "test_split_recipes", "test_api",
+                  "test_split_recipes", "test_network_commands", "test_api",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",
                   "test_probe_report_modules", "test_modules_engine", "test_resume",
                   "test_tune_modules", "test_resnets", "test_precision", "test_distribute", "test_cache",
