@@ -113,20 +113,6 @@ def test_the_split_net_has_two_modules_and_the_model_s_classifier():
 
 
 @pytest.mark.slow
-def test_two_replicas_train_a_split_model_as_one(tmp_path):
-    one = Weights()
-    fit(recipe(), tmp_path / "one", callbacks=[one])
-    two = Weights()
-    fit(recipe(), tmp_path / "two",
-        strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), callbacks=[two])
-    # Synchronised BN: the two replicas see the statistics of the global batch.
-    assert_same(one.values[2], two.values[2], atol=1e-4)
-    moved = [p for p in one.values[2] if "kernel" in p
-             and not np.array_equal(one.values[1][p], one.values[2][p])]
-    assert moved, "stage 2 trained nothing"
-
-
-@pytest.mark.slow
 def test_resume_after_stage_one_ends_where_an_unbroken_run_does(tmp_path):
     unbroken = Weights()
     fit(recipe(), tmp_path / "unbroken", callbacks=[unbroken])
