@@ -1,6 +1,7 @@
-"""The engine on a model split into modules: two replicas train what one does, the
-feature cache gives what recomputing gives, a resumed run ends where an unbroken
-one does, and checkpoints restore every module's weights.
+"""The engine on a model split into modules: two replicas train what one does (each
+run in its own process, through the command line), a run killed mid-stage resumes to
+the weights of an unbroken one, the feature cache gives what recomputing gives, and
+checkpoints restore every module's weights.
 
 The model is a user's small residual network with synchronised BatchNormalization,
 saved as a .keras file, on the embedded 8x8 digits, split into two modules of balanced
@@ -10,7 +11,11 @@ stay fast.)
 """
 
 import io
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -110,6 +115,57 @@ def test_the_split_net_has_two_modules_and_the_model_s_classifier():
     assert sum(int(np.prod(w.shape)) for w in net.heads[-1].trainable_weights) == 90
     layers = [layer.name for m in net.modules for layer in m.layers]
     assert {"stem", "res3_out"} <= set(layers)
+
+
+def _train_cli(run_dir, recipe_path, *extra):
+    """`python -m kgreedy.train` in a fresh process: each strategy gets a process of
+    its own, as a user's run does (two MirroredStrategies in one process can clash
+    in their collectives)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-m", "kgreedy.train", str(recipe_path),
+                           "--output", str(run_dir), *extra], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-3000:]
+    _, _, net, _ = load_trained(str(run_dir))
+    return {w.path: w.numpy() for layer in net.modules + net.heads for w in layer.weights}
+
+
+@pytest.mark.slow
+def test_two_replicas_train_a_split_model_as_one(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe().to_dict()))
+    one = _train_cli(tmp_path / "one", path)
+    two = _train_cli(tmp_path / "two", path, "--set", "distribute.strategy=mirrored",
+                     "--set", "distribute.logical_cpus=2")
+    # Synchronised BN: the two replicas see the statistics of the global batch.
+    assert_same(one, two, atol=1e-4)
+    start = small_resnet()  # the saved file's weights are where both runs began
+    start.load_weights(MODEL)
+    assert not np.allclose(start.get_layer("res3_conv").kernel.numpy(),
+                           one["res3_conv/kernel"]), "stage 2 trained nothing"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_resume_matches_an_unbroken_run(tmp_path):
+    """A real kill inside stage 2 of a split model, then --resume: the same weights
+    as a run that was never stopped, bit for bit."""
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe(train={"epochs_per_stage": 3, "steps_per_epoch": 8,
+                                             "checkpoint_every_steps": 4}).to_dict()))
+    unbroken = _train_cli(tmp_path / "unbroken", path)
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kgreedy.train", str(path), "--output",
+                             str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if "stage 2 epoch 1/3" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = _train_cli(run_dir, path, "--resume")
+    assert_same(unbroken, resumed, atol=0)
 
 
 @pytest.mark.slow
