@@ -22,11 +22,11 @@ import numpy as np
 
 from kgreedy import fitting
 from kgreedy import heads as designs
-from kgreedy.base.errors import KgreedyError
+from kgreedy.base.errors import KgreedyError, format_value
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.data.external import external_spec
 from kgreedy.model import split as splitting
-from kgreedy.model.network import GreedyNet, count_params, parameter_table
+from kgreedy.model.network import GreedyNet, count_params, parameter_table, pool_problem
 from kgreedy.serving.export import export_saved_model
 
 __all__ = ["SplitNet", "fit", "split"]
@@ -187,7 +187,7 @@ def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
                                   last_head == "model")
     else:
         raise ValueError("`model` must be a keras.Model or a list of Keras layers. "
-                         f"Received: model={_short(model)}")
+                         f"Received: model={format_value(model)}")
     heads = _heads(head, last_head, top, len(parts))
     channels = image_shape[-1]
     mean = _statistic("mean", 0.0 if mean is None else mean, channels)
@@ -197,16 +197,11 @@ def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
     if class_names is not None and (isinstance(class_names, str)
                                     or len(class_names) != num_classes):
         raise ValueError(f"`class_names` needs one name per class ({num_classes}). "
-                         f"Received: class_names={_short(class_names)}")
+                         f"Received: class_names={format_value(class_names)}")
     _check_pools(parts, heads, image_shape)
     return SplitNet(parts, heads, image_shape, num_classes, mean, std,
                     class_names=None if class_names is None else list(class_names),
                     name=name or getattr(model, "name", None) or "greedy")
-
-
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _check_count(key, value, low=1):
@@ -220,7 +215,7 @@ def _module_list(model):
     for i, part in enumerate(model):
         if not isinstance(part, keras.layers.Layer):
             raise ValueError(f"Every module must be a Keras layer or model. Received: "
-                             f"model[{i}]={_short(part)}")
+                             f"model[{i}]={format_value(part)}")
     if len({id(p) for p in model}) != len(model):
         raise ValueError("A module appears twice in `model`; each stage trains its own. "
                          f"Received: model={[p.name for p in model]}")
@@ -255,7 +250,7 @@ def _keras_error(error):
     """A `SplitError` (`KgreedyError`) in Keras' words."""
     text = f"`{error.path}`: {error.message}" if error.path else error.message
     if error.received is not KgreedyError._MISSING:
-        text += f". Received: {error.path}={_short(error.received)}"
+        text += f". Received: {error.path}={format_value(error.received)}"
     return ValueError(text)
 
 
@@ -272,28 +267,24 @@ def _split_model(model, at, modules, balanced_memory, num_classes, own_top):
         trunk, top = splitting.trunk_and_top(model, key="model")
         if own_top:
             _check_top(top, num_classes)
-        if modules is not None:
-            at = splitting.balanced_split_points(
-                trunk, modules, "memory" if balanced_memory else "layers", key="modules")
-        return splitting.split_model(trunk, at, key="at" if modules is None else "modules"), top
+        return splitting.split_trunk(trunk, at, modules, balanced_memory, at_key="at",
+                                     modules_key="modules"), top
     except splitting.SplitError as e:
         raise _keras_error(e) from None
 
 
 def _check_top(top, num_classes):
-    if top is None:
-        raise ValueError("`last_head='model'` keeps the model's own classifier, and the "
-                         "model ends in a feature map. Received: last_head='model'")
-    units = top.outputs[0].shape[-1]
-    if units != num_classes:
-        raise ValueError(f"The model's classifier has {units} outputs and the task "
-                         f"{num_classes} classes. Received: num_classes={num_classes}")
-    last = top.layers[-1]
-    if (isinstance(last, keras.layers.Softmax)
-            or getattr(last, "activation", None) is keras.activations.softmax):
-        raise ValueError(f"The model's last layer ({last.name!r}) applies softmax, and "
-                         "kgreedy trains logits: build it with activation=None. "
-                         "Received: last_head='model'")
+    problem = splitting.own_classifier_problem(top, num_classes)
+    if problem is None:
+        return
+    raise ValueError({
+        "none": "`last_head='model'` keeps the model's own classifier, and the model "
+                "ends in a feature map. Received: last_head='model'",
+        "outputs": f"The model's classifier has {problem[-1]} outputs and the task "
+                   f"{num_classes} classes. Received: num_classes={num_classes}",
+        "softmax": f"The model's last layer ({problem[-1]!r}) applies softmax, and "
+                   "kgreedy trains logits: build it with activation=None. "
+                   "Received: last_head='model'"}[problem[0]])
 
 
 def _design(value, key):
@@ -302,7 +293,7 @@ def _design(value, key):
     if isinstance(value, keras.layers.Layer):
         return value
     raise ValueError(f"`{key}` must be a design of kgreedy.heads (Conv, MlpSr, Linear, "
-                     f"Vgg) or a Keras layer. Received: {key}={_short(value)}")
+                     f"Vgg) or a Keras layer. Received: {key}={format_value(value)}")
 
 
 def _heads(head, last_head, top, count):
@@ -314,7 +305,7 @@ def _heads(head, last_head, top, count):
         heads = [_design(h, f"head[{i}]") for i, h in enumerate(head)]
     elif isinstance(head, keras.layers.Layer):
         raise ValueError("A ready Keras layer is the head of one stage: pass a list "
-                         f"with one head per stage. Received: head={_short(head)}")
+                         f"with one head per stage. Received: head={format_value(head)}")
     else:
         heads = [_design(head, "head")] * count
     if last_head == "model":
@@ -334,22 +325,18 @@ def _statistic(key, value, channels):
         values = values * channels
     if len(values) != channels or not all(np.isfinite(v) for v in values):
         raise ValueError(f"`{key}` needs one finite number, or one per channel "
-                         f"({channels}). Received: {key}={_short(value)}")
+                         f"({channels}). Received: {key}={format_value(value)}")
     return [float(v) for v in values]
 
 
 def _check_pools(parts, heads, image_shape):
     """Refuses a head that pools a module's map to more than the map's side."""
-    shape = (None, *image_shape)
-    for j, (part, head) in enumerate(zip(parts, heads), start=1):
-        if not part.built:
-            part.build(shape)
-        shape = tuple(part.compute_output_shape(shape))
-        pool = head.get("pool_size") if isinstance(head, dict) else None
-        if len(shape) == 4 and pool and None not in shape[1:3] and min(shape[1:3]) < pool:
-            raise ValueError(f"Module {j} outputs a {shape[1]}x{shape[2]} map, smaller "
-                             f"than its head's {pool}x{pool} pool. Received: "
-                             f"pool_size={pool} for stage {j}")
+    problem = pool_problem(parts, heads, image_shape)
+    if problem is not None:
+        j, shape, pool = problem
+        raise ValueError(f"Module {j} outputs a {shape[1]}x{shape[2]} map, smaller "
+                         f"than its head's {pool}x{pool} pool. Received: "
+                         f"pool_size={pool} for stage {j}")
 
 
 def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=None,
@@ -399,7 +386,7 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
     """
     if not isinstance(net, SplitNet):
         raise ValueError("`net` must be what kgreedy.split returned. "
-                         f"Received: net={_short(net)}")
+                         f"Received: net={format_value(net)}")
     callbacks = [] if callbacks is None else callbacks
     return fitting.fit_net(net, train_ds, validation_data, epochs_per_stage=epochs_per_stage,
                            optimizer=optimizer, mode=mode, steps_per_epoch=steps_per_epoch,

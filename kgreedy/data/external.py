@@ -13,6 +13,7 @@ Keras' style (`ValueError`, `Received: ...`).
 
 import tensorflow as tf
 
+from kgreedy.base.errors import format_value
 from kgreedy.data.spec import DatasetSpec
 
 
@@ -36,7 +37,7 @@ def check_pipeline(dataset, name, image_shape):
         raise ValueError(
             f"`{name}` must be a tf.data.Dataset of (images, labels) batches, e.g. "
             "tf.data.Dataset.from_tensor_slices((x, y)).batch(64). "
-            f"Received: {name}={_short(dataset)}")
+            f"Received: {name}={format_value(dataset)}")
     spec = dataset.element_spec
     if not (isinstance(spec, tuple) and len(spec) == 2
             and all(isinstance(s, tf.TensorSpec) for s in spec)):
@@ -67,11 +68,6 @@ def check_pipeline(dataset, name, image_shape):
         raise ValueError(f"`{name}` yields no batch. Received: {name} with "
                          "cardinality 0")
     return cardinality
-
-
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _as_model_input(images, labels):

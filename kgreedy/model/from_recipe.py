@@ -15,7 +15,7 @@ from kgreedy.config import architectures
 from kgreedy.config.designs import head_designs
 from kgreedy.model import resnets, split
 from kgreedy.model.layers import BN_MOMENTUM, conv_blocks
-from kgreedy.model.network import GreedyNet
+from kgreedy.model.network import GreedyNet, output_shapes, pool_problem
 
 
 def from_recipe(recipe, image_shape, num_classes, mean, std, stages=None):
@@ -41,20 +41,31 @@ def from_recipe(recipe, image_shape, num_classes, mean, std, stages=None):
     if not 1 <= stages <= recipe.num_stages:
         raise ValueError(f"`stages` must be between 1 and the recipe's "
                          f"{recipe.num_stages} stages. Received: stages={stages}")
+    modules, top = trunk_modules(recipe, image_shape, num_classes, stages)
+    if top is not None:
+        designs[-1] = top
+    modules, designs = modules[:stages], designs[:stages]
     if recipe.split:
-        modules, top = split_modules(recipe, image_shape, num_classes)
-        if top is not None:
-            designs[-1] = top
-        modules, designs = modules[:stages], designs[:stages]
         _check_pools(recipe, modules, designs, image_shape)
-    else:
-        modules = conv_blocks([{"width": b.width, "downsample": b.downsample}
-                               for b in model.blocks[:stages]], model.batch_norm,
-                              model.sync_batch_norm, model.conv_bias)
-        designs = designs[:stages]
     return GreedyNet(modules, designs, image_shape, num_classes, mean, std,
                      batch_norm=model.batch_norm, sync_batch_norm=model.sync_batch_norm,
                      name=recipe.name)
+
+
+def trunk_modules(recipe, image_shape, num_classes, stages=None):
+    """(modules, top): the stages' modules (conv blocks, or the split model's
+    pieces) and the split model's own classifier when it is the last head.
+
+    A split model is split whole (its boundaries do not depend on `stages`); conv
+    blocks are made for the first `stages` only, since making a layer draws from
+    Keras' seed and would change the weights of every later one.
+    """
+    if recipe.split:
+        return split_modules(recipe, image_shape, num_classes)
+    model = recipe.model
+    return conv_blocks([{"width": b.width, "downsample": b.downsample}
+                        for b in model.blocks[:stages]], model.batch_norm,
+                       model.sync_batch_norm, model.conv_bias), None
 
 
 def trunk_shapes(recipe, image_shape, num_classes):
@@ -65,18 +76,8 @@ def trunk_shapes(recipe, image_shape, num_classes):
     Raises:
         RecipeError: the model cannot be built, loaded or split as the recipe asks.
     """
-    model = recipe.model
-    if recipe.split:
-        modules = split_modules(recipe, image_shape, num_classes)[0]
-    else:
-        modules = conv_blocks([{"width": b.width, "downsample": b.downsample}
-                               for b in model.blocks], model.batch_norm,
-                              model.sync_batch_norm, model.conv_bias)
-    shape, shapes = (None, *image_shape), []
-    for module in modules:
-        shape = tuple(module.compute_output_shape(shape))
-        shapes.append(shape[1:])
-    return shapes
+    modules = trunk_modules(recipe, image_shape, num_classes)[0]
+    return [shape[1:] for shape in output_shapes(modules, image_shape)]
 
 
 def whole_model(recipe, image_shape, num_classes):
@@ -97,20 +98,14 @@ def split_modules(recipe, image_shape, num_classes):
     classifier (a Keras model on the last module's output) when `aux.last_head`
     is `model`, else None."""
     model = recipe.model
-    whole = whole_model(recipe, image_shape, num_classes)
-    trunk, top = split.trunk_and_top(whole, key="model")
+    trunk, top = split.trunk_and_top(whole_model(recipe, image_shape, num_classes),
+                                     key="model")
     if recipe.aux.last_head == "model":
         _check_top(top, num_classes, model)
-    if model.split_at is not None:
-        at = model.split_at
-        key = "model.split_at"
     else:
-        at = split.balanced_split_points(
-            trunk, model.modules, "memory" if model.balanced_memory else "layers",
-            key="model.modules")
-        key = "model.modules"
-    modules = split.split_model(trunk, at, key=key)
-    return modules, (top if recipe.aux.last_head == "model" else None)
+        top = None
+    return split.split_trunk(trunk, model.split_at, model.modules, model.balanced_memory,
+                             at_key="model.split_at", modules_key="model.modules"), top
 
 
 def _application(name, image_shape, num_classes, with_top):
@@ -163,36 +158,31 @@ def _load_file(path, image_shape):
 
 
 def _check_top(top, num_classes, model):
+    problem = split.own_classifier_problem(top, num_classes)
+    if problem is None:
+        return
     source = ("model.keras_file" if model.keras_file else
               "model.keras_application" if model.keras_application else "model.architecture")
-    if top is None:
-        raise RecipeError("aux.last_head", f"'model' needs a classifier of the model's "
-                          f"own, and the {source} model ends in a feature map", "model")
-    out = top.outputs[0].shape[-1]
-    if out != num_classes:
-        raise RecipeError("aux.last_head", f"'model': the {source} model's classifier "
-                          f"has {out} outputs, the data {num_classes} classes", "model")
-    last = top.layers[-1]
-    if (isinstance(last, keras.layers.Softmax)
-            or getattr(last, "activation", None) is keras.activations.softmax):
-        raise RecipeError("aux.last_head", f"'model': the last layer of the {source} "
-                          f"model ({last.name!r}) applies softmax, and kgreedy trains "
-                          "logits; save it with activation=None", "model")
+    message = {
+        "none": f"'model' needs a classifier of the model's own, and the {source} model "
+                "ends in a feature map",
+        "outputs": f"'model': the {source} model's classifier has {problem[-1]} outputs, "
+                   f"the data {num_classes} classes",
+        "softmax": f"'model': the last layer of the {source} model ({problem[-1]!r}) "
+                   "applies softmax, and kgreedy trains logits; save it with "
+                   "activation=None"}[problem[0]]
+    raise RecipeError("aux.last_head", message, "model")
 
 
 def _check_pools(recipe, modules, designs, image_shape):
     """Refuses a head that pools a module's map to more than the map's side."""
-    shape = (None, *image_shape)
-    for j, (module, design) in enumerate(zip(modules, designs), start=1):
-        shape = tuple(module.compute_output_shape(shape))
-        if not isinstance(design, dict) or design["kind"] in ("vgg",):
-            continue
-        pool = design.get("pool_size") or 1
-        side = min(d for d in shape[1:3] if d is not None) if any(shape[1:3]) else None
-        if side is not None and side < pool:
-            own = (j - 1 < len(recipe.aux.per_stage)
-                   and recipe.aux.per_stage[j - 1].pool_size is not None)
-            key = f"aux.per_stage[{j - 1}].pool_size" if own else "aux.pool_size"
-            raise RecipeError(key, f"module {j} outputs a {shape[1]}x{shape[2]} map, "
-                              f"smaller than the head's {pool}x{pool} pool (image size "
-                              f"{image_shape[0]})", pool)
+    problem = pool_problem(modules, designs, image_shape)
+    if problem is None:
+        return
+    j, shape, pool = problem
+    own = (j - 1 < len(recipe.aux.per_stage)
+           and recipe.aux.per_stage[j - 1].pool_size is not None)
+    key = f"aux.per_stage[{j - 1}].pool_size" if own else "aux.pool_size"
+    raise RecipeError(key, f"module {j} outputs a {shape[1]}x{shape[2]} map, smaller "
+                      f"than the head's {pool}x{pool} pool (image size {image_shape[0]})",
+                      pool)

@@ -48,11 +48,9 @@ class GreedyNet:
         self.standardize = Standardize(mean, std, name="standardize")
         self.modules = list(modules)
         self.heads, self.stage_shapes = [], []
-        shape = (None, *self.image_shape)
-        for j, (module, head) in enumerate(zip(self.modules, heads), start=1):
-            if not module.built:
-                module.build(shape)
-            shape = tuple(module.compute_output_shape(shape))
+        shapes = output_shapes(self.modules, self.image_shape)
+        for j, (module, head, shape) in enumerate(zip(self.modules, heads, shapes),
+                                                  start=1):
             if len(shape) != 4:
                 raise ValueError(f"Module {j} ({module.name!r}) outputs shape {shape}, not "
                                  "a feature map (batch, height, width, channels). "
@@ -139,6 +137,35 @@ class GreedyNet:
             x = module(x, training=False)
             outputs[f"stage{j}"] = x
         return keras.Model(inputs, outputs, name=f"{self.name}_backbone")
+
+
+def output_shapes(modules, image_shape):
+    """Each module's output shape (batch dimension first) on images of `image_shape`,
+    chained; modules not built yet are built on their input shape."""
+    shape, shapes = (None, *image_shape), []
+    for module in modules:
+        if not module.built:
+            module.build(shape)
+        shape = tuple(module.compute_output_shape(shape))
+        shapes.append(shape)
+    return shapes
+
+
+def pool_problem(modules, heads, image_shape):
+    """(stage, output shape, pool size) of the first head design that pools its
+    module's map to more than the map's side, or None when all fit.
+
+    Heads given as layers are the caller's; VGG heads have no adaptive pool.
+    """
+    for j, (shape, head) in enumerate(zip(output_shapes(modules, image_shape), heads),
+                                      start=1):
+        if not isinstance(head, dict) or head.get("kind") == "vgg" or len(shape) != 4:
+            continue
+        pool = head.get("pool_size") or 1
+        sides = [d for d in shape[1:3] if d is not None]
+        if sides and min(sides) < pool:
+            return j, shape, pool
+    return None
 
 
 def ensemble_weights(num_heads):

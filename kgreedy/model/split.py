@@ -349,6 +349,43 @@ def trunk_and_top(model, key="model"):
             keras.Model(end, model.outputs[0], name=f"{model.name}_top"))
 
 
+def split_trunk(trunk, at=None, modules=None, balanced_memory=False, *,
+                at_key="split_at", modules_key="modules"):
+    """Modules of a feature-map trunk (`trunk_and_top`): split at the layers `at`,
+    or into `modules` of balanced depth (of balanced activation size with
+    `balanced_memory`).
+
+    Raises:
+        SplitError: as `balanced_split_points` and `split_model`.
+    """
+    if at is None:
+        at = balanced_split_points(trunk, modules,
+                                   "memory" if balanced_memory else "layers",
+                                   key=modules_key)
+        at_key = modules_key
+    return split_model(trunk, at, key=at_key)
+
+
+def own_classifier_problem(top, num_classes):
+    """Why a split model's own top cannot be the last head, or None.
+
+    Returns:
+        None; ("none",) without a classifier; ("outputs", units) when it has not
+        `num_classes` outputs; ("softmax", layer name) when its last layer gives
+        probabilities, not logits.
+    """
+    if top is None:
+        return ("none",)
+    units = top.outputs[0].shape[-1]
+    if units != num_classes:
+        return ("outputs", units)
+    last = top.layers[-1]
+    if (isinstance(last, keras.layers.Softmax)
+            or getattr(last, "activation", None) is keras.activations.softmax):
+        return ("softmax", last.name)
+    return None
+
+
 def layer_span(module):
     """(first layer name, last layer name, layers) of a module, inputs excluded."""
     layers = [x for x in getattr(module, "layers", [module])
