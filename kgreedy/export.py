@@ -26,7 +26,7 @@ def main(argv=None):
                     "RUN_DIR/export/MODEL_NAME/VERSION/ and print that path.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of kgreedy.train")
     parser.add_argument("--stage", type=int, default=None,
-                        help="export blocks 1..N with head N (default: the last "
+                        help="export modules 1..N with head N (default: the last "
                              "finished stage)")
     parser.add_argument("--version", type=cli.positive_int, default=None,
                         help="version directory (default: largest existing + 1)")

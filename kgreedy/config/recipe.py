@@ -215,9 +215,9 @@ class TrainConfig:
         False, doc="op determinism: a resumed run ends bitwise equal to an unbroken one")
     cache_features: str = setting(
         "auto", choices=CACHE_MODES,
-        doc="run the frozen blocks once per stage and train on their cached output; "
+        doc="run the frozen modules once per stage and train on their cached output; "
             "auto: when data.augment is none (greedy mode, one worker) and the frozen "
-            "blocks cost enough FLOPs per cached byte (kgreedy/training/cache.py)")
+            "modules cost enough FLOPs per cached byte (kgreedy/training/cache.py)")
     cache_memory_mb: int = setting(
         1024, low=0, doc="cached features up to this size stay in memory, else on disk "
                          "in the run directory (removed after the stage)")

@@ -1,6 +1,6 @@
 """Evaluating every head of a trained greedy net, and the paper's head ensemble.
 
-After greedy training each head j still classifies from block j's output (the blocks
+After greedy training each head j still classifies from module j's output (the modules
 below it never change again), so one pass through the trunk scores them all. The
 paper (section 4) also reports the ensemble Z = sum_j 2^j z_j of the heads' outputs;
 `kgreedy.model.network.ensemble_logits` computes it and `export.heads: "ensemble"` serves it.

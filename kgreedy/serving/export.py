@@ -282,7 +282,7 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
         net: a `GreedyNet` with trained weights.
         spec: the `DatasetSpec` the net was trained on (eval resize, class names).
         export_root: TF Serving's model base path; created when missing.
-        stage: export blocks 1..stage with head `stage` (default: the last stage).
+        stage: export modules 1..stage with head `stage` (default: the last stage).
         version: a positive integer (default: the largest existing version + 1,
             or 1).
         keep_versions: after a successful export, delete all but the newest N

@@ -36,8 +36,8 @@ class StageLoop:
         train: the recipe's `TrainConfig`.
         strategy: a `tf.distribute.Strategy`; variables are created in its scope.
         steps_per_epoch: train steps per epoch (full global batches).
-        end_to_end: train blocks 1..stage jointly (the baseline).
-        cached_features: the datasets yield the output of blocks 1..stage-1 (the
+        end_to_end: train modules 1..stage jointly (the baseline).
+        cached_features: the datasets yield the output of modules 1..stage-1 (the
             feature cache) instead of images.
         optimizer: called as `optimizer(stage)` in the strategy's scope, returns the
             stage's new Keras optimizer (`kgreedy.fit`); its own learning rate or
