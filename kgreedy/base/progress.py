@@ -50,11 +50,14 @@ class Progress:
                     f", {row['trainable_params']:,} trainable and {row['frozen_params']:,} "
                     f"frozen parameters; {epochs} epochs of {steps} steps")
 
-    def step(self, stage, epoch, epochs, step, steps, loss, accuracy, images_per_second):
+    def step(self, stage, epoch, epochs, step, steps, loss, accuracy, images_per_second,
+             module_accuracies=None):
         if self.live:
+            modules = ("" if module_accuracies is None
+                       else f" (modules {_accuracies(module_accuracies)})")
             self._print(f"  stage {stage} epoch {epoch}/{epochs} step {step}/{steps} "
-                        f"loss {loss:.4f} acc {accuracy:.4f} {images_per_second:,.0f} img/s",
-                        final=False)
+                        f"loss {loss:.4f} acc {accuracy:.4f}{modules} "
+                        f"{images_per_second:,.0f} img/s", final=False)
 
     def epoch_end(self, record, epochs, steps):
         self._print(f"  stage {record['stage']} epoch {record['epoch']}/{epochs} "
@@ -62,9 +65,19 @@ class Progress:
                     f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
                     f"acc {record['val_accuracy']:.4f} | lr {record['learning_rate']:.3g} "
                     f"{record['images_per_second']:,.0f} img/s {record['seconds']:.1f}s")
+        if record.get("train_module_accuracy") is not None:
+            # A decoupled epoch: every module's head, first to last.
+            val = record.get("val_module_accuracy")
+            self._print(f"    modules 1..{len(record['train_module_accuracy'])}: train acc "
+                        f"{_accuracies(record['train_module_accuracy'])}"
+                        + ("" if val is None else f" | val acc {_accuracies(val)}"))
 
     def stage_end(self, entry):
         train = entry["train_accuracy"]
         train = "n/a" if train is None else f"{train:.4f}"
         self._print(f"stage {entry['stage']} done: val acc {entry['val_accuracy']:.4f} "
                     f"train acc {train} in {entry['seconds']:.1f}s")
+
+
+def _accuracies(values):
+    return " / ".join(f"{v:.3f}" for v in values)

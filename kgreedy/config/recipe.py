@@ -196,13 +196,26 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DecoupledConfig:
+    """Decoupled training (`train.decoupled.*`, with `train.mode: decoupled`)."""
+
+    buffer_size: int = setting(
+        0, low=0, doc="0: module j+1 trains on module j's output for the current "
+                      "batch; N: on a batch drawn from a replay buffer of module j's "
+                      "last N outputs and labels (DGL section 3.2; at least batch_size)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The training loop (`train.*`)."""
 
     mode: str = setting("greedy", choices=MODES,
                      doc="greedy: stage by stage; end_to_end: the deployed network "
-                         "(all blocks + last head) trained jointly, as a baseline")
-    epochs_per_stage: int = setting(10, low=1, doc="epochs of each stage (end_to_end: in all)")
+                         "(all blocks + last head) trained jointly, as a baseline; "
+                         "decoupled: every module at once, each on its own head's "
+                         "loss, no gradient between modules (DGL)")
+    epochs_per_stage: int = setting(
+        10, low=1, doc="epochs of each stage (end_to_end, decoupled: in all)")
     batch_size: int = setting(128, low=1, doc="global batch size")
     eval_batch_size: typing.Optional[int] = setting(None, low=1, doc="default: batch_size")
     steps_per_epoch: typing.Optional[int] = setting(
@@ -227,6 +240,7 @@ class TrainConfig:
     jit_compile: bool = setting(False, doc="XLA-compile the forward and backward pass")
     optimizer: OptimizerConfig = setting(OptimizerConfig())
     lr_schedule: ScheduleConfig = setting(ScheduleConfig())
+    decoupled: DecoupledConfig = setting(DecoupledConfig())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,16 +337,23 @@ def validate(recipe):
         raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
                           f"features cannot be augmented (data.augment is "
                           f"{recipe.data.augment!r}); use 'auto' or 'off'", "on")
-    if recipe.train.cache_features == "on" and recipe.train.mode == "end_to_end":
+    if recipe.train.cache_features == "on" and recipe.train.mode != "greedy":
         raise RecipeError("train.cache_features", "'on' does not apply to train.mode "
-                          "'end_to_end' (every block trains)", "on")
+                          f"{recipe.train.mode!r} (every block trains)", "on")
+    buffer = recipe.train.decoupled.buffer_size
+    if buffer and recipe.train.mode != "decoupled":
+        raise RecipeError("train.decoupled.buffer_size", "only applies to train.mode "
+                          f"'decoupled', not {recipe.train.mode!r}", buffer)
+    if buffer and buffer < recipe.train.batch_size:
+        raise RecipeError("train.decoupled.buffer_size", "must hold at least one batch "
+                          f"(train.batch_size {recipe.train.batch_size}), or be 0", buffer)
     if recipe.distribute.logical_cpus > 1 and recipe.distribute.strategy not in ("auto",
                                                                                "mirrored"):
         raise RecipeError("distribute.logical_cpus", "only applies to strategies 'auto' and "
                           f"'mirrored', not {recipe.distribute.strategy!r}",
                           recipe.distribute.logical_cpus)
     if recipe.export.heads == "ensemble" and recipe.train.mode == "end_to_end":
-        raise RecipeError("export.heads", "'ensemble' needs train.mode 'greedy': an "
+        raise RecipeError("export.heads", "'ensemble' needs train.mode 'greedy' or 'decoupled': an "
                           "end-to-end run trains only the last head", "ensemble")
     if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
         raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",

@@ -25,8 +25,10 @@ from kgreedy.base.progress import Progress
 from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params, parameter_table
+from kgreedy.config.vocabulary import ONE_STAGE_MODES
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.checkpoints import restore_latest_good
+from kgreedy.training.decoupled import DecoupledLoop
 from kgreedy.training.distribute import WorkerInfo
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.records import RunRecords
@@ -107,10 +109,15 @@ class GreedyTrainer:
     def end_to_end(self):
         return self.train.mode == "end_to_end"
 
+    @property
+    def decoupled(self):
+        return self.train.mode == "decoupled"
+
     def stages(self):
-        """Stages to train: 1..J greedily, or only J (every block) end to end."""
+        """Stages to train: 1..J greedily, or only J (every module) end to end or
+        decoupled."""
         num = self.net.num_stages
-        return [num] if self.end_to_end else list(range(1, num + 1))
+        return [num] if self.train.mode in ONE_STAGE_MODES else list(range(1, num + 1))
 
     def fit(self, resume=False):
         """Trains every stage not yet done, then exports. Returns the summary dict.
@@ -227,9 +234,14 @@ class GreedyTrainer:
     def _fit_stage_on(self, stage, records, resume, cache):
         epochs = self.train.epochs_per_stage
         steps = self.steps_per_epoch
-        loop = StageLoop(self.net, stage, self.train, self.strategy, steps,
-                         end_to_end=self.end_to_end, cached_features=cache is not None,
-                         optimizer=self.optimizer)
+        if self.decoupled:
+            loop = DecoupledLoop(self.net, self.train, self.strategy, steps,
+                                 optimizer=self.optimizer,
+                                 seed=self.recipe.seed if self.recipe is not None else 0)
+        else:
+            loop = StageLoop(self.net, stage, self.train, self.strategy, steps,
+                             end_to_end=self.end_to_end, cached_features=cache is not None,
+                             optimizer=self.optimizer)
         eval_data = self.eval_data if cache is None else \
             self.datasets.distributed_eval(self.strategy, cache.eval_split)
         every = self.train.checkpoint_every_steps
@@ -256,9 +268,10 @@ class GreedyTrainer:
                 self.progress.message(f"stage {stage}: resuming at epoch {epoch}, step "
                                       f"{step} of {steps}")
         row = self.table[stage - 1]
-        if self.end_to_end:
-            # Every module trains, with the last head: what the optimizer updates
-            # (BN moving statistics are in deployed_params, not here).
+        if self.train.mode in ONE_STAGE_MODES:
+            # Every module trains, with the last head (decoupled: with every head):
+            # what the optimizers update (BN moving statistics are in
+            # deployed_params, not here).
             row = {**row, "trainable_params": count_params(loop.variables),
                    "frozen_params": 0}
         self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)

@@ -143,6 +143,8 @@ class LiveSteps:
         now = time.perf_counter()
         if self.live and now - self.last_shown >= 0.5:
             loss, acc = driver.loop.metrics()
+            modules = driver.loop.module_metrics()
             self.progress.step(driver.loop.stage, epoch, self.last_epoch or driver.epochs,
-                               done, driver.steps_per_epoch, loss, acc, images_per_second)
+                               done, driver.steps_per_epoch, loss, acc, images_per_second,
+                               None if modules is None else modules[1])
             self.last_shown = now

@@ -9,6 +9,9 @@ from kgreedy.base.files import append_jsonl, write_json, write_text
 
 _SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
             "learning_rate", "images_per_second")
+# Per-module lists of a decoupled run: TensorBoard's `module{j}/{train,val}_{...}`.
+_MODULE_LISTS = ("train_module_loss", "train_module_accuracy", "val_module_loss",
+                 "val_module_accuracy")
 
 
 class RunRecords:
@@ -16,7 +19,8 @@ class RunRecords:
 
     metrics.jsonl gets one object per epoch; TensorBoard gets the same scalars under
     `stage{j}/...` (step: epoch within the stage) and `all/...` (step: epochs since
-    the start of the run); summary.json is rewritten atomically after every stage.
+    the start of the run), and a decoupled run's per-module figures under
+    `module{j}/...`; summary.json is rewritten atomically after every stage.
 
     With `run` None (`kgreedy.fit` without a run directory) the records stay in
     memory and nothing is written.
@@ -50,6 +54,11 @@ class RunRecords:
                 tf.summary.scalar(f"stage{record['stage']}/{key}", record[key],
                                   step=record["epoch"])
                 tf.summary.scalar(f"all/{key}", record[key], step=global_epoch)
+            for key in (k for k in _MODULE_LISTS if record.get(k) is not None):
+                kind, what = key.split("_module_")
+                for j, value in enumerate(record[key], start=1):
+                    tf.summary.scalar(f"module{j}/{kind}_{what}", value,
+                                      step=record["epoch"])
         self.writer.flush()
 
     def epochs(self):

@@ -13,10 +13,11 @@ import tensorflow as tf
 from kgreedy.training.optim import l2_penalty, make_optimizer, make_schedule
 
 
-def _sum_variable(name):
+def _sum_variable(name, size=None):
     # ON_READ + SUM: each replica adds to its own copy without cross-device traffic
     # per step; reading outside the replica context returns the total.
-    return tf.Variable(0.0, trainable=False, name=name,
+    return tf.Variable(0.0 if size is None else tf.zeros([size]), trainable=False,
+                       name=name,
                        synchronization=tf.VariableSynchronization.ON_READ,
                        aggregation=tf.VariableAggregation.SUM)
 
@@ -57,30 +58,11 @@ class StageLoop:
         self.global_batch = train.batch_size
         self.loss_scaling = train.mixed_precision == "mixed_float16"
         with strategy.scope():
-            net.set_trainable_stage(stage, end_to_end)
-            modules = net.modules[:stage] if end_to_end else [net.modules[stage - 1]]
-            self.variables = ([w for m in modules for w in m.trainable_weights]
-                              + net.heads[stage - 1].trainable_weights)
-            if optimizer is None:
-                self.schedule = make_schedule(train, steps_per_epoch)
-                self.optimizer = make_optimizer(train.optimizer, self.schedule)
-                self.penalized = train.optimizer
-            else:
-                self.schedule = self.penalized = None
-                self.optimizer = optimizer(stage)
-            if self.loss_scaling:
-                # float16 gradients underflow without it; dynamic scaling also skips
-                # steps whose scaled gradients overflow.
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-            # Build the slots now, in scope, before the first traced step
-            # (keras-team/keras#23085).
-            self.optimizer.build(self.variables)
+            self._build_training(optimizer)
             # Train and eval sums are apart: evaluating must not overwrite the sums of
             # an epoch in progress, which a mid-epoch checkpoint holds.
-            self.train_sums = {k: _sum_variable(f"stage{stage}_train_{k}")
-                               for k in ("loss", "correct", "count")}
-            self.eval_sums = {k: _sum_variable(f"stage{stage}_eval_{k}")
-                              for k in ("loss", "correct", "count")}
+            self.train_sums = self._make_sums("train")
+            self.eval_sums = self._make_sums("eval")
             # Train steps of this stage run so far: the stage's own counter. The
             # optimizer's `iterations` is not one: a loss-scaled step skipped for
             # overflow (mixed_float16) does not advance it, and the data position
@@ -98,6 +80,35 @@ class StageLoop:
         self._train_steps = tf.function(self._train_steps_fn)
         self._evaluate = tf.function(self._evaluate_fn)
 
+    def _build_training(self, optimizer):
+        """Sets the trainable flags, `variables`, the optimizer and its schedule (in
+        the strategy's scope)."""
+        train, stage = self.train, self.stage
+        self.net.set_trainable_stage(stage, self.end_to_end)
+        modules = self.net.modules[:stage] if self.end_to_end else [self.net.modules[stage - 1]]
+        self.variables = ([w for m in modules for w in m.trainable_weights]
+                          + self.net.heads[stage - 1].trainable_weights)
+        if optimizer is None:
+            self.schedule = make_schedule(train, self.steps_per_epoch)
+            self.optimizer = make_optimizer(train.optimizer, self.schedule)
+            self.penalized = train.optimizer
+        else:
+            self.schedule = self.penalized = None
+            self.optimizer = optimizer(stage)
+        if self.loss_scaling:
+            # float16 gradients underflow without it; dynamic scaling also skips
+            # steps whose scaled gradients overflow.
+            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+        # Build the slots now, in scope, before the first traced step
+        # (keras-team/keras#23085).
+        self.optimizer.build(self.variables)
+
+    def _make_sums(self, kind, size=None):
+        """Loss, correct and count sums of train or eval steps: scalars, or one slot
+        per module (`size`)."""
+        return {k: _sum_variable(f"stage{self.stage}_{kind}_{k}", size)
+                for k in ("loss", "correct", "count")}
+
     # ------------------------------------------------------------- traced ----
 
     def _logits(self, images, training):
@@ -108,15 +119,22 @@ class StageLoop:
         return self.net.stage_logits(features, self.stage, training)
 
     @staticmethod
-    def _accumulate(sums, labels, logits, per_example_loss):
+    def _accumulate(sums, labels, logits, per_example_loss, slot=None):
+        """Adds a batch to the sums (to slot `slot` of per-module sums)."""
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
-        sums["loss"].assign_add(tf.reduce_sum(per_example_loss))
-        sums["correct"].assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
-        sums["count"].assign_add(tf.cast(tf.size(labels), tf.float32))
+        for key, value in (("loss", tf.reduce_sum(per_example_loss)),
+                           ("correct", tf.reduce_sum(tf.cast(correct, tf.float32))),
+                           ("count", tf.cast(tf.size(labels), tf.float32))):
+            if slot is not None:
+                value = value * tf.one_hot(slot, sums[key].shape[0])
+            sums[key].assign_add(value)
 
-    def _gradients_fn(self, images, labels):
+    def _loss_gradients(self, forward, labels, variables, optimizer):
+        """Runs `forward()` (logits, anything else) under a tape; returns the
+        gradients of the loss for `variables`, the loss, logits, per-example losses
+        and the rest of what `forward` returned."""
         with tf.GradientTape() as tape:
-            logits = self._logits(images, training=True)
+            logits, rest = forward()
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels, tf.cast(logits, tf.float32))
             # Averaged over the global batch (per-replica batch x replicas: the
@@ -126,11 +144,17 @@ class StageLoop:
             # averaged over its own examples, as Keras' fit does.
             loss = tf.nn.compute_average_loss(per_example)
             penalty = (None if self.penalized is None
-                       else l2_penalty(self.penalized, self.variables))
+                       else l2_penalty(self.penalized, variables))
             if penalty is not None:
                 loss += tf.nn.scale_regularization_loss(penalty)
-            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
-        return tape.gradient(scaled, self.variables), loss, logits, per_example
+            scaled = optimizer.scale_loss(loss) if self.loss_scaling else loss
+        return tape.gradient(scaled, variables), loss, logits, per_example, rest
+
+    def _gradients_fn(self, images, labels):
+        grads, loss, logits, per_example, _ = self._loss_gradients(
+            lambda: (self._logits(images, training=True), None), labels,
+            self.variables, self.optimizer)
+        return grads, loss, logits, per_example
 
     def _train_step(self, images, labels):
         grads, loss, logits, per_example = self._gradients(images, labels)
@@ -169,15 +193,26 @@ class StageLoop:
 
     @staticmethod
     def _read(sums):
+        """(mean loss, accuracy) of scalar sums; of per-module sums, two lists."""
         # Reading syncs with the device (and, across workers, is a collective every
         # worker must join), so callers read only when someone looks.
-        count = max(float(sums["count"].read_value()), 1.0)
-        return (float(sums["loss"].read_value()) / count,
-                float(sums["correct"].read_value()) / count)
+        loss, correct, count = (sums[k].read_value().numpy()
+                                for k in ("loss", "correct", "count"))
+        if count.ndim == 0:
+            count = max(float(count), 1.0)
+            return float(loss) / count, float(correct) / count
+        count = [max(float(c), 1.0) for c in count]
+        return ([float(v) / c for v, c in zip(loss, count)],
+                [float(v) / c for v, c in zip(correct, count)])
 
     def metrics(self):
         """(mean loss, accuracy) over the train steps of the epoch so far."""
         return self._read(self.train_sums)
+
+    def module_metrics(self):
+        """Per module (mean losses, accuracies) of the epoch so far; None when the
+        loop trains one head."""
+        return None
 
     @property
     def step(self):
@@ -222,7 +257,7 @@ class StageLoop:
         """
         if start_step == 0:
             for v in self.train_sums.values():
-                v.assign(0.0)
+                v.assign(tf.zeros_like(v))
         iterator = iter(dataset)
         chunk = self.train.steps_per_execution
         start = time.perf_counter()
@@ -240,13 +275,21 @@ class StageLoop:
         seconds = time.perf_counter() - start
         return {"train_loss": loss, "train_accuracy": acc,
                 "images_per_second": (done - start_step) * self.global_batch / seconds,
-                "seconds": seconds}
+                "seconds": seconds, **self._per_module("train", self.train_sums)}
+
+    def _per_module(self, kind, sums):
+        """`{kind}_module_loss` and `_accuracy` lists for a record; {} here."""
+        del kind, sums
+        return {}
 
     def evaluate(self, dataset):
         """Loss and accuracy of this stage's head over a distributed eval dataset."""
         for v in self.eval_sums.values():
-            v.assign(0.0)
+            v.assign(tf.zeros_like(v))
         self._evaluate(dataset)
         loss, acc = self._read(self.eval_sums)
+        if isinstance(loss, list):  # per module: the last head is the model's
+            loss, acc = loss[-1], acc[-1]
         return {"val_loss": loss, "val_accuracy": acc,
-                "val_examples": int(self.eval_sums["count"].read_value())}
+                "val_examples": int(tf.reduce_max(self.eval_sums["count"].read_value())),
+                **self._per_module("val", self.eval_sums)}

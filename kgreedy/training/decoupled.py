@@ -1,0 +1,213 @@
+"""Decoupled greedy training (DGL, Belilovsky, Eickenberg & Oyallon, ICML 2020):
+every module trains at once, each on its own head's loss.
+
+`DecoupledLoop` is a `StageLoop` over every module: one step runs the batch through
+modules 1..J; module j's loss is head j's loss on module j's output, its input is
+cut from the gradient, and module j and head j have an optimizer of their own (the
+recipe's, with its schedule), all updated in the same step. No gradient crosses a
+module boundary, so module j's backward pass needs nothing of module j+1: the step
+finishes module j's update before module j+1's forward pass starts, and module j's
+activations are freed then (what makes a decoupled step lighter than end to end).
+
+With `train.decoupled.buffer_size` > 0 (DGL section 3.2), module j+1 trains on a
+batch drawn from a replay buffer of module j's recent outputs and their labels
+instead of module j's output on the current batch (`ReplayBuffer`).
+"""
+
+import keras
+import tensorflow as tf
+
+from kgreedy.training.optim import make_optimizer, make_schedule
+from kgreedy.training.stage import StageLoop
+
+
+class DecoupledLoop(StageLoop):
+    """Trains every module of a `GreedyNet` at once, each with its own head.
+
+    It is the single "stage" of a decoupled run (stage J, holding every module and
+    head); the `EpochDriver`, checkpoints and records drive it as any stage. Its
+    records carry per-module figures: `train_module_loss`, `train_module_accuracy`,
+    `val_module_loss` and `val_module_accuracy`, lists in module order; the
+    `train_*`/`val_*` scalars are the last head's.
+
+    Args:
+        net: the `GreedyNet`.
+        train: the recipe's `TrainConfig` (`train.decoupled` for the buffer).
+        strategy: a `tf.distribute.Strategy`; variables are created in its scope.
+        steps_per_epoch: train steps per epoch (full global batches).
+        optimizer: called as `optimizer(j)` for every module j in the strategy's
+            scope, returns module j's Keras optimizer (`kgreedy.fit`); default: the
+            recipe's, one per module.
+        seed: seeds the replay buffers' draws.
+    """
+
+    def __init__(self, net, train, strategy, steps_per_epoch, *, optimizer=None, seed=0):
+        self.seed = seed
+        super().__init__(net, net.num_stages, train, strategy, steps_per_epoch,
+                         optimizer=optimizer)
+        self._gradients = [self._module_gradients(j) for j in range(net.num_stages)]
+
+    def _build_training(self, optimizer):
+        net, train = self.net, self.train
+        for layer in (*net.modules, *net.heads):
+            layer.trainable = True
+        self.module_variables = [m.trainable_weights + h.trainable_weights
+                                 for m, h in zip(net.modules, net.heads)]
+        self.variables = [w for ws in self.module_variables for w in ws]
+        if optimizer is None:
+            self.schedule = make_schedule(train, self.steps_per_epoch)
+            self.optimizers = [make_optimizer(train.optimizer, self.schedule)
+                               for _ in net.modules]
+            self.penalized = train.optimizer
+        else:
+            self.schedule = self.penalized = None
+            self.optimizers = [optimizer(j) for j in range(1, net.num_stages + 1)]
+        if self.loss_scaling:
+            self.optimizers = [keras.optimizers.LossScaleOptimizer(o)
+                               for o in self.optimizers]
+        for opt, variables in zip(self.optimizers, self.module_variables):
+            opt.build(variables)  # in scope, before the first traced step (#23085)
+        self.optimizer = self.optimizers[-1]
+        size = train.decoupled.buffer_size
+        self.buffers = [ReplayBuffer(size, shape, j, self.seed, self.stage)
+                        for j, shape in enumerate(net.stage_shapes[:-1], start=1)] \
+            if size else []
+
+    def _make_sums(self, kind, size=None):
+        return super()._make_sums(kind, size or self.net.num_stages)
+
+    # ------------------------------------------------------------- traced ----
+
+    def _module_gradients(self, j):
+        """Module j+1's (0-based j) loss and gradients on its input, traced apart
+        (and XLA-compiled with `train.jit_compile`)."""
+        module, head = self.net.modules[j], self.net.heads[j]
+
+        def gradients(features, labels):
+            def forward():
+                output = module(features, training=True)
+                return head(output, training=True), output
+            return self._loss_gradients(forward, labels, self.module_variables[j],
+                                         self.optimizers[j])
+
+        return tf.function(gradients, jit_compile=True) if self.train.jit_compile \
+            else gradients
+
+    def _train_step(self, images, labels):
+        # Module j's input is a plain tensor outside module j's tape: nothing flows
+        # back into module j-1. stop_gradient says so to any outer tape as well.
+        x, total = tf.stop_gradient(self.net.standardize(images)), 0.0
+        step = self.steps_done + 1  # this step, 1-based: the replay buffers' draws
+        for j, variables in enumerate(self.module_variables):
+            grads, loss, logits, per_example, output = self._gradients[j](x, labels)
+            self.optimizers[j].apply_gradients(zip(grads, variables))
+            self._accumulate(self.train_sums, labels, logits, per_example, slot=j)
+            total += loss
+            if j + 1 == len(self.module_variables):
+                break
+            # Module j+1 starts once module j's gradients exist, so module j's
+            # activations are freed before module j+1's are made: without the
+            # dependency the executor may run every forward pass first.
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                x = tf.stop_gradient(tf.identity(output))
+            if self.buffers:
+                x, labels = self.buffers[j].push_and_draw(x, labels, step)
+        return total
+
+    def _eval_step(self, images, labels):
+        def evaluate():
+            for j, logits in enumerate(self.net.all_head_logits(images)):
+                per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels, tf.cast(logits, tf.float32))
+                self._accumulate(self.eval_sums, labels, logits, per_example, slot=j)
+            return tf.constant(True)
+
+        tf.cond(tf.size(labels) > 0, evaluate, lambda: tf.constant(False))
+
+    # --------------------------------------------------------------- host ----
+
+    def metrics(self):
+        """The last head's (mean loss, accuracy) over the epoch so far."""
+        loss, acc = self._read(self.train_sums)
+        return loss[-1], acc[-1]
+
+    def module_metrics(self):
+        """Per module: (mean losses, accuracies) over the epoch so far."""
+        return self._read(self.train_sums)
+
+    def _per_module(self, kind, sums):
+        loss, acc = self._read(sums)
+        return {f"{kind}_module_loss": loss, f"{kind}_module_accuracy": acc}
+
+    def start_at(self, step):
+        self.steps_done.assign(step)
+        for opt in self.optimizers:
+            opt.iterations.assign(step)
+
+    def state(self):
+        state = super().state()
+        # Every module's optimizer, and the buffers: a resume continues with the
+        # same stale outputs the run would have drawn.
+        del state["optimizer"]
+        state["optimizers"] = self.optimizers
+        if self.buffers:
+            state["buffers"] = self.buffers
+        return state
+
+
+class ReplayBuffer(tf.Module):
+    """A ring of module j's recent outputs with their labels (DGL section 3.2).
+
+    Each step writes the global batch of module j's outputs (gathered from every
+    replica, so each replica holds the same buffer, as one device would) over the
+    oldest entries, then draws module j+1's batch uniformly, with replacement, from
+    the entries written so far (the current batch included). The draw is a function
+    of (seed, module, step): a resumed run draws what the unbroken one would have.
+
+    Args:
+        size: entries (examples) it holds; at least the global batch.
+        shape: (height, width, channels) of module j's output.
+        module: j, 1-based.
+        seed: the run's seed.
+        stage: the stage it belongs to (variable names).
+    """
+
+    def __init__(self, size, shape, module, seed, stage):
+        super().__init__(name=f"module{module}_buffer")
+        self.size = size
+        self.module = module
+        self.seed = seed
+        # ONLY_FIRST_REPLICA: every replica writes the same gathered batch, so the
+        # first replica's write is everyone's and the buffer stays one value.
+        kwargs = {"trainable": False,
+                  "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
+        dtype = keras.mixed_precision.global_policy().compute_dtype
+        self.features = tf.Variable(tf.zeros([size, *shape], dtype),
+                                    name=f"stage{stage}_module{module}_buffer", **kwargs)
+        self.labels = tf.Variable(tf.zeros([size], tf.int32),
+                                  name=f"stage{stage}_module{module}_labels", **kwargs)
+        # Examples written so far: the next write position and how much is filled.
+        self.written = tf.Variable(tf.constant(0, tf.int64),
+                                   name=f"stage{stage}_module{module}_written", **kwargs)
+
+    def push_and_draw(self, features, labels, step):
+        """Writes this replica's `features` and `labels` (gathered over replicas);
+        returns a replica batch of the same size drawn from the buffer."""
+        context = tf.distribute.get_replica_context()
+        local = tf.shape(labels, out_type=tf.int64)[0]
+        every_features = context.all_gather(tf.cast(features, self.features.dtype), axis=0)
+        every_labels = context.all_gather(labels, axis=0)
+        count = tf.shape(every_labels, out_type=tf.int64)[0]
+        positions = (self.written + tf.range(count, dtype=tf.int64)) % self.size
+        self.features.scatter_update(tf.IndexedSlices(every_features, positions))
+        self.labels.scatter_update(tf.IndexedSlices(every_labels, positions))
+        written = self.written.assign_add(count)
+        filled = tf.minimum(written, self.size)
+        draw = tf.random.stateless_uniform(
+            [count], seed=tf.stack([tf.cast(self.seed, tf.int64) * 1000 + self.module, step]),
+            minval=0, maxval=filled, dtype=tf.int64)
+        # Each replica takes its own slice of the one global draw.
+        first = tf.cast(context.replica_id_in_sync_group, tf.int64) * local
+        mine = draw[first:first + local]
+        return (tf.cast(tf.gather(self.features, mine), features.dtype),
+                tf.gather(self.labels, mine))
