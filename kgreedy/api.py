@@ -342,7 +342,8 @@ def _check_pools(parts, heads, image_shape):
 def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=None,
         mode="greedy", steps_per_epoch=None, callbacks=(), run_dir=None, resume=False,
         verbose=1):
-    """Trains a `SplitNet` greedily, stage by stage (or end to end), like `Model.fit`.
+    """Trains a `SplitNet` greedily, stage by stage (or end to end, or decoupled),
+    like `Model.fit`.
 
     Stage j trains module j and head j with a new optimizer, modules 1..j-1 frozen
     (BN in inference mode). The engine is the command line's: the same stage loop,
@@ -353,12 +354,16 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
         train_ds: a `tf.data.Dataset` of (images, labels) batches, labels integer
             class ids; each epoch iterates it afresh (its own shuffling applies).
         validation_data: the same for evaluation after every epoch, or None.
-        epochs_per_stage: epochs of each stage (end to end: of the whole fit).
+        epochs_per_stage: epochs of each stage (end to end, decoupled: of the whole
+            fit).
         optimizer: `optimizer(stage)` returns a new Keras optimizer for the stage
             (its learning rate, schedule and weight decay apply). Default:
             `keras.optimizers.SGD(0.1, momentum=0.9)`.
-        mode: "greedy", or "end_to_end" (every module with the last head, the
-            baseline).
+        mode: "greedy", "end_to_end" (every module with the last head, the
+            baseline) or "decoupled" (every module at once, each on its own head's
+            loss, no gradient between modules: DGL; `optimizer(j)` is then called
+            once per module j, and the logs add `module{j}_accuracy`,
+            `val_module{j}_accuracy` and the losses).
         steps_per_epoch: batches per epoch; required when tf.data does not know
             the dataset's length (a `repeat()`ed or filtered one). Default: one
             pass over `train_ds`.

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from kgreedy.base.files import read_json, write_json
 from kgreedy.config.recipe import OptimizerConfig, TrainConfig
-from kgreedy.config.vocabulary import MODES
+from kgreedy.config.vocabulary import MODES, ONE_STAGE_MODES
 from kgreedy.data.external import ExternalDatasets, check_pipeline
 from kgreedy.model.network import parameter_table
 from kgreedy.training.controller import GreedyTrainer
@@ -49,11 +49,12 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
     datasets = ExternalDatasets(train_ds, validation_data, net.spec, steps)
     progress = ProgbarProgress(1 if verbose == "auto" else verbose)
     history = StageHistory()
-    epochs = epochs_per_stage * (1 if mode == "end_to_end" else net.num_stages)
+    one_stage = mode in ONE_STAGE_MODES
+    epochs = epochs_per_stage * (1 if one_stage else net.num_stages)
     hooks = KerasCallbacks(
         keras.callbacks.CallbackList([*callbacks, history], verbose=verbose,
                                      epochs=epochs, steps=steps),
-        net, epochs_per_stage, mode == "end_to_end")
+        net, epochs_per_stage, one_stage)
     trainer = GreedyTrainer(None, datasets, run, tf.distribute.get_strategy(), progress,
                             actions=[progress, hooks], net=net, train=train,
                             optimizer=_optimizer_factory(optimizer))
@@ -92,7 +93,8 @@ def _check_options(epochs_per_stage, optimizer, mode, steps_per_epoch, callbacks
                                   or isinstance(optimizer, keras.optimizers.Optimizer)):
         raise ValueError("`optimizer` must be a function of the stage returning a new "
                          "optimizer, e.g. lambda stage: keras.optimizers.SGD(0.1, "
-                         "momentum=0.9): every stage needs its own. Received: "
+                         "momentum=0.9): every stage (decoupled: every module) needs its "
+                         "own. Received: "
                          f"optimizer={optimizer!r}")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")

@@ -14,6 +14,7 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     quiet.install(sys.argv[1:])
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -61,6 +62,21 @@ def print_dry_run(recipe, spec):
           f"{spec.num_classes} classes")
     for line in stage_table(net):  # the table of the Python API's SplitNet.summary()
         print(line)
+    train = recipe.train
+    if train.mode == "decoupled":
+        buffer = train.decoupled.buffer_size
+        print(f"decoupled: one stage of {train.epochs_per_stage} epochs; all "
+              f"{net.num_stages} modules and heads train at once, each with its own "
+              "optimizer, no gradient between modules; "
+              + (f"module j+1 draws its batches from a replay buffer of module j's last "
+                 f"{buffer:,} outputs ({_buffer_mb(net, buffer, train):,.0f} MB in all, "
+                 "also in every checkpoint)" if buffer else "no replay buffer"))
+
+
+def _buffer_mb(net, size, train):
+    """Memory of the replay buffers: module 1..J-1's outputs in the compute dtype."""
+    width = 2 if train.mixed_precision != "none" else 4
+    return sum(size * width * math.prod(shape) for shape in net.stage_shapes[:-1]) / 2 ** 20
 
 
 def prepare_output(path, resume):

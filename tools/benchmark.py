@@ -191,11 +191,12 @@ def run_jobs(jobs, base):
 
 
 def plan(stages):
-    """The jobs in run order: the probe, each stage's measurements, then end to end."""
+    """The jobs in run order: the probe, each stage's measurements, then the whole
+    net: end to end (Keras fit, and kgreedy's loop) and decoupled."""
     jobs = [("probe", None)]
     for j in stages:
         jobs += [(k, j) for k in KINDS if k != "cached" or j >= 2]
-    return jobs + [("end_to_end", None)]
+    return jobs + [("end_to_end", None), ("end_to_end_loop", None), ("decoupled", None)]
 
 
 # -------------------------------------------------------- parent: report ----
@@ -234,6 +235,20 @@ def stage_row(j, probe, runs, e2e_peak):
     }
 
 
+def whole_net_row(runs, kind, gflop, e2e, last):
+    """A whole-net measurement (`end_to_end_loop`, `decoupled`) against Keras' end-to-end
+    fit and the last greedy stage."""
+    run = runs.get((kind, None)) or {}
+    ips, above = run.get("images_per_second"), run.get("peak_above_baseline_mb")
+    return {"images_per_second": ips, "peak_rss_mb": run.get("peak_rss_mb"),
+            "peak_above_baseline_mb": above, "gpu_peak_mb": run.get("gpu_peak_mb"),
+            "gflop_per_image": gflop, "achieved_gflops": ips and gflop * ips,
+            "over_end_to_end": ratio(ips, e2e.get("images_per_second")),
+            "peak_over_end_to_end": ratio(above, e2e.get("peak_above_baseline_mb")),
+            "over_last_stage": ratio(ips, last.get("kgreedy_images_per_second")),
+            "run": run or None}
+
+
 def assemble(recipe, args, stages, runs):
     """The JSON report (docs/DESIGN.md, "Benchmark JSON", plus ratios and each child's
     raw figures)."""
@@ -242,6 +257,11 @@ def assemble(recipe, args, stages, runs):
     rows = [stage_row(j, probe, runs, e2e.get("peak_above_baseline_mb")) for j in stages]
     e2e_ips, e2e_gflop = e2e.get("images_per_second"), probe["end_to_end_flops"] / 1e9
     last = rows[-1] if stages[-1] == recipe.num_stages else {}
+    # Each module and its head forward and backward: the same upper bound as a stage's.
+    decoupled_gflop = 3 * sum(own for _, own in probe["flops"]) / 1e9
+    loop, decoupled = (runs.get((k, None)) or {} for k in ("end_to_end_loop", "decoupled"))
+    loop_ips, decoupled_ips = (r.get("images_per_second") for r in (loop, decoupled))
+    loop_peak, decoupled_peak = (r.get("peak_above_baseline_mb") for r in (loop, decoupled))
     baselines = [r["baseline_rss_mb"] for k, r in runs.items() if r and k[0] != "probe"]
     return {
         "machine": probe["machine"], "recipe": recipe.name,
@@ -253,6 +273,12 @@ def assemble(recipe, args, stages, runs):
                        "last_stage_kgreedy_over_end_to_end":
                            ratio(last.get("kgreedy_images_per_second"), e2e_ips),
                        "run": e2e or None},
+        "end_to_end_loop": whole_net_row(runs, "end_to_end_loop", e2e_gflop, e2e, last),
+        "decoupled": {**whole_net_row(runs, "decoupled", decoupled_gflop, e2e, last),
+                      "over_end_to_end_loop": ratio(decoupled_ips, loop_ips),
+                      "peak_over_end_to_end_loop": ratio(decoupled_peak, loop_peak),
+                      "modules": recipe.num_stages,
+                      "buffer_size": recipe.train.decoupled.buffer_size},
         "import_baseline_rss_mb": statistics.median(baselines) if baselines else None,
         "stages": rows,
         "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup,
@@ -291,6 +317,14 @@ def print_report(report):
           f"{e2e['gflop_per_image']:.3f} GFLOP/img, {fmt(e2e['achieved_gflops'])} GFLOP/s, "
           f"peak {fmt(e2e['peak_above_baseline_mb'], ',.0f')} MB above baseline; last stage "
           f"kgreedy/end-to-end {fmt(e2e['last_stage_kgreedy_over_end_to_end'], '.2f')}")
+    for key, name in (("end_to_end_loop", "end to end, kgreedy's loop"),
+                      ("decoupled", f"decoupled, {report['decoupled']['modules']} modules")):
+        row = report[key]
+        print(f"{name}: {fmt(row['images_per_second'])} images/s "
+              f"({fmt(row['over_end_to_end'], '.2f')}x end-to-end fit), "
+              f"{row['gflop_per_image']:.3f} GFLOP/img, peak "
+              f"{fmt(row['peak_above_baseline_mb'], ',.0f')} MB above baseline "
+              f"({fmt(row['peak_over_end_to_end'], '.2f')}x end-to-end fit's)")
     n, h, w, cin, cout = CONV_PROBE
     print(f"roofline: conv3x3 {n}x{h}x{w}x{cin}->{cout} forward {m['conv_gflops']:,.1f} "
           f"GFLOP/s; matmul {MATMUL_PROBE}x{MATMUL_PROBE} {m['matmul_gflops']:,.1f} GFLOP/s")

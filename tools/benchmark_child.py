@@ -4,7 +4,8 @@
 
 tools/benchmark.py starts this file once per measurement, so that each figure's peak
 RSS is its own and no measurement warms caches for the next. SPEC_JSON says what to
-measure (`kind`: probe, kgreedy, minimal, cached, pipeline or end_to_end), for which
+measure (`kind`: probe, kgreedy, minimal, cached, pipeline, end_to_end,
+end_to_end_loop or decoupled), for which
 `stage`, with the recipe (as a dict), `steps`, `repeats` and `warmup`, and the `result`
 file to write the figures to as JSON. The child imports and builds everything, runs
 the warm-up steps (the call that traces runs them), prints READY on stdout and waits
@@ -302,9 +303,34 @@ def measure_end_to_end(tf, recipe, spec):
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def measure_whole_net(tf, recipe, spec):
+    """Every module at once through kgreedy's own loops, on an in-memory batch:
+    `decoupled` (DecoupledLoop: each module on its own head, no gradient between
+    modules, `train.decoupled.buffer_size` as the recipe says) or
+    `end_to_end_loop` (StageLoop end to end: every module with the last head)."""
+    from kgreedy.training.decoupled import DecoupledLoop
+    from kgreedy.training.stage import StageLoop
+
+    strategy = tf.distribute.get_strategy()
+    shape, num_classes = shape_of(recipe, spec)
+    net = build_net(recipe, shape, num_classes)
+    if spec["kind"] == "decoupled":
+        loop = DecoupledLoop(net, recipe.train, strategy, steps_per_epoch=spec["steps"],
+                             seed=recipe.seed)
+    else:
+        loop = StageLoop(net, net.num_stages, recipe.train, strategy,
+                         steps_per_epoch=spec["steps"], end_to_end=True)
+    dataset = tf.data.Dataset.from_tensors(synthetic(tf, recipe, shape, num_classes))
+    iterator = iter(strategy.experimental_distribute_dataset(dataset.repeat()))
+    return timed(lambda n: loop._train_steps(iterator, tf.constant(n)),
+                 lambda: loop.train_sums["count"].read_value().numpy(), spec,
+                 recipe.train.steps_per_execution)
+
+
 MEASURES = {"kgreedy": measure_stage_loop, "cached": measure_stage_loop,
             "pipeline": measure_stage_loop, "minimal": measure_minimal,
-            "end_to_end": measure_end_to_end}
+            "end_to_end": measure_end_to_end, "decoupled": measure_whole_net,
+            "end_to_end_loop": measure_whole_net}
 
 
 def child_main(spec):
@@ -314,6 +340,7 @@ def child_main(spec):
 
     import kgreedy.data  # noqa: F401  (part of the import baseline)
     import kgreedy.model.network  # noqa: F401
+    import kgreedy.training.decoupled  # noqa: F401
     import kgreedy.training.stage  # noqa: F401
 
     # On demand, so a waiting child holds only what it used and the peak is its own.

@@ -6,6 +6,7 @@ RUN_DIR/report/):
 
 - `loss.png`, `accuracy.png`, `learning_rate.png`: train/val curves over the run's
   epochs, one colour per stage, dotted lines at stage boundaries;
+- `modules.png` (decoupled runs): each module's head accuracy per epoch;
 - `depth.png`: each stage's head accuracy, the probe accuracy of each module (a
   block, or a module of a split model) and the ensemble accuracy, against depth;
 - `report.md`: the recipe, the plots and a per-stage table.
@@ -130,8 +131,34 @@ def _curves_figure(metrics, keys, ylabel, title, log_y=False):
 
 
 def head_accuracies(summary):
-    """{stage: head val_accuracy} of the stages in summary.json."""
-    return {s["stage"]: s.get("val_accuracy") for s in summary.get("stages", [])}
+    """{stage: head val_accuracy} of the stages in summary.json; heads scored only at
+    the end (a decoupled run's one stage trains every head) from the final scores."""
+    heads = dict(enumerate((summary.get("final") or {}).get("head_val_accuracies")
+                           or (), start=1))
+    heads.update({s["stage"]: s.get("val_accuracy") for s in summary.get("stages", [])})
+    return heads
+
+
+def modules_figure(metrics):
+    """A decoupled run's per-module val (solid) and train (dotted) accuracy per epoch,
+    one colour per module."""
+    figure, ax = _figure()
+    records = [r for r in metrics if r.get("val_module_accuracy") is not None]
+    xs = list(range(1, len(records) + 1))
+    for j in range(len(records[0]["val_module_accuracy"]) if records else 0):
+        ax.plot(xs, [r["val_module_accuracy"][j] for r in records], "-", color=f"C{j % 10}",
+                marker="o" if len(xs) < 30 else None, markersize=4,
+                label=f"module {j + 1} val")
+        if records[0].get("train_module_accuracy") is not None:
+            ax.plot(xs, [r["train_module_accuracy"][j] for r in records], ":",
+                    color=f"C{j % 10}", alpha=0.7, label=f"module {j + 1} train")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title("each module's head (solid: val, dotted: train)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    return figure
 
 
 def ensemble_accuracy(summary):
@@ -193,9 +220,13 @@ def write_plots(run, output):
                                         "learning rate"),
         "depth": depth_figure(run["summary"], run["probes"], trunk(run["recipe"])[1]),
     }
-    for name in PLOTS:
+    names = list(PLOTS)
+    if any(r.get("val_module_accuracy") is not None for r in metrics):
+        figures["modules"] = modules_figure(metrics)  # a decoupled run
+        names.insert(2, "modules")
+    for name in names:
         save_png(figures[name], os.path.join(output, f"{name}.png"))
-    return {name: f"{name}.png" for name in PLOTS}
+    return {name: f"{name}.png" for name in names}
 
 
 # ---------------------------------------------------------------- markdown ----
@@ -243,7 +274,7 @@ _PROBE_COLUMNS = (("{unit}", "block", "d"), ("output", "output_shape", None),
                   ("probe eval acc", "probe_eval_accuracy", ".4f"),
                   ("head val acc", "head_val_accuracy", ".4f"))
 _TITLES = {"loss": "Loss", "accuracy": "Accuracy", "learning_rate": "Learning rate",
-           "depth": "Accuracy vs depth"}
+           "depth": "Accuracy vs depth", "modules": "Each module's head (decoupled)"}
 
 
 def trunk(recipe):

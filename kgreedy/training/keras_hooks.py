@@ -27,6 +27,12 @@ def keras_logs(record):
     if record["val_loss"] is not None:
         logs.update(val_loss=record["val_loss"], val_accuracy=record["val_accuracy"])
     logs.update(learning_rate=record["learning_rate"], stage=record["stage"])
+    # A decoupled epoch: every module's head, as module{j}_accuracy etc.
+    for key in ("train_module_loss", "train_module_accuracy", "val_module_loss",
+                "val_module_accuracy"):
+        kind, what = key.split("_module_")
+        for j, value in enumerate(record.get(key) or (), start=1):
+            logs[f"{'val_' if kind == 'val' else ''}module{j}_{what}"] = value
     return logs
 
 
@@ -122,14 +128,16 @@ class KerasCallbacks:
     """Epoch-driver action that drives a `keras.callbacks.CallbackList`.
 
     The epoch index handed to the hooks counts over the whole fit from 0: stage j's
-    epoch e (1-based) is (j-1) * epochs + e - 1 in a greedy fit, e - 1 end to end.
+    epoch e (1-based) is (j-1) * epochs + e - 1 in a greedy fit, e - 1 end to end
+    or decoupled.
     So epoch numbers go on increasing across stages and survive a resume.
 
     Args:
         callbacks: a `keras.callbacks.CallbackList` (the user's and the history).
         net: the `GreedyNet` being trained.
         epochs: epochs per stage.
-        end_to_end: whether the fit trains one stage with every module.
+        end_to_end: whether the fit trains one stage with every module (end to end
+            or decoupled).
     """
 
     def __init__(self, callbacks, net, epochs, end_to_end):

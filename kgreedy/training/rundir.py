@@ -78,7 +78,9 @@ def load_trained(run_dir, stage=None):
         run_dir: a run directory written by `kgreedy.train`.
         stage: the stage whose newest checkpoint to restore (default: the last
             finished stage; a stage still training, whose newest checkpoint may be
-            mid-epoch, only when asked for by number).
+            mid-epoch, only when asked for by number). In a decoupled run every
+            stage comes from the one checkpoint of the last, which holds every
+            module and head.
 
     Returns:
         (recipe, spec, net, stage) with the net's weights restored.
@@ -106,14 +108,17 @@ def load_trained(run_dir, stage=None):
         stage = finished[-1]
     if not 1 <= stage <= num_stages:
         raise KgreedyError("stage", f"must be between 1 and {num_stages}", stage)
-    latest = tf.train.latest_checkpoint(run.checkpoints(stage))
+    # A decoupled run trains every module and head in its one stage (the last):
+    # stage j's model is modules 1..j and head j of that stage's checkpoint.
+    source = num_stages if recipe.train.mode == "decoupled" else stage
+    latest = tf.train.latest_checkpoint(run.checkpoints(source))
     if latest is None:
         raise KgreedyError("stage", f"stage {stage} has no checkpoint in "
-                           f"{run.checkpoints(stage)}; stages with checkpoints: "
+                           f"{run.checkpoints(source)}; stages with checkpoints: "
                            f"{with_checkpoints}", stage)
     net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     # The file also holds the optimizer and counters, which a trained net does not
     # need; every weight of the net must be found in it, though.
-    stage_checkpoint(net, stage).restore(latest).expect_partial() \
+    stage_checkpoint(net, source).restore(latest).expect_partial() \
         .assert_existing_objects_matched()
     return recipe, spec, net, stage
