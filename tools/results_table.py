@@ -44,7 +44,8 @@ def run_row(run_dir):
     recipe, spec, net, _ = load_trained(run_dir)
     images = sum(e["images_per_second"] * e["seconds"] for e in epochs)
     train_seconds = sum(e["seconds"] for e in epochs)
-    greedy = recipe.train.mode == "greedy"
+    # Greedy and decoupled runs train every head; end to end only the last.
+    every_head = recipe.train.mode != "end_to_end"
     row = {"run": os.path.basename(os.path.normpath(run_dir)), "recipe": recipe.name,
            "mode": recipe.train.mode, "k": recipe.aux.k,
            "stages": len(summary["stages"]),
@@ -54,7 +55,7 @@ def run_row(run_dir):
            "deployed_params": summary["final"]["deployed_params"],
            "train_seconds": train_seconds, "total_seconds": summary["final"]["seconds"],
            "images_per_second": images / train_seconds if train_seconds else None}
-    if greedy:
+    if every_head:
         datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
                              eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
         scores = evaluate_heads(net, datasets.eval)

@@ -92,7 +92,8 @@ class EpochDriver:
             for action in self.actions:
                 if hasattr(action, "before_epoch"):
                     action.before_epoch(self, epoch)
-            learning_rate = loop.learning_rate
+            # The rate at the epoch's first step, also when a resume starts mid-epoch.
+            learning_rate = loop.learning_rate_at((epoch - 1) * self.steps_per_epoch)
             train_data = self.datasets.distributed_train(
                 loop.strategy, loop.stage, epoch, loop.train, start_step, self.train_source)
 

@@ -232,6 +232,13 @@ class StageLoop:
             return float(self.optimizer.learning_rate)
         return float(self.schedule(self.optimizer.iterations))
 
+    def learning_rate_at(self, step):
+        """The recipe's rate at stage step `step` (0-based); a caller's optimizer's
+        rate now, which only it knows."""
+        if self.schedule is None:
+            return self.learning_rate
+        return float(self.schedule(step))
+
     def state(self):
         """What a checkpoint must hold to continue this stage mid-epoch."""
         return {"optimizer": self.optimizer, "step": self.steps_done,

@@ -34,9 +34,15 @@ def free_ports(n):
     return ports
 
 
-def test_two_workers_train_and_only_the_chief_writes_the_run(tmp_path):
+@pytest.mark.parametrize("train, stages", [
+    ({}, [1, 2]),
+    # Decoupled with a replay buffer: one stage; every step all-gathers both workers'
+    # module outputs into the buffer.
+    ({"mode": "decoupled", "decoupled": {"buffer_size": 64}}, [2]),
+], ids=["greedy", "decoupled_buffer"])
+def test_two_workers_train_and_only_the_chief_writes_the_run(tmp_path, train, stages):
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps(RECIPE))
+    recipe.write_text(json.dumps({**RECIPE, "train": {**RECIPE["train"], **train}}))
     cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
     run_dir = tmp_path / "run"
     procs, scratch = [], []
@@ -61,8 +67,12 @@ def test_two_workers_train_and_only_the_chief_writes_the_run(tmp_path):
                      "summary.json", "tensorboard"]
     assert list(scratch[1].iterdir()) == []
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["stage"] for m in metrics] == [1, 2]
+    assert [m["stage"] for m in metrics] == stages
     assert all(m["val_examples"] == 360 for m in metrics)  # each eval example once overall
+    if train:  # every head's figures, the last equal to the run's own
+        last = metrics[-1]
+        assert len(last["val_module_accuracy"]) == 2
+        assert last["val_module_accuracy"][-1] == last["val_accuracy"]
 
     export = run_dir / "export" / "mw" / "1"
     loaded = tf.saved_model.load(str(export))
