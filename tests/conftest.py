@@ -26,7 +26,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 # Files by their time on 2 cores, longest first (measured with --durations).
-_LONGEST_FIRST = ["test_readme_commands", "test_faults", "test_architectures",
+_LONGEST_FIRST = ["test_readme_commands", "test_decoupled", "test_faults",
+                  "test_decoupled_commands", "test_architectures",
                   "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
                   "test_split_recipes", "test_network_commands", "test_api",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",

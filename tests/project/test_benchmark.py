@@ -53,12 +53,28 @@ def test_quickstart_report(tmp_path):
     assert prefix[0] == 0 and prefix[0] < prefix[1] < prefix[2]
     assert stages[0]["cached_images_per_second"] is None  # stage 1 has no frozen prefix
 
+    # The whole net at once: kgreedy's end-to-end loop and the decoupled step, with
+    # their ratios to Keras' end-to-end fit computed from the figures themselves.
+    loop, decoupled, e2e = report["end_to_end_loop"], report["decoupled"], report["end_to_end"]
+    for row in (loop, decoupled):
+        assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
+        assert row["over_end_to_end"] == row["images_per_second"] / e2e["images_per_second"]
+        assert row["peak_over_end_to_end"] == (row["peak_above_baseline_mb"]
+                                               / e2e["peak_above_baseline_mb"])
+    assert loop["gflop_per_image"] == e2e["gflop_per_image"]
+    # Decoupled does every module and every head forward and backward.
+    assert decoupled["gflop_per_image"] == pytest.approx(
+        3 * sum(s["stage_forward_gflop_per_image"] for s in stages))
+    assert decoupled["gflop_per_image"] > e2e["gflop_per_image"]
+    assert decoupled["modules"] == 3 and decoupled["buffer_size"] == 0
+
     # The terminal table: a header, one row per stage, then the once-per-run lines.
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["stage", "kgreedy",
                                                                             "minimal"])
     assert [line.split()[0] for line in lines[header + 1:header + 4]] == ["1", "2", "3"]
-    for start in ("end-to-end fit:", "roofline:", "machine:"):
+    for start in ("end-to-end fit:", "end to end, kgreedy's loop:", "decoupled, 3 modules:",
+                  "roofline:", "machine:"):
         assert any(line.startswith(start) for line in lines), start
     assert "benchmark: [" in proc.stderr  # progress lines
 

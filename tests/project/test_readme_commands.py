@@ -108,6 +108,9 @@ QUICKSTART_TEST = ("test_quickstart.py::"
 MOBILENET_TEST = ("test_network_commands.py::"
                   "test_readme_mobilenetv2_run_exports_and_passes_the_serving_check")
 RESNET32_TEST = "test_network_commands.py::test_results_resnet32_greedy_and_end_to_end_runs"
+DECOUPLED_TEST = ("test_decoupled.py::"
+                  "test_a_decoupled_run_records_every_module_and_exports_the_ensemble")
+DECOUPLED_RESULTS_TEST = "test_decoupled_commands.py::test_results_decoupled_runs_and_their_table"
 
 COMMANDS = {
     # Quickstart: .ci/run installs the package (with the test extra) and runs the
@@ -142,6 +145,10 @@ COMMANDS = {
     "python tools/benchmark.py recipes/cifar10_k2.json --set data.data_dir=../shared/tfds "
     "--json out.json":
         covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--json"'),
+    "python tools/benchmark.py recipes/resnet32_cifar10_k4.json --set data.data_dir=../shared/tfds "
+    "--stages 4 --steps 12 --repeats 5 --json out.json":
+        covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--json"',
+                '"--steps"', '"--repeats"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),
@@ -200,6 +207,15 @@ COMMANDS = {
     "python tools/check_serving.py runs/mobilenetv2/export/mobilenetv2_cifar10_k4/1":
         covered(MOBILENET_TEST, "tools/check_serving.py",
                 "runs/mobilenetv2/export/mobilenetv2_cifar10_k4/1"),
+    # Decoupled training: test_decoupled runs the quickstart decoupled through the
+    # command line (records, TensorBoard, export); the replay buffer's dry run here.
+    "python -m kgreedy.train recipes/quickstart.json --set train.mode=decoupled "
+    "--output runs/quickstart_decoupled":
+        covered(DECOUPLED_TEST, "kgreedy.train", "quickstart.json", "train.mode",
+                "decoupled", "--output"),
+    "python -m kgreedy.train recipes/quickstart.json --set train.mode=decoupled "
+    "--set train.decoupled.buffer_size=256 --dry-run":
+        tiny("decoupled"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
