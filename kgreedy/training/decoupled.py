@@ -177,9 +177,11 @@ class ReplayBuffer(tf.Module):
         self.size = size
         self.module = module
         self.seed = seed
-        # ONLY_FIRST_REPLICA: every replica writes the same gathered batch, so the
-        # first replica's write is everyone's and the buffer stays one value.
+        # Each replica keeps its own copy (ON_READ: writes need no cross-replica
+        # traffic) and writes the same gathered batch into it, so every copy holds the
+        # same values; a checkpoint saves the first replica's and restores it to all.
         kwargs = {"trainable": False,
+                  "synchronization": tf.VariableSynchronization.ON_READ,
                   "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
         dtype = keras.mixed_precision.global_policy().compute_dtype
         self.features = tf.Variable(tf.zeros([size, *shape], dtype),
@@ -195,12 +197,14 @@ class ReplayBuffer(tf.Module):
         returns a replica batch of the same size drawn from the buffer."""
         context = tf.distribute.get_replica_context()
         local = tf.shape(labels, out_type=tf.int64)[0]
-        every_features = context.all_gather(tf.cast(features, self.features.dtype), axis=0)
-        every_labels = context.all_gather(labels, axis=0)
+        every_features = tf.cast(_gather(context, features), self.features.dtype)
+        every_labels = tf.cast(_gather(context, labels), tf.int32)
         count = tf.shape(every_labels, out_type=tf.int64)[0]
-        positions = (self.written + tf.range(count, dtype=tf.int64)) % self.size
-        self.features.scatter_update(tf.IndexedSlices(every_features, positions))
-        self.labels.scatter_update(tf.IndexedSlices(every_labels, positions))
+        positions = ((self.written + tf.range(count, dtype=tf.int64)) % self.size)[:, None]
+        # ON_READ variables take no scatter_update: the ring is written as a whole.
+        self.features.assign(tf.tensor_scatter_nd_update(self.features, positions,
+                                                         every_features))
+        self.labels.assign(tf.tensor_scatter_nd_update(self.labels, positions, every_labels))
         written = self.written.assign_add(count)
         filled = tf.minimum(written, self.size)
         draw = tf.random.stateless_uniform(
@@ -211,3 +215,20 @@ class ReplayBuffer(tf.Module):
         mine = draw[first:first + local]
         return (tf.cast(tf.gather(self.features, mine), features.dtype),
                 tf.gather(self.labels, mine))
+
+
+def _gather(context, value):
+    """Every replica's `value` (same shape on each) stacked in replica order, in
+    float32 (exact for labels and for bfloat16 or float16 features).
+
+    A sum of zero-padded copies rather than `ReplicaContext.all_gather`, which fails
+    under MultiWorkerMirroredStrategy in TF 2.21 ("destinations can not be empty");
+    every strategy supports an all-reduce, and adding zeros is exact.
+    """
+    replicas = context.num_replicas_in_sync
+    if replicas == 1:
+        return tf.cast(value, tf.float32)
+    local = tf.shape(value)[0]
+    index = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    pad = [[index * local, (replicas - 1 - index) * local]] + [[0, 0]] * (value.shape.rank - 1)
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.pad(tf.cast(value, tf.float32), pad))

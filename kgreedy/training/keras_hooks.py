@@ -79,10 +79,13 @@ class ProgbarProgress:
         self._bar = keras.utils.Progbar(driver.steps_per_epoch, verbose=self.verbose,
                                         stateful_metrics=_METRICS)
 
-    def step(self, stage, epoch, epochs, step, steps, loss, accuracy, images_per_second):
+    def step(self, stage, epoch, epochs, step, steps, loss, accuracy, images_per_second,
+             module_accuracies=None):
         del stage, epoch, epochs, steps, images_per_second
         if self.verbose and self._bar is not None:
-            self._bar.update(step, [("loss", loss), ("accuracy", accuracy)],
+            modules = [(f"module{j}_accuracy", a)
+                       for j, a in enumerate(module_accuracies or (), start=1)]
+            self._bar.update(step, [("loss", loss), ("accuracy", accuracy), *modules],
                              finalize=False)
 
     def epoch_end(self, record, epochs, steps):

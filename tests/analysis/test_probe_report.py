@@ -104,9 +104,11 @@ def test_probe_measures_every_block_and_writes_json_and_png(probed):
 @pytest.mark.slow
 def test_probe_bounds_the_samples_and_the_depth(run_dir, tmp_path):
     copy = _copy(run_dir, tmp_path)
-    # An end-to-end run's summary has one stage entry, for the last stage.
+    # An end-to-end run's summary has one stage entry, for the last stage, and no
+    # scores of the untrained heads.
     summary = json.loads((copy / "summary.json").read_text())
     summary["stages"] = summary["stages"][-1:]
+    summary["final"]["head_val_accuracies"] = None
     (copy / "summary.json").write_text(json.dumps(summary))
     _main_ok(probe.main, [str(copy), "--max-train", "300", "--max-eval", "50",
                           "--stage", "2", "--seed", "3"])
@@ -174,6 +176,34 @@ def test_report_without_probes_with_ensemble_into_another_directory(run_dir, tmp
     assert "ensemble val accuracy 0.9123" in text
     assert "## Linear probes" not in text
     assert _is_png(out / "depth.png") and not (copy / "report").exists()
+
+
+@pytest.mark.slow
+def test_report_of_a_decoupled_run_plots_each_module_and_every_head(run_dir, tmp_path):
+    """A decoupled run has one stage entry but trains every head: the report adds
+    each module's curves, and depth takes the heads' final scores."""
+    copy = _copy(run_dir, tmp_path)
+    records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r["train_module_accuracy"] = [0.4, 0.5, r["train_accuracy"]]
+        r["val_module_accuracy"] = [0.3, 0.6, r["val_accuracy"]]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["stages"] = summary["stages"][-1:]
+    summary["final"]["head_val_accuracies"] = [0.3, 0.6, summary["final"]["val_accuracy"]]
+    (copy / "summary.json").write_text(json.dumps(summary))
+    _main_ok(report.main, [str(copy)])
+    text = (copy / "report" / "report.md").read_text()
+    assert "![Each module's head (decoupled)](modules.png)" in text
+    assert _is_png(copy / "report" / "modules.png")
+    from kgreedy.analysis.report import head_accuracies
+    assert head_accuracies(summary) == {1: 0.3, 2: 0.6, 3: summary["final"]["val_accuracy"]}
+    # A greedy run's report has no such plot.
+    (tmp_path / "greedy").mkdir()
+    plain = _copy(run_dir, tmp_path / "greedy")
+    _main_ok(report.main, [str(plain)])
+    assert not (plain / "report" / "modules.png").exists()
+    assert "modules.png" not in (plain / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -561,6 +561,9 @@ def _check_outputs(argv, cwd, stdout):
     if argv[2] == "kgreedy.report":
         assert (cwd / argv[3] / "report" / "report.md").is_file()
         return
+    if "--dry-run" in argv:  # prints the stage table, writes nothing
+        assert "deployed model (trunk + stage" in stdout, stdout[-2000:]
+        return
     scratch = cwd
     out = scratch / argv[argv.index("--output") + 1]
     if argv[2] == "kgreedy.train":
