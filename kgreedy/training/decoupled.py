@@ -200,11 +200,13 @@ class ReplayBuffer(tf.Module):
         every_features = tf.cast(_gather(context, features), self.features.dtype)
         every_labels = tf.cast(_gather(context, labels), tf.int32)
         count = tf.shape(every_labels, out_type=tf.int64)[0]
-        positions = ((self.written + tf.range(count, dtype=tf.int64)) % self.size)[:, None]
-        # ON_READ variables take no scatter_update: the ring is written as a whole.
-        self.features.assign(tf.tensor_scatter_nd_update(self.features, positions,
-                                                         every_features))
-        self.labels.assign(tf.tensor_scatter_nd_update(self.labels, positions, every_labels))
+        positions = (self.written + tf.range(count, dtype=tf.int64)) % self.size
+        # ON_READ variables have no scatter_update; in a replica, `handle` is this
+        # replica's own copy, written in place (assigning the whole ring would copy
+        # it every step).
+        for ring, rows in ((self.features, every_features), (self.labels, every_labels)):
+            tf.raw_ops.ResourceScatterUpdate(resource=ring.handle, indices=positions,
+                                             updates=rows)
         written = self.written.assign_add(count)
         filled = tf.minimum(written, self.size)
         draw = tf.random.stateless_uniform(
