@@ -216,6 +216,23 @@ COMMANDS = {
     "python -m kgreedy.train recipes/quickstart.json --set train.mode=decoupled "
     "--set train.decoupled.buffer_size=256 --dry-run":
         tiny("decoupled"),
+    # docs/RESULTS.md, decoupled: the three runs and their table on a few images.
+    "python -m kgreedy.train recipes/cifar10_budget_decoupled.json "
+    "--set data.data_dir=../shared/tfds --output runs/cifar10_budget_decoupled":
+        covered(DECOUPLED_RESULTS_TEST, "cifar10_budget_decoupled.json",
+                "runs/cifar10_budget_decoupled"),
+    "python -m kgreedy.train recipes/cifar10_budget_decoupled_buffer.json "
+    "--set data.data_dir=../shared/tfds --output runs/cifar10_budget_decoupled_buffer":
+        covered(DECOUPLED_RESULTS_TEST, "cifar10_budget_decoupled_buffer.json",
+                "runs/cifar10_budget_decoupled_buffer"),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json "
+    "--set data.data_dir=../shared/tfds --set train.epochs_per_stage=4 "
+    "--output runs/resnet32_k4_decoupled":
+        covered(DECOUPLED_RESULTS_TEST, "resnet32_cifar10_k4_decoupled.json",
+                "train.epochs_per_stage=4", "runs/resnet32_k4_decoupled"),
+    "python tools/results_table.py runs/cifar10_budget_decoupled "
+    "runs/cifar10_budget_decoupled_buffer runs/resnet32_k4_decoupled --json runs/decoupled.json":
+        covered(DECOUPLED_RESULTS_TEST, "tools/results_table.py", "--json runs/decoupled.json"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
