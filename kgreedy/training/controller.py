@@ -275,7 +275,7 @@ class GreedyTrainer:
             row = {**row, "trainable_params": count_params(loop.variables),
                    "frozen_params": 0}
         self.progress.stage_start(stage, self.net.num_stages, row, epochs, steps)
-        stage_start = time.perf_counter()
+        stage_start, stage_cpu = time.perf_counter(), time.process_time()
         record = driver.run()
         if record is None:  # resumed after this stage's last epoch: read its record
             last = [r for r in records.epochs() if r["stage"] == stage]
@@ -292,7 +292,10 @@ class GreedyTrainer:
                  "deployed_params": row["deployed_params"],
                  # fewer than epochs when a callback ended the stage early
                  "output_shape": row["output_shape"], "epochs": record.get("epoch", epochs),
-                 "seconds": time.perf_counter() - stage_start}
+                 "seconds": time.perf_counter() - stage_start,
+                 # this process's, since the stage (re)started: a resumed stage
+                 # counts its last part only, as `seconds` does
+                 "cpu_seconds": time.process_time() - stage_cpu}
         records.stage(entry)
         self.progress.stage_end(entry)
         for callback in self.callbacks:
@@ -305,6 +308,8 @@ class GreedyTrainer:
                  "train_accuracy": last["train_accuracy"],
                  "deployed_params": last["deployed_params"],
                  "seconds": sum(e["seconds"] for e in records.summary["stages"]),
+                 "cpu_seconds": sum(e.get("cpu_seconds", 0.0)
+                                    for e in records.summary["stages"]),
                  "ensemble_val_accuracy": None, "head_val_accuracies": None,
                  "export_heads": (self.recipe.export.heads if self.recipe is not None
                                   else getattr(self.export, "heads", None)),

@@ -92,6 +92,9 @@ class EpochDriver:
             for action in self.actions:
                 if hasattr(action, "before_epoch"):
                     action.before_epoch(self, epoch)
+            # The epoch's cost as users pay it: this process's CPU seconds (every
+            # thread) and wall seconds, training and evaluation together.
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
             # The rate at the epoch's first step, also when a resume starts mid-epoch.
             learning_rate = loop.learning_rate_at((epoch - 1) * self.steps_per_epoch)
             train_data = self.datasets.distributed_train(
@@ -107,7 +110,9 @@ class EpochDriver:
             result.update(loop.evaluate(self.eval_data) if self.eval_data is not None
                           else {"val_loss": None, "val_accuracy": None, "val_examples": 0})
             record = {"stage": loop.stage, "epoch": epoch, **result,
-                      "learning_rate": learning_rate}
+                      "learning_rate": learning_rate,
+                      "cpu_seconds": time.process_time() - cpu_start,
+                      "wall_seconds": time.perf_counter() - wall_start}
             self.epochs_done.assign(epoch)
             for action in self.actions:
                 if hasattr(action, "after_epoch"):
