@@ -29,7 +29,7 @@ from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving.export import Exporter
-from kgreedy.training import distribute, session
+from kgreedy.training import distribute, precision, session
 from kgreedy.training.cache import check_cache_workers
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
@@ -108,8 +108,13 @@ def _main(args):
     check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
     worker = distribute.WorkerInfo(strategy)
     check_cache_workers(recipe, worker.num_workers)
+    output = args.output or os.path.join("runs", recipe.name)
+    recipe, chose = precision.resolve(
+        recipe, _saved_precision(output) if args.resume else None)
     if args.dry_run:
         print_dry_run(recipe, spec)
+        if chose:
+            print(chose)
         return cli.EXIT_OK
     if recipe.split:
         # A model to load and split can be refused (a crossing split point, a
@@ -118,7 +123,6 @@ def _main(args):
         channels = spec.image_shape[2]
         from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
                     [1.0] * channels)
-    output = args.output or os.path.join("runs", recipe.name)
     if worker.is_chief:
         prepare_output(output, args.resume)
         if args.resume:
@@ -126,6 +130,8 @@ def _main(args):
 
     keras.utils.set_random_seed(recipe.seed)
     progress = Progress()
+    if chose:
+        progress.message(chose)
     if not worker.is_chief:
         # TensorFlow's multi-worker pattern: every worker saves (saving can involve
         # collectives), but only the chief into the real run directory.
@@ -186,6 +192,17 @@ def _load_data(recipe, spec, output, progress):
         for folder in (cache_dir, os.path.dirname(cache_dir)):
             with contextlib.suppress(OSError):  # absent, or still holding other files
                 os.rmdir(folder)
+
+
+def _saved_precision(output):
+    """The precision a run to resume trained in (None where there is no run: the
+    checks after this one say so)."""
+    path = os.path.join(output, "recipe.json")
+    if not os.path.isfile(path):
+        return None
+    raw = read_json(path, "--resume")
+    train = raw.get("train") if isinstance(raw, dict) else None
+    return train.get("mixed_precision") if isinstance(train, dict) else None
 
 
 def _check_same_recipe(output, recipe):

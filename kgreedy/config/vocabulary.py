@@ -19,7 +19,8 @@ ONE_STAGE_MODES = ("end_to_end", "decoupled")
 CACHE_MODES = ("auto", "on", "off")
 IMAGE_CACHES = ("auto", "memory", "disk", "none")
 BAD_FILES = ("skip", "error")
-PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
+# auto: bfloat16 where the hardware has it natively (kgreedy/training/precision.py).
+PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16", "auto")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 EXPORT_HEADS = ("last", "ensemble")  # what an export serves: the last head, or all
 TUNERS = ("random", "hyperband", "bayesian")

@@ -27,6 +27,7 @@ from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params, parameter_table
 from kgreedy.config.vocabulary import ONE_STAGE_MODES
 from kgreedy.training.cache import FeatureCache, use_cache
+from kgreedy.training import precision
 from kgreedy.training.checkpoints import restore_latest_good
 from kgreedy.training.decoupled import DecoupledLoop
 from kgreedy.training.distribute import WorkerInfo
@@ -93,9 +94,8 @@ class GreedyTrainer:
             # Global Keras state: set on every trainer so one run's policy never
             # leaks into the next in the same process. A given net keeps the
             # policy its layers were made with.
-            precision = self.train.mixed_precision
             keras.mixed_precision.set_global_policy(
-                "float32" if precision == "none" else precision)
+                precision.policy_name(self.train.mixed_precision))
             with strategy.scope():
                 net = from_recipe(recipe, spec.image_shape, spec.num_classes,
                                   spec.mean, spec.std)

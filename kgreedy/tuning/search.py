@@ -22,6 +22,7 @@ from kgreedy.base.files import write_json
 from kgreedy.config.vocabulary import OBJECTIVES
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params, parameter_table
+from kgreedy.training import precision
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.stage import StageLoop
@@ -165,9 +166,9 @@ class AuxHyperModel(keras_tuner.HyperModel):
         s = self.search
         tune, spec = s.tune, s.datasets.spec
         declare(hp, tune, s.stage)
-        precision = tune.base.train.mixed_precision
         # keras-tuner clears the Keras session before every build, policy included.
-        keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)
+        keras.mixed_precision.set_global_policy(
+            precision.policy_name(tune.base.train.mixed_precision))
         keras.utils.set_random_seed(tune.base.seed)
         design = design_from(hp.values, tune)
         lr = hp.values.get("learning_rate", s.learning_rate)
