@@ -4,12 +4,22 @@ translation of library errors (which name parameters) into the flags a user type
 import argparse
 import contextlib
 import sys
+import traceback
 
-from kgreedy.base.errors import KgreedyError, Stopped
+from kgreedy import quiet
+from kgreedy.base import faults
+from kgreedy.base.errors import Fault, KgreedyError, Stopped
+from kgreedy.base.machine import available_bytes
+# The exit statuses of every front end, in one place (docs/DESIGN.md, "Command line").
+# Those of a stop of the work are its `Stopped` class's, defined beside them: a
+# non-finite loss 65, a lost worker 69, out of memory 71, a full disk 74, SIGTERM 75.
+from kgreedy.base.errors import (EXIT_DISK_FULL, EXIT_LOST_WORKER,  # noqa: F401
+                                 EXIT_NONFINITE_LOSS, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # anything unexpected; the traceback is printed
 EXIT_USAGE = 2    # bad usage, recipe or data configuration: one line on stderr
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 
 
 def fail(message):
@@ -47,17 +57,40 @@ class ArgumentParser(argparse.ArgumentParser):
 def run(main, argv=None):
     """Runs `main(argv)`, turning `KgreedyError` into one line and exit status 2, and
     `Stopped` (non-finite loss, preemption, a failed search) into one line and its
-    status."""
+    status.
+
+    A fault of the machine (`kgreedy.base.faults`: a lost worker, a full disk,
+    exhausted memory) is one `kgreedy: error:` line and its status too, also when it
+    reaches here as TensorFlow's or Python's own error; with `--verbose` among the
+    arguments its traceback comes first. Any other error propagates: its traceback
+    and status 1.
+    """
+    verbose = quiet.wants_verbose(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
     except KgreedyError as e:
         fail(str(e))
     except Stopped as e:
-        print(f"kgreedy: {e}", file=sys.stderr)
-        return e.exit_status
+        return _stopped(e, verbose)
     except KeyboardInterrupt:
         print("kgreedy: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        fault = faults.classify(e, available_memory=available_bytes)
+        if fault is None:
+            raise
+        fault.__cause__ = e
+        return _stopped(fault, verbose)
+
+
+def _stopped(stopped, verbose):
+    """Prints a `Stopped`'s line (after the traceback of a fault's error, if
+    `verbose`); returns its exit status."""
+    if verbose and isinstance(stopped, Fault):
+        error = stopped.__cause__ or stopped
+        traceback.print_exception(type(error), error, error.__traceback__)
+    print(f"kgreedy: {stopped.prefix}{stopped}", file=sys.stderr)
+    return stopped.exit_status
 
 
 @contextlib.contextmanager

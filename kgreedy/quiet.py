@@ -213,7 +213,7 @@ def _forward(read_fd, out_fd):
         emit(line_filter.release())
 
 
-def _wants_verbose(argv):
+def wants_verbose(argv):
     """Whether `argv` has `--verbose`, or a prefix of it as argparse accepts one."""
     for arg in argv:
         if arg == "--":
@@ -242,7 +242,7 @@ def install(argv=None):
     """
     global _installed
     argv = sys.argv[1:] if argv is None else argv
-    if (_installed is not None or _wants_verbose(argv) or "tensorflow" in sys.modules
+    if (_installed is not None or wants_verbose(argv) or "tensorflow" in sys.modules
             or not hasattr(os, "fork") or not hasattr(signal, "pthread_sigmask")):
         return False
     for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice

@@ -2,9 +2,11 @@
 [--dry-run]`: parses, validates everything that can be checked cheaply, and calls
 the engine. Nothing is written before the recipe and the data are known good.
 
-Exit status: 0 done; 1 failure (a non-finite loss among them); 2 bad usage, recipe
-or data, or a run directory in use; 75 preempted by SIGTERM after writing a
-checkpoint (rerun the same command with --resume).
+Exit status (`kgreedy.cli`): 0 done; 1 an unexpected failure (with its traceback); 2
+bad usage, recipe or data, or a run directory in use; 65 a non-finite loss; 69 a lost
+worker, 71 out of memory, 74 a full disk (one `kgreedy: error:` line each, saying how
+to go on); 75 preempted by SIGTERM after writing a checkpoint (rerun the same command
+with --resume).
 """
 
 import sys
@@ -23,13 +25,14 @@ import keras
 
 from kgreedy import cli, data
 from kgreedy.api import stage_table
+from kgreedy.base import faults
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving.export import Exporter
-from kgreedy.training import distribute, precision, session
+from kgreedy.training import distribute, memory, precision, session
 from kgreedy.training.cache import check_cache_workers
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
@@ -53,10 +56,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def print_dry_run(recipe, spec):
-    channels = spec.image_shape[2]
-    net = from_recipe(recipe, spec.image_shape, spec.num_classes,
-                    [0.0] * channels, [1.0] * channels)
+def print_dry_run(recipe, spec, net=None, stages=None, available=None, note=None,
+                  unchecked=None):
+    """Prints the recipe's stages; with `stages` (`kgreedy.training.memory.estimate`),
+    each stage's memory and what is available (None: `unchecked` says why), else
+    `note` (why there is no estimate)."""
+    if net is None:
+        channels = spec.image_shape[2]
+        net = from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
+                          [1.0] * channels)
     print(f"recipe {recipe.name}: {recipe.train.mode}, {net.num_stages} stages, "
           f"k={recipe.aux.k}, input {'x'.join(map(str, spec.image_shape))}, "
           f"{spec.num_classes} classes")
@@ -71,6 +79,16 @@ def print_dry_run(recipe, spec):
               + (f"module j+1 draws its batches from a replay buffer of module j's last "
                  f"{buffer:,} outputs ({_buffer_mb(net, buffer, train):,.0f} MB in all, "
                  "also in every checkpoint)" if buffer else "no replay buffer"))
+    if note:
+        print(f"memory: {note}")
+    for stage in stages or ():
+        print(f"memory: {stage.describe()}")
+    if stages:
+        worst = memory.largest(stages)
+        print(f"memory: largest stage {worst.stage}, "
+              f"{memory.format_bytes(worst.total)}; available "
+              + ((unchecked or "unknown, not checked") if available is None
+                 else memory.format_bytes(available)))
 
 
 def _buffer_mb(net, size, train):
@@ -111,18 +129,20 @@ def _main(args):
     output = args.output or os.path.join("runs", recipe.name)
     recipe, chose = precision.resolve(
         recipe, _saved_precision(output) if args.resume else None)
+    # Sized before anything is allocated, read or written: a block trunk is built
+    # without weights, and a split model is built here anyway, so that one that
+    # cannot be loaded or split (a crossing split point, a file Keras cannot load)
+    # stops the run now. Dropped; the trainer builds its own net in scope.
+    net, stages, note = memory.estimate(recipe, spec, worker.num_workers)
+    available, unchecked = memory.available_for_training()
     if args.dry_run:
-        print_dry_run(recipe, spec)
+        print_dry_run(recipe, spec, net, stages, available, note, unchecked)
         if chose:
             print(chose)
+        memory.check(stages, available)
         return cli.EXIT_OK
-    if recipe.split:
-        # A model to load and split can be refused (a crossing split point, a
-        # file Keras cannot load): find out before the data is read and a run
-        # directory made. Built and dropped; the trainer builds its own in scope.
-        channels = spec.image_shape[2]
-        from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
-                    [1.0] * channels)
+    memory.check(stages, available)
+    del net
     if worker.is_chief:
         prepare_output(output, args.resume)
         if args.resume:
@@ -137,7 +157,8 @@ def _main(args):
         # collectives), but only the chief into the real run directory.
         scratch = tempfile.mkdtemp(prefix=f"kgreedy-{worker.task.replace(':', '-')}-")
         try:
-            with _load_data(recipe, spec, scratch, None) as datasets:
+            with _faults(scratch, output), \
+                    _load_data(recipe, spec, scratch, None) as datasets:
                 own = RunDir(scratch)
                 GreedyTrainer(recipe, datasets, own, strategy, progress,
                               source=RunDir(output),
@@ -147,7 +168,7 @@ def _main(args):
             shutil.rmtree(scratch, ignore_errors=True)
         return cli.EXIT_OK
     run = RunDir(output)
-    with _load_data(recipe, spec, output, progress) as datasets:
+    with _faults(output, output), _load_data(recipe, spec, output, progress) as datasets:
         os.makedirs(output, exist_ok=True)
         with RunLock(output) as lock:
             if lock.warning:
@@ -160,6 +181,20 @@ def _main(args):
         print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
               f"summary {run.summary}")
     return cli.EXIT_OK
+
+
+def _faults(run_dir, output):
+    """A lost worker, a full disk or exhausted memory while training: one line naming
+    it and how to go on (`kgreedy.base.faults`). `run_dir` is where this process
+    writes, `output` the run a resume continues (the chief's)."""
+    run = RunDir(output)
+    return faults.translated(
+        run_dir=run_dir, output_flag="--output", checkpoint=run.newest_checkpoint,
+        # --resume needs the recipe.json a run writes first; before it, a rerun starts.
+        resume=lambda: "--resume" if os.path.isfile(run.recipe) else None,
+        smaller="a smaller train.batch_size or a narrower model (model.blocks[*].width, "
+                "aux.width) in a new run (--resume needs the same recipe)",
+        available_memory=memory.available_bytes)
 
 
 def _exporter(recipe, spec, run):

@@ -11,7 +11,10 @@ then stage 2 is searched on top of that trunk, and so on. Results go to DIR:
 them), `tuning.json` (trials by score) and `best_recipe.json` (a complete train recipe).
 
 Exit status: 0 done; 1 no trial completed, or another failure; 2 bad usage, tune
-recipe or data, or an output directory holding another search or in use.
+recipe or data, or an output directory holding another search or in use; 74 a full
+disk, 71 out of memory outside a trial (a trial short of memory fails alone): one
+`kgreedy: error:` line (`kgreedy.cli`); free space or memory and rerun the command,
+which resumes the search.
 """
 
 import sys
@@ -28,7 +31,7 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.tune_recipe import check_base, load_tune_recipe
-from kgreedy.training import session
+from kgreedy.training import memory, session
 from kgreedy.training.runlock import RunLock
 from kgreedy.tuning.runner import BEST_RECIPE, TUNE_RECIPE, TUNING, AuxTuning
 from kgreedy.tuning.search import ConfigError, quiet_trial_tracebacks
@@ -93,6 +96,7 @@ def _main(args):
     # Builds a split model once: a model that cannot be built or split is refused
     # before anything is written.
     sides = stage_sides(base, spec.image_shape, spec.num_classes)
+    check_memory(base, spec)
     output = args.output or os.path.join("runs", tune.name)
     prepare_output(output, tune)
     progress = Progress()
@@ -103,6 +107,17 @@ def _main(args):
         return _search(tune, datasets, strategy, output, progress, sides)
     finally:
         datasets.close()
+
+
+def check_memory(base, spec):
+    """Refuses a base recipe whose largest stage cannot fit in this machine's memory,
+    as `kgreedy.train` does, before anything is written. It sizes the base's own
+    heads: a trial of wider ones may need more (and fails alone if it runs out)."""
+    stages = memory.estimate(base, spec)[1]
+    try:
+        memory.check(stages, memory.available_for_training()[0])
+    except KgreedyError as e:
+        raise e.at(f"base.{e.path}") from None
 
 
 def _search(tune, datasets, strategy, output, progress, sides):

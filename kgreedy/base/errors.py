@@ -1,4 +1,15 @@
-"""Errors that the command-line front ends turn into exit status 2."""
+"""Errors that the command-line front ends turn into one line and an exit status:
+`KgreedyError` into status 2, a `Stopped` into its own
+(docs/DESIGN.md, "Command line")."""
+
+# Exit statuses of the work stopping (`Stopped.exit_status`), from BSD's sysexits.h so
+# that a scheduler can tell them apart: 2 (usage) and 1 (anything unexpected, with its
+# traceback) are `kgreedy.cli`'s.
+EXIT_NONFINITE_LOSS = 65  # EX_DATAERR: the numbers went wrong; change the recipe
+EXIT_LOST_WORKER = 69     # EX_UNAVAILABLE: a peer went away; rerun every worker
+EXIT_OUT_OF_MEMORY = 71   # EX_OSERR: the machine could not give the memory
+EXIT_DISK_FULL = 74       # EX_IOERR: a write failed for want of space
+EXIT_PREEMPTED = 75       # EX_TEMPFAIL: stopped on request; rerun with --resume
 
 
 def format_value(value):
@@ -48,11 +59,12 @@ class DataError(KgreedyError):
 class Stopped(Exception):
     """The work stopped before its end, for a reason the message gives in one line.
 
-    The command-line front ends print `kgreedy: <message>` on one line and exit with
-    `exit_status`.
+    The command-line front ends print `kgreedy: <prefix><message>` on one line and
+    exit with `exit_status`.
     """
 
     exit_status = 1
+    prefix = ""
 
 
 class TrainingStopped(Stopped):
@@ -65,9 +77,13 @@ class SearchFailed(Stopped):
 
 
 class NonFiniteLoss(TrainingStopped):
-    """A train step's loss was NaN or infinite; nothing after it was saved."""
+    """A train step's loss was NaN or infinite; nothing after it was saved.
 
-    exit_status = 1
+    Exit status 65 (EX_DATAERR): rerunning as it is would fail again; the recipe (its
+    learning rate) or the data must change.
+    """
+
+    exit_status = EXIT_NONFINITE_LOSS
 
 
 class Preempted(TrainingStopped):
@@ -77,4 +93,32 @@ class Preempted(TrainingStopped):
     this status should rerun the same command with `--resume`.
     """
 
-    exit_status = 75
+    exit_status = EXIT_PREEMPTED
+
+
+class Fault(Stopped):
+    """The machine failed the work: a worker went away, a disk filled up, memory ran
+    out (`kgreedy.base.faults.classify` finds them in TensorFlow's and Python's
+    errors). The message names what happened and what to do; the front ends print it
+    as `kgreedy: error: <message>`."""
+
+    prefix = "error: "
+
+
+class LostWorker(Fault):
+    """Another worker of a multi-worker run stopped answering (killed, crashed, its
+    machine gone); the collectives were aborted. Rerun every worker with --resume."""
+
+    exit_status = EXIT_LOST_WORKER
+
+
+class OutOfMemory(Fault):
+    """An allocation failed: the model or the batch does not fit in memory."""
+
+    exit_status = EXIT_OUT_OF_MEMORY
+
+
+class DiskFull(Fault):
+    """A write failed because its filesystem is full (or over its quota)."""
+
+    exit_status = EXIT_DISK_FULL

@@ -1,6 +1,7 @@
 """Files: atomic writes (a temp file in the same directory, then a rename) and the
 one JSON reader whose errors say which file and what is wrong with it."""
 
+import errno
 import json
 import os
 import tempfile
@@ -24,7 +25,11 @@ def write_atomic(path, write, binary=False):
     """Calls `write(f)` on a temp file beside `path`, then renames it into place, so
     readers see the old file or the new one, never half."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as e:
+        _name_file(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb" if binary else "w",
                        encoding=None if binary else "utf-8") as f:
@@ -33,9 +38,18 @@ def write_atomic(path, write, binary=False):
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            _name_file(e, path)
         raise
+
+
+def _name_file(error, path):
+    """Makes the OSError `error` name `path` when it names no file: a failed write or
+    flush (a full disk) names none, and the user needs to know which file it was."""
+    if error.filename is None:
+        error.filename = os.fspath(path)
 
 
 def write_text(path, text):
@@ -49,10 +63,30 @@ def write_json(path, obj):
 
 
 def append_jsonl(path, obj):
-    """Appends one JSON line; a line is written by one write call and flushed."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
+    """Appends one JSON line in one write (more only where the system writes less);
+    a write that fails part-way (a full disk) is cut off again, so the file never
+    ends in half a line."""
+    data = (json.dumps(obj) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        _name_file(e, path)
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # a short write is followed by the one that fails (ENOSPC)
+                written = os.write(fd, view)
+                if not written:
+                    raise OSError(errno.EIO, "write wrote nothing", os.fspath(path))
+                view = view[written:]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            _name_file(e, path)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_json(path, key=None, kind="file"):

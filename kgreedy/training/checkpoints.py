@@ -1,7 +1,10 @@
-"""Finding checkpoints and restoring the newest one that is intact."""
+"""Saving checkpoints that are whole or absent, finding them, and restoring the
+newest one that is intact."""
 
+import contextlib
 import os
 import re
+import shutil
 
 import tensorflow as tf
 
@@ -15,6 +18,57 @@ _PREFIX = re.compile(r"^ckpt-(\d+)\.index$")
 # as a plain `ValueError` and `IndexError`: a truncated `.data-*` file gives
 # `IndexError("Read less bytes than requested")`.
 _READ_ERRORS = (tf.errors.OpError, ValueError, IndexError)
+
+
+def save_checkpoint(manager, number):
+    """`manager.save(checkpoint_number=number)`, leaving nothing of a save that fails.
+
+    A save that fails (a full disk, mostly) leaves TensorFlow's temporary
+    `ckpt-N_temp/` and, if it got that far, a truncated `ckpt-N.index` and
+    `ckpt-N.data-*` that a resume would take for the newest checkpoint. They are
+    removed, with a temporary `checkpoint.tmp*` state file, so the directory holds
+    intact checkpoints only and its `checkpoint` state still names the newest of
+    them; the error propagates. A checkpoint the state names already (the save
+    failed after recording it, while deleting old ones) is kept: a resume checks
+    it (`restore_latest_good`).
+
+    Args:
+        manager: a `tf.train.CheckpointManager` with the default name (`ckpt`).
+        number: the checkpoint number (the stage's step).
+
+    Returns:
+        The path `manager.save` returns.
+    """
+    try:
+        return manager.save(checkpoint_number=number)
+    except BaseException:
+        _remove_partial(manager.directory, f"ckpt-{number}")
+        raise
+
+
+def _remove_partial(directory, name):
+    """Removes what a failed save of checkpoint `name` (`ckpt-N`) left in `directory`."""
+    prefix = os.path.join(directory, name)
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError):  # see checkpoint_paths
+        state = None
+    recorded = state is not None and os.path.abspath(
+        state.model_checkpoint_path) == os.path.abspath(prefix)
+    try:
+        entries = os.listdir(directory)
+    except OSError:  # gone, or unreadable: the save's own error is what matters
+        return
+    for entry in entries:
+        path = os.path.join(directory, entry)
+        if entry.startswith((name + "_temp", "checkpoint.tmp")) or (
+                not recorded and (entry == name + ".index"
+                                  or entry.startswith(name + ".data-"))):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):  # as above
+                    os.unlink(path)
 
 
 def checkpoint_paths(directory):

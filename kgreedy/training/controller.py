@@ -28,7 +28,7 @@ from kgreedy.model.network import count_params, parameter_table
 from kgreedy.config.vocabulary import ONE_STAGE_MODES
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training import precision
-from kgreedy.training.checkpoints import restore_latest_good
+from kgreedy.training.checkpoints import restore_latest_good, save_checkpoint
 from kgreedy.training.decoupled import DecoupledLoop
 from kgreedy.training.distribute import WorkerInfo
 from kgreedy.training.driver import EpochDriver, LiveSteps
@@ -371,7 +371,7 @@ class _Checkpoints:
         stop = self.trainer._stop_agreed()
         if stop or (self.every and done % self.every == 0 and done < steps):
             driver.check_finite()
-            self.manager.save(checkpoint_number=driver.loop.step)
+            save_checkpoint(self.manager, driver.loop.step)
         if stop:
             raise Preempted(f"preempted (SIGTERM): checkpoint written at stage "
                             f"{self.stage}, epoch {epoch}, step {done} of {steps} in "
@@ -380,7 +380,7 @@ class _Checkpoints:
 
     def after_epoch(self, driver, record):
         del record
-        self.manager.save(checkpoint_number=driver.loop.step)
+        save_checkpoint(self.manager, driver.loop.step)
 
 
 class _EpochLines:

@@ -10,6 +10,7 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
+from kgreedy.training.checkpoints import checkpoint_paths
 
 
 class RunDir:
@@ -56,6 +57,19 @@ class RunDir:
     def read_json(self, path):
         """A JSON file of this run (`read_json`, named by its path in the run)."""
         return read_json(path, os.path.relpath(path, self.root))
+
+    def newest_checkpoint(self):
+        """The newest checkpoint of the last stage that has one (its prefix), or None:
+        what a resume goes on from (or restores before starting the next stage)."""
+        root = self.path("checkpoints")
+        stages = sorted((int(name[5:]), name) for name in
+                        (os.listdir(root) if os.path.isdir(root) else ())
+                        if name.startswith("stage") and name[5:].isdigit())
+        for _, name in reversed(stages):
+            paths = checkpoint_paths(os.path.join(root, name))
+            if paths:
+                return paths[-1]
+        return None
 
 
 def stage_checkpoint(net, stage, **training_state):

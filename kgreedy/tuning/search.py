@@ -7,7 +7,7 @@ of the trial's network, whose weights the tuner saves at the best epoch and Hype
 reloads to continue a trial); `fit` accepts the tuner's keyword arguments, calls its
 callbacks (`set_model`, `on_epoch_end`) and returns the metrics; an invalid design
 raises `FailedTrialError` (the trial fails, the search goes on); a configuration
-mistake raises a `FatalError` (the search stops).
+mistake or a full disk raises a `FatalError` (the search stops).
 """
 
 import os
@@ -17,7 +17,8 @@ import keras
 import keras_tuner
 from keras_tuner.errors import FailedTrialError, FatalError
 
-from kgreedy.base.errors import KgreedyError
+from kgreedy.base import faults
+from kgreedy.base.errors import DiskFull, KgreedyError
 from kgreedy.base.files import write_json
 from kgreedy.config.vocabulary import OBJECTIVES
 from kgreedy.model.from_recipe import from_recipe
@@ -216,6 +217,10 @@ class AuxHyperModel(keras_tuner.HyperModel):
             self.report["message"] = str(e)
             raise ConfigError(e) from e
         except Exception as e:
+            if isinstance(faults.classify(e), DiskFull):
+                # Every trial after it would fail the same way: stop the search, and
+                # kgreedy.cli names the disk (exit status 74); a rerun resumes.
+                raise FatalError(f"the disk is full: {e}") from e
             # An unexpected error fails the trial too (keras-tuner's rule); its
             # traceback is in the trial's trial.json.
             self.report["message"] = str(e) if isinstance(e, FailedTrialError) \

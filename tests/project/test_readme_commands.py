@@ -157,7 +157,8 @@ COMMANDS = {
     "--set distribute.logical_cpus=2 --output runs/mirrored":
         tiny("mirrored", *TINY_TRAIN),
     **{multi_worker_command(index): covered(
-        "test_multiworker.py::test_two_workers_train_and_only_the_chief_writes_the_run",
+        "test_multiworker.py::"
+        "test_a_lost_worker_stops_the_chief_in_one_line_and_both_resume_to_the_end",
         "TF_CONFIG", "multi_worker", "kgreedy.train", '"index": index') for index in (0, 1)},
     # Serving.
     "pip install tensorflow-serving-api grpcio": (

@@ -169,7 +169,7 @@ def test_a_non_finite_loss_stops_with_stage_epoch_and_step(tmp_path):
     recipe.write_text(json.dumps(raw))
     run_dir = tmp_path / "run"
     result = train(recipe, run_dir)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 65, result.stderr  # EX_DATAERR: change the recipe
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("kgreedy: stage 1, epoch 1, step ")
     assert "the loss is not finite" in line

@@ -1,6 +1,7 @@
 """keras-tuner search over the auxiliary design (`python -m kgreedy.tune`)."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -196,6 +197,32 @@ def test_a_search_where_every_trial_fails_exits_1_with_one_line(tmp_path, capsys
     assert err[-1].startswith("kgreedy: search joint: no trial completed")
     # A failed search is not a stopped training: it promises no checkpoint.
     assert not issubclass(SearchFailed, TrainingStopped)
+
+
+class DiskFullSpy(StageSpy):
+    """A trial's stage whose write finds the disk full."""
+
+    def install(self, monkeypatch):
+        def full(search, *args):
+            self.calls.append(search.name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                          os.path.join(search.work_dir, "cache", "features"))
+
+        monkeypatch.setattr(Search, "train_stage", full)
+        return self
+
+
+def test_a_full_disk_stops_the_search_at_once_with_its_own_line(tmp_path, capsys):
+    recipe = write_recipes(tmp_path, max_trials=3)
+    status, _, spy = run_tune([recipe, "--output", str(tmp_path / "out")], DiskFullSpy())
+    # Not one failed trial after another: the first stops the search (exit 74).
+    assert status == 74 and len(spy.calls) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("kgreedy: error: disk full: no space left on device writing "
+                           f"{tmp_path / 'out' / 'cache' / 'features'} ("), line
+    assert line.endswith("free space there, then run the same command again")
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("change,expected", [

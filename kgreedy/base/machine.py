@@ -1,0 +1,83 @@
+"""What this machine offers a run: the memory a process may still allocate, and
+byte counts as people read them. No TensorFlow: the command line's fault messages
+use it after memory ran out, when importing more would fail in turn."""
+
+import os
+
+# Where the available memory is read (module constants: tests point them elsewhere).
+MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_V2 = "/sys/fs/cgroup"
+CGROUP_V1 = "/sys/fs/cgroup/memory"
+# cgroup v1 writes "no limit" as a huge number (2^63 rounded down to a page).
+_NO_LIMIT = 2 ** 60
+
+
+def format_bytes(n):
+    """1,536 -> '1.50 KB': three significant figures, in units of 1024 (as the dry
+    run's MB of replay buffers), so that a refusal's two figures never read equal."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            break
+        n /= 1024
+    else:
+        unit = "TB"
+    if unit == "B":
+        return f"{n:,.0f} B"
+    return f"{n:,.{2 if n < 10 else 1 if n < 100 else 0}f} {unit}"
+
+
+def available_bytes():
+    """Bytes this process may still allocate: /proc/meminfo's MemAvailable, lowered
+    to the cgroup's limit minus its usage (reclaimable page cache excluded) when that
+    is less; None where neither is known."""
+    known = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    return min(known) if known else None
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _meminfo_available():
+    for line in (_read(MEMINFO) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            fields = line.split()  # "MemAvailable:   22471892 kB"
+            if len(fields) > 1 and fields[1].isdigit():
+                return int(fields[1]) * 1024
+            return None
+    return None
+
+
+def _cgroup_dirs(root, controller):
+    """This process's cgroup folder under `root` (from /proc/self/cgroup), then
+    `root` itself (a container sees its own cgroup at the root)."""
+    for line in (_read(PROC_CGROUP) or "").splitlines():
+        _, names, path = (line.split(":", 2) + ["", ""])[:3]
+        if controller in names.split(","):
+            yield os.path.join(root, path.strip().lstrip("/"))
+    yield root
+
+
+def _cgroup_available():
+    for root, controller, limit_name, usage_name, inactive in (
+            (CGROUP_V2, "", "memory.max", "memory.current", "inactive_file"),
+            (CGROUP_V1, "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+             "total_inactive_file")):
+        for folder in _cgroup_dirs(root, controller):
+            limit = (_read(os.path.join(folder, limit_name)) or "").strip()
+            usage = (_read(os.path.join(folder, usage_name)) or "").strip()
+            if not (limit.isdigit() and usage.isdigit()):
+                continue  # absent here, or "max": no limit at this level
+            if int(limit) >= _NO_LIMIT:
+                break
+            stat = dict(line.split(None, 1) for line in
+                        (_read(os.path.join(folder, "memory.stat")) or "").splitlines()
+                        if " " in line)
+            cache = int(stat.get(inactive, "0").strip() or 0)
+            return max(int(limit) - max(int(usage) - cache, 0), 0)
+    return None

@@ -1,0 +1,276 @@
+"""How much memory a run's stages need, found before anything is allocated.
+
+`estimate` sizes every stage the run trains on the recipe's net, built without its
+weights for a block trunk (`keras.StatelessScope(initialize_variables=False)` defers
+every variable: a 10-million-channel block costs nothing), and `check` refuses a
+recipe whose largest stage cannot fit in `available_bytes`. `kgreedy.train` runs
+both before the data is read and the run directory made; `--dry-run` prints them.
+
+A stage's estimate, in bytes (docs/DESIGN.md, "Decisions and known limits"):
+- weights: every variable of the net, float32 (the trainer builds every module and
+  head at once, so all of them live through every stage);
+- optimizer: the stage's trainable parameters x slots (SGD with momentum 1, without
+  0; AdamW 2), float32; gradients: the trainable parameters once more;
+- activations at the global batch size: the input batch as the pipeline gives it
+  (float32), then, in the compute dtype (2 bytes under mixed precision, else 4),
+  what the backward pass keeps (`_activations`);
+- feature cache: the cached prefix output when the stage keeps it in memory;
+- replay buffers: a decoupled run's (`train.decoupled.buffer_size`).
+No safety factor is added: a training step measured 7-35% above the activations
+figure (imagenet_k3 stage 2 at 112 px, cifar10_k3 stage 2), so a recipe refused
+would not have fitted, and one that fits is never refused.
+"""
+
+import contextlib
+import dataclasses
+import math
+import types
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common import global_state  # the deferred-variable list
+
+from kgreedy.base.errors import KgreedyError
+from kgreedy.base.machine import available_bytes, format_bytes  # noqa: F401 (API)
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.network import count_params
+from kgreedy.training.cache import feature_bytes, use_cache
+
+_MIXED = ("mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMemory:
+    """The bytes one stage holds while it trains (see the module docstring)."""
+
+    stage: int
+    batch_size: int
+    weights: int
+    optimizer: int
+    gradients: int
+    activations: int
+    feature_cache: int = 0
+    replay_buffers: int = 0
+
+    @property
+    def total(self):
+        return (self.weights + self.optimizer + self.gradients + self.activations
+                + self.feature_cache + self.replay_buffers)
+
+    def describe(self):
+        """`stage 2 1.2 GB (weights 3.0 MB, ..., activations 1.1 GB at batch 128)`."""
+        parts = [f"weights {format_bytes(self.weights)}",
+                 f"optimizer {format_bytes(self.optimizer)}",
+                 f"gradients {format_bytes(self.gradients)}",
+                 f"activations {format_bytes(self.activations)} at batch "
+                 f"{self.batch_size}"]
+        if self.feature_cache:
+            parts.append(f"feature cache {format_bytes(self.feature_cache)}")
+        if self.replay_buffers:
+            parts.append(f"replay buffers {format_bytes(self.replay_buffers)}")
+        return f"stage {self.stage} {format_bytes(self.total)} ({', '.join(parts)})"
+
+
+@contextlib.contextmanager
+def _deferred_variables():
+    """Variables made inside are shapes without values, and stay so.
+
+    Keras lists deferred variables globally and gives them values when the next
+    StatelessScope closes outside any other: the list is put back as it was, so a
+    later scope never allocates this net's (possibly enormous) weights.
+    """
+    saved = list(global_state.get_global_attribute("uninitialized_variables") or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        global_state.set_global_attribute("uninitialized_variables", saved)
+
+
+def build_net(recipe, spec):
+    """The recipe's `GreedyNet` to size, built without its weights for a block trunk.
+
+    A split model is built with them: a `.keras` file cannot load without values,
+    and building it is the check that the model loads and splits, which the run
+    needs before anything is written in any case.
+
+    Raises:
+        KgreedyError: the model cannot be built, loaded or split as the recipe asks.
+    """
+    channels = spec.image_shape[2]
+    args = (recipe, spec.image_shape, spec.num_classes, [0.0] * channels, [1.0] * channels)
+    if recipe.split:
+        return from_recipe(*args)
+    with _deferred_variables():
+        return from_recipe(*args)
+
+
+def estimate(recipe, spec, num_workers=1, net=None):
+    """(net, stage estimates, note): a `StageMemory` for every stage the run trains.
+
+    Args:
+        recipe: a validated `Recipe`, `auto` precision resolved (else sized as float32).
+        spec: the data's `DatasetSpec` (`kgreedy.data.describe`).
+        num_workers: workers of the run (the feature cache is off with several).
+        net: the net to size (default: `build_net(recipe, spec)`).
+
+    Returns:
+        The net sized, the estimates and None; or, where a block trunk cannot be
+        built without weights, (None, None, why): nothing is sized then, rather
+        than the run refused.
+
+    Raises:
+        KgreedyError: the model cannot be built, loaded or split as the recipe asks.
+    """
+    if net is None:
+        try:
+            net = build_net(recipe, spec)
+        except KgreedyError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a layer that needs values to build
+            if recipe.split:
+                raise  # built with its weights: the failure is the run's own
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            return None, None, (f"no estimate: the net cannot be built without its "
+                                f"weights ({type(e).__name__}: {reason})")
+    train, mode = recipe.train, recipe.train.mode
+    dtype = 2 if train.mixed_precision in _MIXED else 4
+    slots = 2 if train.optimizer.name == "adamw" else int(train.optimizer.momentum > 0)
+    weights = 4 * count_params([w for layer in (*net.modules, *net.heads)
+                                for w in layer.weights])
+    data = types.SimpleNamespace(spec=spec, augmented=recipe.data.augment != "none")
+    stages = []
+    for j in ([net.num_stages] if mode != "greedy" else range(1, net.num_stages + 1)):
+        cached = mode == "greedy" and use_cache(recipe, data, j, num_workers, net)
+        trained = ([*net.modules, *net.heads] if mode == "decoupled" else
+                   [*net.modules[:j], net.heads[j - 1]] if mode == "end_to_end" else
+                   [net.modules[j - 1], net.heads[j - 1]])
+        params = count_params([w for layer in trained for w in layer.trainable_weights])
+        # The batch as the pipeline gives it (float32): images, or cached features.
+        batch_input = 4 * math.prod(net.stage_shapes[j - 2] if cached else spec.image_shape)
+        cache = feature_bytes(net, j, data) if cached else 0
+        buffers = (dtype * train.decoupled.buffer_size
+                   * sum(math.prod(s) for s in net.stage_shapes[:-1])
+                   if mode == "decoupled" else 0)
+        stages.append(StageMemory(
+            j, train.batch_size, weights, 4 * slots * params, 4 * params,
+            train.batch_size * (batch_input
+                                + dtype * _activations(net, mode, j, cached, spec)),
+            # FeatureCache keeps all features in memory up to the limit, else on disk.
+            cache if cache <= train.cache_memory_mb * 2 ** 20 else 0, buffers))
+    return net, stages, None
+
+
+def _activations(net, mode, stage, cached, spec):
+    """Elements per example alive at the stage's peak, past the input batch.
+
+    What the backward pass keeps: the trained part's input and the output of each
+    of its weighted layers (a conv's input is the output before it, a BN's output
+    stands in for the ReLU's after it), plus the gradients into and out of one
+    layer. A frozen prefix runs forward only, one layer's input and output at a time,
+    before the trained part starts: the larger of the two is the peak.
+    """
+    modules, heads = net.modules, net.heads
+    if mode == "decoupled":  # module j's tensors are freed before module j+1 runs
+        parts = [[modules[j], heads[j]] for j in range(net.num_stages)]
+        inputs = [spec.image_shape, *net.stage_shapes[:-1]]
+    elif mode == "end_to_end":
+        parts, inputs = [[*modules[:stage], heads[stage - 1]]], [spec.image_shape]
+    else:
+        parts = [[modules[stage - 1], heads[stage - 1]]]
+        inputs = [net.stage_shapes[stage - 2] if stage > 1 else spec.image_shape]
+    peak = 0
+    for part, shape in zip(parts, inputs):
+        sizes = [size for layer in part for size in _weighted_layers(layer)]
+        # Cached features are the input batch itself, counted already.
+        kept = (0 if cached else math.prod(shape)) + sum(out for _, out in sizes)
+        peak = max(peak, kept + max((i + o for i, o in sizes), default=0))
+    if mode == "greedy" and not cached:
+        prefix = [i + o for m in modules[:stage - 1] for i, o in _weighted_layers(m)]
+        peak = max([peak, *prefix])
+    return peak
+
+
+def _weighted_layers(layer):
+    """(input, output) elements per example of each innermost layer with weights in
+    `layer`, from the shape it was built on; a layer built on several inputs, or
+    not built, is left out."""
+    sizes = []
+    # Keras' own walk over nested layers and models (no public equivalent).
+    for leaf in layer._flatten_layers(include_self=True, recursive=True):
+        if not leaf.weights or list(leaf._flatten_layers(include_self=False)):
+            continue
+        shape = (leaf.get_build_config() or {}).get("input_shape")
+        if not shape:
+            continue
+        try:
+            out = leaf.compute_output_shape(shape)
+        except Exception:  # noqa: BLE001 - any layer's own shape rule: assume same size
+            out = shape
+        sizes.append((_elements(shape), _elements(out)))
+    return sizes
+
+
+def _elements(shape):
+    """Elements per example of a (batch, ...) shape; unknown sides count as 1."""
+    return math.prod(d or 1 for d in tuple(shape)[1:])
+
+
+def largest(stages):
+    """The stage estimate with the most bytes (None for none)."""
+    return max(stages, key=lambda s: s.total, default=None)
+
+
+# What to change when a part of the estimate is most of it: (key, advice).
+_ADVICE = {
+    "activations": ("train.batch_size", "use a smaller train.batch_size or a narrower "
+                    "model (model.blocks[*].width, aux.width)"),
+    "model": ("model", "use a narrower model (model.blocks[*].width, aux.width) or "
+              "fewer stages"),
+    "feature_cache": ("train.cache_memory_mb", "lower train.cache_memory_mb (cached "
+                      "features then go to disk) or set train.cache_features 'off'"),
+    "replay_buffers": ("train.decoupled.buffer_size", "use a smaller "
+                       "train.decoupled.buffer_size"),
+}
+
+
+def check(stages, available):
+    """Refuses a run whose largest stage needs more than `available` bytes (None:
+    unknown, never refused). The estimate is the rule: no margin is added.
+
+    Raises:
+        KgreedyError: about the recipe key of the largest part of that stage
+            (train.batch_size for activations, model for weights, optimizer and
+            gradients, or the feature cache's or replay buffers' key).
+    """
+    worst = largest(stages or ())
+    if available is None or worst is None or worst.total <= available:
+        return
+    parts = {"activations": worst.activations,
+             "model": worst.weights + worst.optimizer + worst.gradients,
+             "feature_cache": worst.feature_cache, "replay_buffers": worst.replay_buffers}
+    key, advice = _ADVICE[max(parts, key=parts.get)]
+    figures = worst.describe().split(" (", 1)[1]  # "weights ..., activations ...)"
+    message = (f"stage {worst.stage} needs about {format_bytes(worst.total)} ({figures}, "
+               f"more than the {format_bytes(available)} of memory available on this "
+               f"machine; {advice}")
+    if key == "train.batch_size":
+        raise KgreedyError(key, message, worst.batch_size)
+    raise KgreedyError(key, message)
+
+
+def available_for_training():
+    """(bytes, why): what a run's stages are checked against. `available_bytes()`
+    on a CPU; None on a machine where TensorFlow sees a GPU, since the activations
+    then live in the GPU's memory, whose size TensorFlow does not tell, so host
+    memory would refuse wrongly. `why` says why there is no figure, else None."""
+    if _gpus():
+        return None, "not checked: training runs on GPU"
+    available = available_bytes()
+    return available, None if available is not None else "unknown, not checked"
+
+
+def _gpus():
+    return tf.config.list_physical_devices("GPU")
+
+

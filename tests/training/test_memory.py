@@ -1,0 +1,279 @@
+"""The memory estimate (`kgreedy.training.memory`): per-stage figures checked against
+hand counts, refusal of a recipe that cannot fit (exit 2, one line, nothing
+written, no data read), the dry run's memory lines, and reading the available
+memory from /proc/meminfo and the cgroup files (faked here)."""
+
+import dataclasses
+import json
+import os
+
+import keras
+import pytest
+from keras.src.backend.common import global_state
+
+from kgreedy import cli, train
+from kgreedy.base import machine as base_machine
+from kgreedy.config.recipe import load_recipe, recipe_from_dict
+from kgreedy.data.spec import DatasetSpec, describe
+from kgreedy.model.from_recipe import from_recipe
+from kgreedy.training import memory
+
+GiB = 2 ** 30
+
+# Digits (8x8x1, 10 classes): block 4@8x8, psi block 8@4x4, BN; k=2 heads of width 4
+# (8 at stage 2: doubled at the downsampling), pooled to 2x2.
+BASE = {
+    "name": "tiny_memory",
+    "data": {"source": "digits"},
+    "model": {"blocks": [{"width": 4}, {"width": 8, "downsample": "psi"}],
+              "batch_norm": True},
+    "aux": {"k": 2, "width": 4},
+    "train": {"batch_size": 32, "cache_features": "off"},
+    "export": {"enabled": False},
+}
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "recipes",
+                          "quickstart.json")
+HUGE = ["--set", "model.blocks.0.width=10000000"]
+
+
+def recipe(**train):
+    raw = json.loads(json.dumps(BASE))
+    raw["train"].update(train)
+    return recipe_from_dict(raw)
+
+
+def sized(r, spec=None):
+    spec = spec or describe(r.data)
+    net, stages, note = memory.estimate(r, spec)
+    assert note is None and net is not None
+    return stages
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """Points kgreedy.base.machine's files at `tmp_path`; returns a writer of fake files."""
+    for name in ("MEMINFO", "PROC_CGROUP", "CGROUP_V2", "CGROUP_V1"):
+        monkeypatch.setattr(base_machine, name, str(tmp_path / "sys" / name.lower()))
+    monkeypatch.setattr(memory, "_gpus", lambda: [])  # host memory is what is checked
+
+    def write(name, text):
+        path = tmp_path / "sys" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return write
+
+
+# ------------------------------------------------------------ estimates ----
+
+def test_estimate_matches_a_hand_count():
+    s1, s2 = sized(recipe())
+    # Weights: every variable of the net, float32. Block 1: conv 9*1*4 + BN 4*4; head
+    # 1: conv 9*4*4 + BN 4*4, BN 4*4 after the 2x2 pool, dense 16*10+10; block 2: conv
+    # 9*16*8 + BN 4*8; head 2: conv 9*8*8 + BN 4*8, pooled BN 4*8, dense 32*10+10.
+    params = (36 + 16) + (144 + 16 + 16 + 170) + (1152 + 32) + (576 + 32 + 32 + 330)
+    assert params == 2552
+    assert s1.weights == s2.weights == 4 * params
+    # Trainable (BN moving statistics excluded): stage 1 block 1 + head 1, stage 2
+    # block 2 + head 2; SGD momentum: one slot, and the gradients once more.
+    trainable1 = (36 + 8) + (144 + 8 + 8 + 170)
+    trainable2 = (1152 + 16) + (576 + 16 + 16 + 330)
+    assert (s1.optimizer, s1.gradients) == (4 * trainable1, 4 * trainable1)
+    assert (s2.optimizer, s2.gradients) == (4 * trainable2, 4 * trainable2)
+    # Activations per example, in elements: the stage's input, every weighted
+    # layer's output, and one layer's input + output (its gradients) for backward.
+    # Stage 1: image 64; conv 8x8x4 = 256, BN 256; head conv 256, BN 256, pooled
+    # BN 2x2x4 = 16, dense 10; backward: a BN's 256 + 256.
+    stage1 = 64 + (256 + 256) + (256 + 256 + 16 + 10) + 512
+    # Stage 2: block 1's output 256 (psi'd to 4x4x16); conv 4x4x8 = 128, BN 128;
+    # head conv 128, BN 128, pooled BN 2x2x8 = 32, dense 10; backward: the conv's
+    # 256 in + 128 out. The frozen block 1's peak (BN: 512) comes before: smaller.
+    stage2 = 256 + (128 + 128) + (128 + 128 + 32 + 10) + 384
+    image = 4 * 64  # the float32 batch from the pipeline
+    assert s1.activations == 32 * (image + 4 * stage1) == 216_320
+    assert s2.activations == 32 * (image + 4 * stage2) == 161_024
+    assert s1.feature_cache == s1.replay_buffers == 0
+    assert s1.total == 4 * params + 8 * trainable1 + 216_320 == 229_520  # 224 KB
+    assert s1.describe() == ("stage 1 224 KB (weights 9.97 KB, optimizer 1.46 KB, "
+                             "gradients 1.46 KB, activations 211 KB at batch 32)")
+
+
+def test_estimates_grow_with_the_batch_and_the_width():
+    base = sized(recipe())
+    doubled = sized(recipe(batch_size=64))
+    for a, b in zip(base, doubled):
+        assert b.activations == 2 * a.activations
+        assert (b.weights, b.optimizer, b.gradients) == (a.weights, a.optimizer,
+                                                         a.gradients)
+    raw = json.loads(json.dumps(BASE))
+    raw["model"]["blocks"][0]["width"] = 16
+    wider = sized(recipe_from_dict(raw))
+    for a, b in zip(base, wider):
+        assert b.weights > a.weights and b.activations > a.activations
+    assert wider[0].optimizer > base[0].optimizer
+
+
+def test_mixed_precision_halves_activations_but_not_the_input_or_weights():
+    plain = sized(recipe())
+    mixed = sized(recipe(mixed_precision="mixed_bfloat16"))
+    image = 32 * 4 * 64
+    for a, b in zip(plain, mixed):
+        assert 2 * (b.activations - image) == a.activations - image
+        assert (b.weights, b.optimizer) == (a.weights, a.optimizer)
+
+
+def test_optimizer_slots_by_optimizer():
+    sgd = sized(recipe())[0]
+    plain = sized(recipe(optimizer={"momentum": 0.0}))[0]
+    adamw = sized(recipe(optimizer={"name": "adamw"}))[0]
+    assert plain.optimizer == 0 and adamw.optimizer == 2 * sgd.optimizer
+
+
+def test_one_stage_modes_and_the_replay_buffers():
+    greedy = sized(recipe())
+    (joint,) = sized(recipe(mode="end_to_end"))
+    assert joint.stage == 2
+    # Every block trains, with the last head.
+    assert joint.optimizer == greedy[0].optimizer + greedy[1].optimizer - 4 * (
+        144 + 8 + 8 + 170)
+    (decoupled,) = sized(recipe(mode="decoupled", decoupled={"buffer_size": 64}))
+    assert decoupled.optimizer == greedy[0].optimizer + greedy[1].optimizer
+    # One buffer of block 1's 8x8x4 outputs, float32; the dry run says the same.
+    assert decoupled.replay_buffers == 64 * 256 * 4
+    r = recipe(mode="decoupled", decoupled={"buffer_size": 64})
+    net = memory.estimate(r, describe(r.data))[0]
+    assert train._buffer_mb(net, 64, r.train) * 2 ** 20 == decoupled.replay_buffers
+
+
+def test_the_feature_cache_counts_while_in_memory():
+    spec = DatasetSpec((8, 8, 1), 10, tuple("0123456789"), num_train=1000, num_eval=200)
+    on = sized(recipe(cache_features="on"), spec)
+    # Block 1's 8x8x4 outputs of 1,200 examples, float32; stage 2 then reads them.
+    assert on[0].feature_cache == 0 and on[1].feature_cache == 1200 * 256 * 4
+    # Stage 2 starts from the float32 features: 256 elements of 4 bytes in place of
+    # the 64-pixel image and block 1's 256 outputs.
+    off = sized(recipe(), spec)[1]
+    assert on[1].activations == off.activations + 32 * (4 * 256 - 4 * 64 - 4 * 256)
+    on_disk = sized(recipe(cache_features="on", cache_memory_mb=0), spec)
+    assert on_disk[1].feature_cache == 0
+
+
+# -------------------------------------------------------- the net's build ----
+
+def test_sizing_allocates_no_weights_and_leaves_keras_as_it_was():
+    r = load_recipe(QUICKSTART, ["model.blocks.0.width=10000000"])
+    before = list(global_state.get_global_attribute("uninitialized_variables") or [])
+    net, stages, _ = memory.estimate(r, describe(r.data))
+    assert net.modules[0].conv.kernel.shape == (3, 3, 1, 10_000_000)
+    assert stages[0].weights > 90 * GiB
+    assert (global_state.get_global_attribute("uninitialized_variables") or []) == before
+    with keras.StatelessScope():  # would give the deferred weights values: none left
+        pass
+    small = load_recipe(QUICKSTART)
+    built = from_recipe(small, (8, 8, 1), 10, [0.0], [1.0])
+    assert float(keras.ops.std(built.modules[0].conv.kernel)) > 0
+
+
+# ------------------------------------------------------- command line ----
+
+def test_an_oversize_model_is_refused_before_data_or_run_directory(
+        tmp_path, capsys, machine):
+    machine("meminfo", "MemTotal: 33554432 kB\nMemAvailable: 16777216 kB\n")
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [QUICKSTART, "--output", str(output), *HUGE])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "kgreedy: error: train.batch_size: stage 1 needs about "), lines
+    assert "activations 610 GB at batch 64" in lines[0]
+    assert "more than the 16.0 GB of memory available" in lines[0]
+    assert lines[0].endswith("use a smaller train.batch_size or a narrower model "
+                             "(model.blocks[*].width, aux.width); received 64")
+    assert not output.exists()
+
+
+def test_the_dry_run_prints_each_stage_then_refuses(tmp_path, capsys, machine):
+    machine("meminfo", "MemAvailable: 16777216 kB\n")
+    assert cli.run(train.main, [QUICKSTART, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("memory: ")]
+    assert [line.split()[1:3] for line in lines[:3]] == [
+        ["stage", "1"], ["stage", "2"], ["stage", "3"]]
+    assert all("at batch 64)" in line for line in lines[:3])
+    assert lines[3].startswith("memory: largest stage 3, ")
+    assert lines[3].endswith("; available 16.0 GB")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [QUICKSTART, "--dry-run", *HUGE])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "deployed model (trunk + stage 3 head)" in captured.out  # the table first
+    assert "memory: largest stage 1, " in captured.out
+    assert captured.err.startswith("kgreedy: error: train.batch_size: stage 1 needs")
+
+
+def test_unknown_memory_never_refuses(capsys, machine):
+    assert memory.available_bytes() is None
+    memory.check([memory.StageMemory(1, 64, 10 ** 15, 0, 0, 0)], None)
+    assert cli.run(train.main, [QUICKSTART, "--dry-run", *HUGE]) == 0
+    assert "; available unknown, not checked" in capsys.readouterr().out
+
+
+def test_nothing_is_checked_where_training_runs_on_gpu(capsys, machine, monkeypatch):
+    machine("meminfo", "MemAvailable: 100 kB\n")
+    assert memory.available_for_training() == (100 * 1024, None)
+    monkeypatch.setattr(memory, "_gpus", lambda: ["/physical_device:GPU:0"])
+    assert memory.available_for_training() == (None, "not checked: training runs on GPU")
+    assert cli.run(train.main, [QUICKSTART, "--dry-run", *HUGE]) == 0
+    assert "; available not checked: training runs on GPU" in capsys.readouterr().out
+
+
+def test_tune_refuses_a_base_that_cannot_fit(machine):
+    from kgreedy import tune
+    from kgreedy.base.errors import KgreedyError
+
+    machine("meminfo", "MemAvailable: 100 kB\n")
+    r = recipe()
+    with pytest.raises(KgreedyError) as error:
+        tune.check_memory(r, describe(r.data))
+    assert str(error.value).startswith("base.train.batch_size: stage 1 needs about ")
+
+
+# ------------------------------------------------------ available memory ----
+
+def test_available_memory_from_meminfo_and_cgroups(machine):
+    machine("meminfo", "MemTotal: 8388608 kB\nMemAvailable: 6291456 kB\n")
+    assert memory.available_bytes() == 6 * GiB  # no cgroup files: meminfo alone
+    # cgroup v2 at the root: 4 GiB limit, 3 GiB used of which 1 GiB reclaimable cache.
+    machine("cgroup_v2/memory.max", str(4 * GiB))
+    machine("cgroup_v2/memory.current", str(3 * GiB))
+    machine("cgroup_v2/memory.stat", f"anon 123\ninactive_file {GiB}\n")
+    assert memory.available_bytes() == 2 * GiB
+    machine("cgroup_v2/memory.max", "max\n")
+    assert memory.available_bytes() == 6 * GiB
+
+
+def test_available_memory_from_this_process_cgroup_v1(machine):
+    machine("meminfo", "MemAvailable: 6291456 kB\n")
+    machine("proc_cgroup", "5:cpu,cpuacct:/\n4:memory:/jobs/one\n0::/\n")
+    machine("cgroup_v1/memory.limit_in_bytes", "9223372036854771712\n")  # no limit
+    machine("cgroup_v1/memory.usage_in_bytes", str(5 * GiB))
+    assert memory.available_bytes() == 6 * GiB
+    machine("cgroup_v1/jobs/one/memory.limit_in_bytes", str(GiB))
+    machine("cgroup_v1/jobs/one/memory.usage_in_bytes", str(GiB // 2))
+    machine("cgroup_v1/jobs/one/memory.stat", f"total_inactive_file {GiB // 4}\n")
+    assert memory.available_bytes() == GiB - GiB // 4
+
+
+def test_refusal_names_the_largest_part():
+    stage = memory.StageMemory(2, 128, weights=GiB, optimizer=GiB, gradients=GiB,
+                               activations=GiB)
+    with pytest.raises(Exception) as error:
+        memory.check([stage], 2 * GiB)
+    assert str(error.value).startswith("model: stage 2 needs about 4.00 GB (weights")
+    memory.check([stage], 4 * GiB)  # fits exactly: no margin
+    cache = dataclasses.replace(stage, feature_cache=8 * GiB)
+    with pytest.raises(Exception) as error:
+        memory.check([stage, cache], 8 * GiB)
+    assert str(error.value).startswith("train.cache_memory_mb: stage 2 needs about 12.0 GB")
