@@ -2,7 +2,7 @@
 "Benchmark JSON").
 
     python tools/benchmark.py RECIPE [--stages 1,3] [--batch-size N] [--steps N]
-        [--repeats N] [--warmup N] [--set KEY=VALUE ...] [--json OUT]
+        [--repeats N] [--warmup N] [--precisions LIST] [--set KEY=VALUE ...] [--json OUT]
 
     python tools/benchmark.py recipes/cifar10_k2.json --set data.data_dir=../shared/tfds \
         --json out.json
@@ -13,6 +13,15 @@ same math: the overhead floor), `cached` (StageLoop fed the output of modules 1.
 when StageLoop takes `cached_features`) and `pipeline` (StageLoop fed by the real tf.data
 pipeline, when the data is there). Once per run: Keras `fit` of the deployed network end
 to end, and a roofline probe (a large conv and a large matmul).
+
+`--precisions none,auto` (two or more distinct `train.mixed_precision` values, `auto`
+included) compares precisions in the same run: each selected stage's `kgreedy` step and
+the end-to-end fit run once per value listed; everything else (minimal, cached,
+pipeline, end_to_end_loop, decoupled, the probe) runs once, in the first value listed,
+which is also what the per-stage table and the existing JSON keys then mean. Each child
+resolves `auto` on its own machine, as a run would. The report gains a `precision`
+table and a `precisions` JSON object (images/s and the ratio over the first value's).
+Without the flag, everything runs in the recipe's own precision.
 
 Everything runs on one device (the default strategy; `distribute.*` is ignored). Every
 measurement runs in a fresh child process, so its peak RSS is its own. Children start
@@ -44,6 +53,7 @@ from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
 from kgreedy.config.recipe import load_recipe
+from kgreedy.config.vocabulary import PRECISIONS
 
 FLOPS_NOTE = ("needed work per image: forward of the frozen modules 1..j-1 + 3x the "
               "forward of module j and head j (forward+backward); end to end: 3x the "
@@ -78,6 +88,9 @@ def parse_args(argv):
                         help="untimed steps first: the call that traces runs them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key by dotted path (repeatable)")
+    parser.add_argument("--precisions", metavar="LIST",
+                        help="compare comma-separated train.mixed_precision values side by "
+                             "side, e.g. none,auto (default: the recipe's own only)")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -97,16 +110,32 @@ def parse_stages(text, num_stages):
     return sorted({int(p) for p in parts})
 
 
+def parse_precisions(text):
+    """`none,auto` -> ['none', 'auto'], in the order given; None without the flag."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) < 2 or len(set(parts)) < len(parts) or not set(parts) <= set(PRECISIONS):
+        raise KgreedyError("--precisions", "expected two or more distinct, comma-separated "
+                           f"values of {', '.join(PRECISIONS)}", text)
+    return parts
+
+
 # ------------------------------------------------------ parent: children ----
 
 class Child:
-    """One measurement in a fresh interpreter: prepares, says ready, waits for go."""
+    """One measurement in a fresh interpreter: prepares, says ready, waits for go.
+
+    `job` is (kind, stage), or (kind, stage, precision) to run in another precision
+    than `base`'s.
+    """
 
     def __init__(self, job, base, label):
         self.job, self.label, self.start = job, label, time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory(prefix="kgreedy-bench-")
         self.result_path = os.path.join(self.tmp.name, "result.json")
-        spec = {**base, "kind": job[0], "stage": job[1], "result": self.result_path}
+        spec = {**base, "kind": job[0], "stage": job[1], "result": self.result_path,
+                **({"precision": job[2]} if len(job) > 2 else {})}
         self.stderr = open(os.path.join(self.tmp.name, "stderr"), "w+", encoding="utf-8")
         log(f"{label}: preparing")
         self.proc = subprocess.Popen(
@@ -165,9 +194,9 @@ def run_jobs(jobs, base):
     while queue:
         batch, queue = queue[:PARALLEL], queue[PARALLEL:]
         total = done + len(batch) + len(queue)
-        children = [Child((kind, j), base, f"[{done + i}/{total}] " + (
-            kind.replace("_", "-") if j is None else f"stage {j} {kind}"))
-            for i, (kind, j) in enumerate(batch, start=1)]
+        children = [Child(job, base, f"[{done + i}/{total}] " + " ".join(
+            [job[0].replace("_", "-") if job[1] is None else f"stage {job[1]} {job[0]}",
+             *job[2:]])) for i, job in enumerate(batch, start=1)]
         for child in children:
             child.wait_ready()
         # A warmed-up pipeline child keeps filling its prefetch buffers: time it first,
@@ -190,13 +219,17 @@ def run_jobs(jobs, base):
     return results
 
 
-def plan(stages):
+def plan(stages, precisions=None):
     """The jobs in run order: the probe, each stage's measurements, then the whole
-    net: end to end (Keras fit, and kgreedy's loop) and decoupled."""
+    net: end to end (Keras fit, and kgreedy's loop) and decoupled. With `precisions`,
+    each stage's kgreedy step and the fit once more per precision after the first."""
+    others = (precisions or [])[1:]
     jobs = [("probe", None)]
     for j in stages:
         jobs += [(k, j) for k in KINDS if k != "cached" or j >= 2]
-    return jobs + [("end_to_end", None), ("end_to_end_loop", None), ("decoupled", None)]
+        jobs += [("kgreedy", j, p) for p in others]
+    return jobs + [("end_to_end", None), *[("end_to_end", None, p) for p in others],
+                   ("end_to_end_loop", None), ("decoupled", None)]
 
 
 # -------------------------------------------------------- parent: report ----
@@ -287,6 +320,45 @@ def assemble(recipe, args, stages, runs):
     }
 
 
+def precision_section(stages, precisions, runs):
+    """The `precisions` object: each stage's kgreedy step and the end-to-end fit in
+    each precision, against the first (whose figures are the plain (kind, stage) runs)."""
+    first, rows, resolved, notes = precisions[0], [], {}, {}
+    for what, kind, j in [*((f"stage {j}", "kgreedy", j) for j in stages),
+                          ("end_to_end", "end_to_end", None)]:
+        measured = [runs.get((kind, j) if p == first else (kind, j, p)) or {}
+                    for p in precisions]
+        first_ips = measured[0].get("images_per_second")
+        for p, run in zip(precisions, measured):
+            ips = run.get("images_per_second")
+            if run:
+                resolved.setdefault(p, run.get("precision"))
+                notes.setdefault(p, run.get("precision_note"))
+            rows.append({"what": what, "stage": j, "precision": p,
+                         "resolved": run.get("precision"), "images_per_second": ips,
+                         "peak_above_baseline_mb": run.get("peak_above_baseline_mb"),
+                         "over_first": ratio(ips, first_ips), "run": run or None})
+    return {"compared": precisions, "resolved": {p: resolved.get(p) for p in precisions},
+            "notes": {p: notes.get(p) for p in precisions}, "rows": rows}
+
+
+def print_precisions(section):
+    """The `precision` table: one row per (stage or end-to-end fit, precision)."""
+    print("precision: images/s of each stage's kgreedy step and of end-to-end fit per "
+          f"train.mixed_precision; ratio: over {section['compared'][0]}'s")
+    print(f"{'what':<10} {'precision':<15} {'ran as':<15} {'images/s':>9} {'ratio':>6} "
+          f"{'peak MB':>8}")
+    for r in section["rows"]:
+        over = r["over_first"]
+        print(f"{'end-to-end' if r['stage'] is None else r['what']:<10} "
+              f"{r['precision']:<15} {r['resolved'] or '-':<15} "
+              f"{fmt(r['images_per_second']):>9} "
+              f"{'-' if over is None else f'{over:.2f}x':>6} "
+              f"{fmt(r['peak_above_baseline_mb'], ',.0f'):>8}")
+    for note in filter(None, section["notes"].values()):
+        print(f"precision: {note}")
+
+
 def fmt(value, spec=",.1f"):
     return "-" if value is None else format(value, spec)
 
@@ -325,6 +397,8 @@ def print_report(report):
               f"{row['gflop_per_image']:.3f} GFLOP/img, peak "
               f"{fmt(row['peak_above_baseline_mb'], ',.0f')} MB above baseline "
               f"({fmt(row['peak_over_end_to_end'], '.2f')}x end-to-end fit's)")
+    if "precisions" in report:
+        print_precisions(report["precisions"])
     n, h, w, cin, cout = CONV_PROBE
     print(f"roofline: conv3x3 {n}x{h}x{w}x{cin}->{cout} forward {m['conv_gflops']:,.1f} "
           f"GFLOP/s; matmul {MATMUL_PROBE}x{MATMUL_PROBE} {m['matmul_gflops']:,.1f} GFLOP/s")
@@ -335,15 +409,18 @@ def print_report(report):
 
 def main(argv=None):
     args = parse_args(argv)
+    precisions = parse_precisions(args.precisions)
     overrides = args.set + ([f"train.batch_size={args.batch_size}"] if args.batch_size else [])
     recipe = load_recipe(args.recipe, overrides)
     stages = parse_stages(args.stages, recipe.num_stages)
     base = {"recipe": recipe.to_dict(), "steps": args.steps, "repeats": args.repeats,
-            "warmup": args.warmup}
-    runs = run_jobs(plan(stages), base)
+            "warmup": args.warmup, **({"precision": precisions[0]} if precisions else {})}
+    runs = run_jobs(plan(stages, precisions), base)
     if runs[("probe", None)] is None:
         return cli.EXIT_FAILURE
     report = assemble(recipe, args, stages, runs)
+    if precisions:
+        report["precisions"] = precision_section(stages, precisions, runs)
     print_report(report)
     if args.json:
         write_json(args.json, report)

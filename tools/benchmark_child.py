@@ -6,8 +6,11 @@ tools/benchmark.py starts this file once per measurement, so that each figure's 
 RSS is its own and no measurement warms caches for the next. SPEC_JSON says what to
 measure (`kind`: probe, kgreedy, minimal, cached, pipeline, end_to_end,
 end_to_end_loop or decoupled), for which
-`stage`, with the recipe (as a dict), `steps`, `repeats` and `warmup`, and the `result`
-file to write the figures to as JSON. The child imports and builds everything, runs
+`stage`, with the recipe (as a dict), `steps`, `repeats` and `warmup`, optionally the
+`precision` (a `train.mixed_precision` value, `auto` included) to run the recipe in,
+and the `result` file to write the figures to as JSON. The child resolves `auto` on
+its own machine (kgreedy.training.precision) and reports what ran: `precision`,
+`precision_note` and `keras_policy`. The child imports and builds everything, runs
 the warm-up steps (the call that traces runs them), prints READY on stdout and waits
 for a line on stdin: the parent times one child at a time while the others wait idle.
 A bad recipe is one `kgreedy: error:` line on stderr and exit status 2, which the
@@ -327,6 +330,22 @@ def measure_whole_net(tf, recipe, spec):
                  recipe.train.steps_per_execution)
 
 
+def with_precision(raw, precision=None):
+    """The recipe of `raw` (a dict) in `precision` (default: its own), `auto` resolved
+    for this machine, as a run would resolve it.
+
+    Returns:
+        (recipe, note): `note` says what `auto` chose, None when it was not asked for.
+    """
+    from kgreedy.training.precision import resolve
+
+    if precision is not None:
+        raw = {**raw, "train": {**raw.get("train", {}), "mixed_precision": precision}}
+    recipe, note = resolve(recipe_from_dict(raw))
+    # resolve's note is a progress line ("precision: auto chose ..."); keep the fact.
+    return recipe, note and note.removeprefix("precision: ")
+
+
 MEASURES = {"kgreedy": measure_stage_loop, "cached": measure_stage_loop,
             "pipeline": measure_stage_loop, "minimal": measure_minimal,
             "end_to_end": measure_end_to_end, "decoupled": measure_whole_net,
@@ -342,14 +361,14 @@ def child_main(spec):
     import kgreedy.model.network  # noqa: F401
     import kgreedy.training.decoupled  # noqa: F401
     import kgreedy.training.stage  # noqa: F401
+    from kgreedy.training import precision
 
     # On demand, so a waiting child holds only what it used and the peak is its own.
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     baseline = rss_mb()
-    recipe = recipe_from_dict(spec["recipe"])
-    precision = getattr(recipe.train, "mixed_precision", "none")
-    keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)
+    recipe, note = with_precision(spec["recipe"], spec.get("precision"))
+    keras.mixed_precision.set_global_policy(precision.policy_name(recipe.train.mixed_precision))
     if spec["kind"] == "probe":
         write_json(spec["result"], probe(tf, recipe, spec))
         return cli.EXIT_OK
@@ -361,7 +380,9 @@ def child_main(spec):
     write_json(spec["result"], {
         "images_per_second": statistics.median([images / s for s in seconds]),
         "repeat_seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
-        "peak_above_baseline_mb": peak - baseline, "gpu_peak_mb": gpu_peak})
+        "peak_above_baseline_mb": peak - baseline, "gpu_peak_mb": gpu_peak,
+        "precision": recipe.train.mixed_precision, "precision_note": note,
+        "keras_policy": keras.mixed_precision.global_policy().name})
     return cli.EXIT_OK
 
 

@@ -241,7 +241,8 @@ def check(stages, available):
     Raises:
         KgreedyError: about the recipe key of the largest part of that stage
             (train.batch_size for activations, model for weights, optimizer and
-            gradients, or the feature cache's or replay buffers' key).
+            gradients, or the feature cache's or replay buffers' key); not the
+            batch size when the other parts alone do not fit.
     """
     worst = largest(stages or ())
     if available is None or worst is None or worst.total <= available:
@@ -249,6 +250,9 @@ def check(stages, available):
     parts = {"activations": worst.activations,
              "model": worst.weights + worst.optimizer + worst.gradients,
              "feature_cache": worst.feature_cache, "replay_buffers": worst.replay_buffers}
+    if worst.total - worst.activations > available:
+        # No batch size helps when the rest alone does not fit: name what does.
+        del parts["activations"]
     key, advice = _ADVICE[max(parts, key=parts.get)]
     figures = worst.describe().split(" (", 1)[1]  # "weights ..., activations ...)"
     message = (f"stage {worst.stage} needs about {format_bytes(worst.total)} ({figures}, "

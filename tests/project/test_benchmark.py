@@ -1,5 +1,6 @@
 """`tools/benchmark.py` (docs/DESIGN.md, "Benchmark JSON"): a tiny run on the quickstart recipe writes
-every figure the contract names, and a bad flag fails with one line and exit status 2."""
+every figure the contract names, `--precisions` compares precisions in one run, and a
+bad flag fails with one line and exit status 2."""
 
 import json
 import os
@@ -27,9 +28,11 @@ def run_tool(*args, timeout=300):
 
 
 def test_quickstart_report(tmp_path):
+    """Every figure of the contract, and `--precisions` in the same run (one run of
+    the tool: its children dominate the suite's time)."""
     out = tmp_path / "bench.json"
     proc = run_tool(QUICKSTART, "--steps", 1, "--repeats", 1, "--batch-size", 16,
-                    "--json", out)
+                    "--precisions", "none,mixed_bfloat16", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
 
@@ -77,6 +80,74 @@ def test_quickstart_report(tmp_path):
                   "roofline:", "machine:"):
         assert any(line.startswith(start) for line in lines), start
     assert "benchmark: [" in proc.stderr  # progress lines
+    check_precisions(report, proc.stdout)
+
+
+def check_precisions(report, stdout):
+    """`--precisions none,mixed_bfloat16`: each stage's kgreedy step and the end-to-end
+    fit once per precision, in one run; bfloat16 really runs (the child's Keras policy
+    says so, even where the CPU only emulates it)."""
+    compared = ["none", "mixed_bfloat16"]
+    section = report["precisions"]
+    assert section["compared"] == compared
+    assert section["resolved"] == {"none": "none", "mixed_bfloat16": "mixed_bfloat16"}
+    assert section["notes"] == {"none": None, "mixed_bfloat16": None}
+
+    rows = section["rows"]
+    assert [(r["what"], r["stage"], r["precision"]) for r in rows] == [
+        (what, stage, p) for what, stage in (("stage 1", 1), ("stage 2", 2), ("stage 3", 3),
+                                             ("end_to_end", None)) for p in compared]
+    policies = {"none": "float32", "mixed_bfloat16": "mixed_bfloat16"}
+    for r in rows:
+        assert r["resolved"] == r["precision"]
+        assert r["run"]["keras_policy"] == policies[r["precision"]]
+        assert r["images_per_second"] > 0 and r["peak_above_baseline_mb"] > 0
+    for first, other in zip(rows[::2], rows[1::2]):
+        assert first["over_first"] == 1.0
+        assert other["over_first"] == other["images_per_second"] / first["images_per_second"]
+    # The first precision's rows are the existing figures, not a second measurement.
+    for j in range(3):
+        assert (rows[2 * j]["images_per_second"]
+                == report["stages"][j]["kgreedy_images_per_second"])
+    assert rows[6]["images_per_second"] == report["end_to_end"]["images_per_second"]
+    assert report["stages"][0]["runs"]["minimal"]["keras_policy"] == "float32"
+
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["what", "precision",
+                                                                           "ran"])
+    table = [line.split() for line in lines[header + 1:header + 9]]
+    assert [row[:-3] for row in table] == [
+        *([*stage, p, p] for stage in (["stage", "1"], ["stage", "2"], ["stage", "3"],
+                                       ["end-to-end"]) for p in compared)]
+    assert [row[-2] for row in table[::2]] == ["1.00x"] * 4
+    assert table[1][-2] == f"{rows[1]['over_first']:.2f}x"
+
+
+def test_child_resolves_auto_as_a_run_would(monkeypatch):
+    """The child, not the parent, turns `auto` into a concrete precision: what
+    `kgreedy.training.precision.choose` picks on this machine, with its note."""
+    from kgreedy.config.recipe import load_recipe
+    from kgreedy.training.precision import choose
+
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import benchmark_child
+
+    raw = load_recipe(QUICKSTART).to_dict()
+    recipe, note = benchmark_child.with_precision(raw, "auto")
+    assert (recipe.train.mixed_precision, note) == choose("auto")
+    recipe, note = benchmark_child.with_precision(raw, "mixed_bfloat16")
+    assert (recipe.train.mixed_precision, note) == ("mixed_bfloat16", None)
+    assert benchmark_child.with_precision(raw)[0].train.mixed_precision == "none"
+
+
+@pytest.mark.parametrize("value", ["none", "none,none", "none,fp8"])
+def test_bad_precisions_is_one_line_and_exit_2(value):
+    proc = run_tool(QUICKSTART, "--precisions", value, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no progress line: no child started
+    assert lines[0].startswith("kgreedy: error: ")
+    assert "--precisions" in lines[0] and repr(value) in lines[0]
 
 
 def test_flops_of_a_split_model_are_its_modules(monkeypatch):

@@ -184,12 +184,13 @@ def test_an_oversize_model_is_refused_before_data_or_run_directory(
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(
-        "kgreedy: error: train.batch_size: stage 1 needs about "), lines
-    assert "activations 610 GB at batch 64" in lines[0]
+    # The weights alone (97 GB) cannot fit: no batch size helps, so the line names the
+    # model, not the batch size behind the largest part (610 GB of activations).
+    assert lines[0].startswith("kgreedy: error: model: stage 1 needs about "), lines
+    assert "weights 97.0 GB" in lines[0] and "activations 610 GB at batch 64" in lines[0]
     assert "more than the 16.0 GB of memory available" in lines[0]
-    assert lines[0].endswith("use a smaller train.batch_size or a narrower model "
-                             "(model.blocks[*].width, aux.width); received 64")
+    assert lines[0].endswith("use a narrower model (model.blocks[*].width, aux.width) or "
+                             "fewer stages")
     assert not output.exists()
 
 
@@ -210,7 +211,7 @@ def test_the_dry_run_prints_each_stage_then_refuses(tmp_path, capsys, machine):
     captured = capsys.readouterr()
     assert "deployed model (trunk + stage 3 head)" in captured.out  # the table first
     assert "memory: largest stage 1, " in captured.out
-    assert captured.err.startswith("kgreedy: error: train.batch_size: stage 1 needs")
+    assert captured.err.startswith("kgreedy: error: model: stage 1 needs")
 
 
 def test_unknown_memory_never_refuses(capsys, machine):
@@ -233,11 +234,16 @@ def test_tune_refuses_a_base_that_cannot_fit(machine):
     from kgreedy import tune
     from kgreedy.base.errors import KgreedyError
 
-    machine("meminfo", "MemAvailable: 100 kB\n")
     r = recipe()
+    worst = memory.largest(stages_of(r))
+    # Room for everything but half the activations: a smaller batch would fit.
+    room = (worst.total - worst.activations // 2) // 1024
+    machine("meminfo", f"MemAvailable: {room} kB\n")
     with pytest.raises(KgreedyError) as error:
         tune.check_memory(r, describe(r.data))
-    assert str(error.value).startswith("base.train.batch_size: stage 1 needs about ")
+    assert str(error.value).startswith(f"base.train.batch_size: stage {worst.stage} "
+                                       "needs about ")
+    assert str(error.value).endswith(f"received {r.train.batch_size}")
 
 
 # ------------------------------------------------------ available memory ----
