@@ -235,7 +235,7 @@ def test_tune_refuses_a_base_that_cannot_fit(machine):
     from kgreedy.base.errors import KgreedyError
 
     r = recipe()
-    worst = memory.largest(stages_of(r))
+    worst = memory.largest(sized(r))
     # Room for everything but half the activations: a smaller batch would fit.
     room = (worst.total - worst.activations // 2) // 1024
     machine("meminfo", f"MemAvailable: {room} kB\n")
