@@ -14,14 +14,13 @@ stderr and exit status 2, before anything is written.
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kgreedy import cli  # noqa: E402
 from kgreedy.base.errors import KgreedyError  # noqa: E402
-from kgreedy.base.files import read_json, write_json  # noqa: E402
+from kgreedy.base.files import read_json, read_jsonl, write_json  # noqa: E402
 
 CLOCKS = {"cpu": "cpu_seconds", "wall": "wall_seconds"}
 
@@ -53,20 +52,7 @@ def read_records(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise KgreedyError("RUN_DIR", "not a run directory (no metrics.jsonl)", run_dir)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise KgreedyError(path, f"line {number} is not valid JSON ({e.msg})",
-                                   line.strip()) from None
-            if not isinstance(record, dict):
-                raise KgreedyError(path, f"line {number} is not a JSON object", record)
-            records.append(record)
-    return records
+    return read_jsonl(path, "RUN_DIR")
 
 
 def check_clock(run_dir, records, clock):

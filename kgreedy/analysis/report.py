@@ -17,7 +17,6 @@ no global state behind in the calling process.
 
 """
 
-import json
 import os
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kgreedy.base.errors import KgreedyError
-from kgreedy.base.files import read_json, write_atomic, write_text
+from kgreedy.base.files import read_json, read_jsonl, write_atomic, write_text
 
 PLOTS = ("loss", "accuracy", "learning_rate", "depth")
 
@@ -33,16 +32,7 @@ PLOTS = ("loss", "accuracy", "learning_rate", "depth")
 # ------------------------------------------------------------------- files ----
 
 def _read_metrics(path):
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise KgreedyError("run_dir", f"metrics.jsonl line {number} is not "
-                                   f"valid JSON ({e})", path) from None
+    records = read_jsonl(path, "run_dir")
     if not records:
         raise KgreedyError("run_dir", "metrics.jsonl has no epoch records yet", path)
     return records

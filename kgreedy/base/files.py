@@ -114,3 +114,30 @@ def read_json(path, key=None, kind="file"):
     except json.JSONDecodeError as e:
         raise KgreedyError(where, f"is not valid JSON: {e.msg} at line {e.lineno} "
                            f"column {e.colno}", *received) from None
+
+
+def read_jsonl(path, key):
+    """Reads a JSON-lines file (metrics.jsonl) into its objects, blank lines skipped.
+
+    Args:
+        path: the file.
+        key: what names the file to the user (a flag such as `RUN_DIR`).
+
+    Raises:
+        KgreedyError: a line is not valid JSON or not a JSON object (with its number).
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KgreedyError(key, f"{os.path.basename(path)} line {number} is not "
+                                   f"valid JSON ({e.msg})", str(path)) from None
+            if not isinstance(record, dict):
+                raise KgreedyError(key, f"{os.path.basename(path)} line {number} is not "
+                                   "a JSON object", str(path))
+            records.append(record)
+    return records
