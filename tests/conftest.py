@@ -27,14 +27,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Files by their time on 2 cores, longest first (measured with --durations).
 _LONGEST_FIRST = ["test_readme_commands", "test_decoupled", "test_faults",
-                  "test_decoupled_commands", "test_architectures",
+                  "test_decoupled_commands", "test_architectures", "test_multiworker",
                   "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
                   "test_split_recipes", "test_network_commands", "test_api",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",
                   "test_probe_report_modules", "test_modules_engine", "test_resume",
                   "test_tune_modules", "test_resnets", "test_precision", "test_distribute", "test_cache",
-                  "test_multiworker", "test_engine", "test_quiet", "test_data",
-                  "test_stage", "test_benchmark_folder"]
+                  "test_fault_lines", "test_time_to_accuracy",
+                  "test_precision_auto", "test_engine", "test_quiet", "test_data",
+                  "test_memory", "test_stage", "test_benchmark_folder"]
 
 
 def pytest_collection_modifyitems(items):

@@ -31,8 +31,10 @@ def test_quickstart_report(tmp_path):
     """Every figure of the contract, and `--precisions` in the same run (one run of
     the tool: its children dominate the suite's time)."""
     out = tmp_path / "bench.json"
-    proc = run_tool(QUICKSTART, "--steps", 1, "--repeats", 1, "--batch-size", 16,
-                    "--precisions", "none,mixed_bfloat16", "--json", out)
+    # Stages 1 and 3: the first (no frozen prefix) and one with a prefix; stage 2
+    # would add five children and check nothing new.
+    proc = run_tool(QUICKSTART, "--stages", "1,3", "--steps", 1, "--repeats", 1,
+                    "--batch-size", 16, "--precisions", "none,mixed_bfloat16", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
 
@@ -45,7 +47,7 @@ def test_quickstart_report(tmp_path):
     assert report["end_to_end"]["peak_rss_mb"] > report["import_baseline_rss_mb"] / 2
 
     stages = report["stages"]
-    assert [s["stage"] for s in stages] == [1, 2, 3]
+    assert [s["stage"] for s in stages] == [1, 3]
     for s in stages:
         assert STAGE_KEYS <= set(s), STAGE_KEYS - set(s)
         assert s["kgreedy_images_per_second"] > 0 and s["minimal_images_per_second"] > 0
@@ -53,7 +55,7 @@ def test_quickstart_report(tmp_path):
         assert s["gflop_per_image"] > 0 and s["achieved_gflops"] > 0
         assert s["peak_rss_mb"] > 0
     prefix = [s["prefix_gflop_per_image"] for s in stages]
-    assert prefix[0] == 0 and prefix[0] < prefix[1] < prefix[2]
+    assert prefix[0] == 0 < prefix[1]
     assert stages[0]["cached_images_per_second"] is None  # stage 1 has no frozen prefix
 
     # The whole net at once: kgreedy's end-to-end loop and the decoupled step, with
@@ -65,9 +67,10 @@ def test_quickstart_report(tmp_path):
         assert row["peak_over_end_to_end"] == (row["peak_above_baseline_mb"]
                                                / e2e["peak_above_baseline_mb"])
     assert loop["gflop_per_image"] == e2e["gflop_per_image"]
-    # Decoupled does every module and every head forward and backward.
-    assert decoupled["gflop_per_image"] == pytest.approx(
-        3 * sum(s["stage_forward_gflop_per_image"] for s in stages))
+    # Decoupled does every module and every head forward and backward: stages 1 and
+    # 3 measured here, and stage 2's module and head on top.
+    assert decoupled["gflop_per_image"] > 3 * sum(s["stage_forward_gflop_per_image"]
+                                                  for s in stages)
     assert decoupled["gflop_per_image"] > e2e["gflop_per_image"]
     assert decoupled["modules"] == 3 and decoupled["buffer_size"] == 0
 
@@ -75,7 +78,7 @@ def test_quickstart_report(tmp_path):
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["stage", "kgreedy",
                                                                             "minimal"])
-    assert [line.split()[0] for line in lines[header + 1:header + 4]] == ["1", "2", "3"]
+    assert [line.split()[0] for line in lines[header + 1:header + 3]] == ["1", "3"]
     for start in ("end-to-end fit:", "end to end, kgreedy's loop:", "decoupled, 3 modules:",
                   "roofline:", "machine:"):
         assert any(line.startswith(start) for line in lines), start
@@ -95,7 +98,7 @@ def check_precisions(report, stdout):
 
     rows = section["rows"]
     assert [(r["what"], r["stage"], r["precision"]) for r in rows] == [
-        (what, stage, p) for what, stage in (("stage 1", 1), ("stage 2", 2), ("stage 3", 3),
+        (what, stage, p) for what, stage in (("stage 1", 1), ("stage 3", 3),
                                              ("end_to_end", None)) for p in compared]
     policies = {"none": "float32", "mixed_bfloat16": "mixed_bfloat16"}
     for r in rows:
@@ -106,20 +109,20 @@ def check_precisions(report, stdout):
         assert first["over_first"] == 1.0
         assert other["over_first"] == other["images_per_second"] / first["images_per_second"]
     # The first precision's rows are the existing figures, not a second measurement.
-    for j in range(3):
+    for j in range(2):
         assert (rows[2 * j]["images_per_second"]
                 == report["stages"][j]["kgreedy_images_per_second"])
-    assert rows[6]["images_per_second"] == report["end_to_end"]["images_per_second"]
+    assert rows[4]["images_per_second"] == report["end_to_end"]["images_per_second"]
     assert report["stages"][0]["runs"]["minimal"]["keras_policy"] == "float32"
 
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["what", "precision",
                                                                            "ran"])
-    table = [line.split() for line in lines[header + 1:header + 9]]
+    table = [line.split() for line in lines[header + 1:header + 7]]
     assert [row[:-3] for row in table] == [
-        *([*stage, p, p] for stage in (["stage", "1"], ["stage", "2"], ["stage", "3"],
-                                       ["end-to-end"]) for p in compared)]
-    assert [row[-2] for row in table[::2]] == ["1.00x"] * 4
+        *([*stage, p, p] for stage in (["stage", "1"], ["stage", "3"], ["end-to-end"])
+          for p in compared)]
+    assert [row[-2] for row in table[::2]] == ["1.00x"] * 3
     assert table[1][-2] == f"{rows[1]['over_first']:.2f}x"
 
 

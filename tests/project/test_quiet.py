@@ -192,7 +192,11 @@ except KeyboardInterrupt:
     print("kgreedy: interrupted", file=sys.stderr)
     raise SystemExit(130)
 """
-    code = "import os, sys, time\nfrom kgreedy import quiet\nquiet.install([])\n" + body
+    # SIGINT back to Python's own handler first: a test run started in the background
+    # of a non-interactive shell hands its children SIGINT ignored.
+    code = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from kgreedy import quiet\nquiet.install([])\n" + body)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)
