@@ -16,7 +16,6 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     quiet.install(sys.argv[1:])
 
 import contextlib
-import math
 import os
 import shutil
 import tempfile
@@ -92,9 +91,8 @@ def print_dry_run(recipe, spec, net=None, stages=None, available=None, note=None
 
 
 def _buffer_mb(net, size, train):
-    """Memory of the replay buffers: module 1..J-1's outputs in the compute dtype."""
-    width = 2 if train.mixed_precision != "none" else 4
-    return sum(size * width * math.prod(shape) for shape in net.stage_shapes[:-1]) / 2 ** 20
+    """Memory of the replay buffers of `size` outputs, in MB (`memory.replay_buffer_bytes`)."""
+    return memory.replay_buffer_bytes(net, train, size) / 2 ** 20
 
 
 def prepare_output(path, resume):

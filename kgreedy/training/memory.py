@@ -134,7 +134,7 @@ def estimate(recipe, spec, num_workers=1, net=None):
             return None, None, (f"no estimate: the net cannot be built without its "
                                 f"weights ({type(e).__name__}: {reason})")
     train, mode = recipe.train, recipe.train.mode
-    dtype = 2 if train.mixed_precision in _MIXED else 4
+    dtype = _dtype_bytes(train)
     slots = 2 if train.optimizer.name == "adamw" else int(train.optimizer.momentum > 0)
     weights = 4 * count_params([w for layer in (*net.modules, *net.heads)
                                 for w in layer.weights])
@@ -149,9 +149,7 @@ def estimate(recipe, spec, num_workers=1, net=None):
         # The batch as the pipeline gives it (float32): images, or cached features.
         batch_input = 4 * math.prod(net.stage_shapes[j - 2] if cached else spec.image_shape)
         cache = feature_bytes(net, j, data) if cached else 0
-        buffers = (dtype * train.decoupled.buffer_size
-                   * sum(math.prod(s) for s in net.stage_shapes[:-1])
-                   if mode == "decoupled" else 0)
+        buffers = replay_buffer_bytes(net, train) if mode == "decoupled" else 0
         stages.append(StageMemory(
             j, train.batch_size, weights, 4 * slots * params, 4 * params,
             train.batch_size * (batch_input
@@ -159,6 +157,17 @@ def estimate(recipe, spec, num_workers=1, net=None):
             # FeatureCache keeps all features in memory up to the limit, else on disk.
             cache if cache <= train.cache_memory_mb * 2 ** 20 else 0, buffers))
     return net, stages, None
+
+
+def _dtype_bytes(train):
+    return 2 if train.mixed_precision in _MIXED else 4
+
+
+def replay_buffer_bytes(net, train, size=None):
+    """A decoupled run's replay buffers: `size` (default `train.decoupled.buffer_size`)
+    outputs of modules 1..J-1 each, in the compute dtype."""
+    size = train.decoupled.buffer_size if size is None else size
+    return _dtype_bytes(train) * size * sum(math.prod(s) for s in net.stage_shapes[:-1])
 
 
 def _activations(net, mode, stage, cached, spec):
