@@ -81,7 +81,7 @@ def choose(precision):
         return precision, None
     native, reason = native_bfloat16()
     chosen = BFLOAT16 if native else FLOAT32
-    return chosen, f"auto chose {'bfloat16' if native else 'float32'} ({reason})"
+    return chosen, f"auto chose {_word(chosen)} ({reason})"
 
 
 def policy_name(precision):
