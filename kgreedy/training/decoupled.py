@@ -183,7 +183,11 @@ class ReplayBuffer(tf.Module):
         kwargs = {"trainable": False,
                   "synchronization": tf.VariableSynchronization.ON_READ,
                   "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
-        dtype = keras.mixed_precision.global_policy().compute_dtype
+        # bfloat16 outputs are stored as float32 (exactly): MultiWorkerMirroredStrategy
+        # broadcasts every variable's initial value with CollectiveBcastSend, which
+        # carries no bfloat16. memory.replay_buffer_bytes counts the same bytes.
+        compute = keras.mixed_precision.global_policy().compute_dtype
+        dtype = "float16" if compute == "float16" else "float32"
         self.features = tf.Variable(tf.zeros([size, *shape], dtype),
                                     name=f"stage{stage}_module{module}_buffer", **kwargs)
         self.labels = tf.Variable(tf.zeros([size], tf.int32),

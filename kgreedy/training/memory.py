@@ -165,9 +165,11 @@ def _dtype_bytes(train):
 
 def replay_buffer_bytes(net, train, size=None):
     """A decoupled run's replay buffers: `size` (default `train.decoupled.buffer_size`)
-    outputs of modules 1..J-1 each, in the compute dtype."""
+    outputs of modules 1..J-1 each, in float16 under mixed_float16, else in float32
+    (bfloat16 too: decoupled.ReplayBuffer says why)."""
     size = train.decoupled.buffer_size if size is None else size
-    return _dtype_bytes(train) * size * sum(math.prod(s) for s in net.stage_shapes[:-1])
+    dtype_bytes = 2 if train.mixed_precision == "mixed_float16" else 4
+    return dtype_bytes * size * sum(math.prod(s) for s in net.stage_shapes[:-1])
 
 
 def _activations(net, mode, stage, cached, spec):

@@ -35,6 +35,7 @@ from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training import memory
 from kgreedy.training.decoupled import DecoupledLoop, ReplayBuffer
 from kgreedy.training.stage import StageLoop
 
@@ -193,6 +194,28 @@ def test_the_replay_buffer_wraps_its_ring_and_draws_what_was_written():
         buffer.labels.numpy(), [302, 303, 400, 401, 402, 403, 500, 501, 502, 503])
 
 
+
+
+@pytest.mark.parametrize("policy, stored", [("mixed_bfloat16", tf.float32),
+                                            ("mixed_float16", tf.float16)])
+def test_the_replay_buffer_keeps_bfloat16_outputs_in_float32(policy, stored):
+    # MultiWorkerMirroredStrategy broadcasts a new variable's value with
+    # CollectiveBcastSend, which rejects bfloat16: a bfloat16 ring failed to build
+    # under multi_worker. Reads come back in the outputs' own dtype.
+    keras.mixed_precision.set_global_policy(policy)  # conftest resets it
+    buffer = ReplayBuffer(8, (2, 2, 1), module=1, seed=7, stage=3)
+    assert buffer.features.dtype == stored
+    compute = tf.as_dtype(policy[len("mixed_"):])
+    features = tf.cast(tf.reshape(tf.range(16), [4, 2, 2, 1]), compute)
+    drawn, _ = buffer.push_and_draw(features, tf.range(4), tf.constant(1, tf.int64))
+    assert drawn.dtype == compute
+    r = recipe_from_dict({**BASE, "train": {**BASE["train"], "mixed_precision": policy,
+                                            "decoupled": {"buffer_size": 32}}})
+    net = from_recipe(r, (8, 8, 1), 10, [0.0], [1.0])
+    expected = stored.size * 32 * sum(math.prod(s) for s in net.stage_shapes[:-1])
+    assert memory.replay_buffer_bytes(net, r.train) == expected
+
+
 # ------------------------------------------------------------ the recipe ----
 
 BASE = {
@@ -330,6 +353,8 @@ COMMON = {
     "train.steps_per_execution": 2, "train.checkpoint_every_steps": 2,
     "train.batch_size": 32, "train.decoupled.buffer_size": 64,
     "train.deterministic": True, "model.sync_batch_norm": True, "aux.width": 8,
+    # float32 wherever these run: two replicas match one to 2e-5 only in float32.
+    "train.mixed_precision": "none",
     "model.blocks": [{"width": 8}, {"width": 16, "downsample": "psi"},
                      {"width": 16, "downsample": "psi"}],
 }
