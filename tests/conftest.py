@@ -17,6 +17,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
         os.environ.setdefault(_name, "1")
 
+import keras  # noqa: E402
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
@@ -42,3 +44,12 @@ def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     # A stable sort: the tests of a file keep their order.
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy_after_each_test():
+    """Every trainer sets Keras' global dtype policy, and `train.mixed_precision: auto`
+    (the default) makes it bfloat16 on CPUs with AVX512-BF16 or AMX: reset it, so a
+    later test in the same process that builds Keras layers itself gets float32."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")

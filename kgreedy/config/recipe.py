@@ -235,11 +235,11 @@ class TrainConfig:
         1024, low=0, doc="cached features up to this size stay in memory, else on disk "
                          "in the run directory (removed after the stage)")
     mixed_precision: str = setting(
-        "none", choices=PRECISIONS,
-        doc="Keras mixed-precision policy; mixed_float16 adds dynamic loss scaling; "
-            "auto: mixed_bfloat16 where the hardware has native bfloat16 (x86 "
-            "AVX512-BF16 or AMX, GPUs of compute capability 8.0+), else none; the "
-            "run's recipe.json records the choice")
+        "auto", choices=PRECISIONS,
+        doc="Keras mixed-precision policy; auto: mixed_bfloat16 where the hardware has "
+            "native bfloat16 (x86 AVX512-BF16 or AMX, GPUs of compute capability "
+            "8.0+), else none (float32); the run's recipe.json records the choice; "
+            "mixed_float16 adds dynamic loss scaling")
     jit_compile: bool = setting(False, doc="XLA-compile the forward and backward pass")
     optimizer: OptimizerConfig = setting(OptimizerConfig())
     lr_schedule: ScheduleConfig = setting(ScheduleConfig())

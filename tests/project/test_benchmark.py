@@ -140,6 +140,10 @@ def test_child_resolves_auto_as_a_run_would(monkeypatch):
     assert (recipe.train.mixed_precision, note) == choose("auto")
     recipe, note = benchmark_child.with_precision(raw, "mixed_bfloat16")
     assert (recipe.train.mixed_precision, note) == ("mixed_bfloat16", None)
+    # The recipe's own: the quickstart says nothing, so the default, auto, resolved.
+    assert raw["train"]["mixed_precision"] == "auto"
+    assert benchmark_child.with_precision(raw)[0].train.mixed_precision == choose("auto")[0]
+    raw["train"]["mixed_precision"] = "none"
     assert benchmark_child.with_precision(raw)[0].train.mixed_precision == "none"
 
 

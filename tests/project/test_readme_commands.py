@@ -149,6 +149,14 @@ COMMANDS = {
     "--stages 4 --steps 12 --repeats 5 --json out.json":
         covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--json"',
                 '"--steps"', '"--repeats"'),
+    "python tools/benchmark.py recipes/cifar10_k2.json --set data.data_dir=../shared/tfds "
+    "--precisions none,auto --json out.json":
+        covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--precisions"',
+                '"--json"'),
+    "python tools/benchmark.py recipes/cifar10_budget_k3.json --precisions none,auto "
+    "--steps 10 --repeats 2 --warmup 3 --json out.json":
+        covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--precisions"',
+                '"--steps"', '"--repeats"', '"--json"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),
@@ -188,6 +196,9 @@ COMMANDS = {
     "--set data.data_dir=../shared/tfds --set train.epochs_per_stage=4 "
     "--output runs/resnet32_end_to_end":
         covered(RESNET32_TEST, "resnet32_cifar10_end_to_end.json", "runs/resnet32_end_to_end"),
+    "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
+    "--set train.mixed_precision=mixed_bfloat16 --output runs/cifar10_budget_${r}_bf16":
+        tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end"))),
     "python tools/results_table.py runs/cifar10_budget_{k1,k2,k3,end_to_end} "
     "--json docs/results_cifar10_budget.json":
         tiny("results"),
@@ -531,6 +542,10 @@ def _setup_group(group, scratch):
         return scratch, {"tfds": str(SHARED_TFDS)}
     if group == "photos":
         write_photo_folder(scratch / "photos")
+    if group == "records":  # the committed run records that docs/RESULTS.md's figures read
+        (scratch / "docs" / "results").mkdir(parents=True)
+        (scratch / "docs" / "results" / "records").symlink_to(
+            ROOT / "docs" / "results" / "records", target_is_directory=True)
     return scratch, {}
 
 
@@ -572,6 +587,13 @@ def _check_outputs(argv, cwd, stdout):
     if argv[1] == "tools/results_table.py":
         rows = json.loads((cwd / argv[argv.index("--json") + 1]).read_text())["runs"]
         assert len(rows) == len([a for a in argv[2:] if a.startswith("runs/")]), rows
+        return
+    if argv[1] == "tools/time_to_accuracy.py":
+        # Regenerated from the committed records, the figures must be the committed ones.
+        written = argv[argv.index("--json") + 1]
+        assert json.loads((cwd / written).read_text()) == json.loads(
+            (ROOT / written).read_text()), f"{written} no longer matches its records"
+        assert (cwd / argv[argv.index("--plot") + 1]).stat().st_size > 10_000
         return
     if argv[2] == "kgreedy.probe":
         assert (cwd / argv[3] / "probes.json").is_file()

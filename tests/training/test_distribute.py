@@ -32,6 +32,8 @@ def recipe(**overrides):
         "aux": {"k": 2, "width": 8},
         "train": {"epochs_per_stage": 2, "batch_size": 32, "steps_per_epoch": 3,
                   "steps_per_execution": 2,
+                  # float32: replicas match one device to 1e-6 only in float32.
+                  "mixed_precision": "none",
                   "optimizer": {"name": "sgd", "learning_rate": 0.05}},
         "export": {"enabled": False},
     }

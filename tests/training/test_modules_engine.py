@@ -61,6 +61,8 @@ def recipe(**overrides):
         "aux": {"k": 2, "last_head": "model"},
         "train": {"epochs_per_stage": 1, "batch_size": 32, "steps_per_epoch": 3,
                   "steps_per_execution": 1, "deterministic": True,
+                  # float32: replicas match one device to 1e-4 only in float32.
+                  "mixed_precision": "none",
                   "optimizer": {"name": "sgd", "learning_rate": 0.05}},
         "export": {"enabled": False},
     }

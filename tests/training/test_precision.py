@@ -20,7 +20,7 @@ from kgreedy.training.rundir import RunDir
 @pytest.mark.parametrize("train", [
     {"mixed_precision": "mixed_bfloat16"},
     {"mixed_precision": "mixed_float16"},
-    {"jit_compile": True},
+    {"jit_compile": True, "mixed_precision": "none"},
 ], ids=["bfloat16", "float16", "xla"])
 def test_precision_and_compilation_variants_train_and_export(tmp_path, train):
     r = recipe_from_dict({

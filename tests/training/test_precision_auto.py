@@ -21,6 +21,9 @@ RECIPE = {
               "mixed_precision": "auto"},
     "export": {"enabled": False},
 }
+# The same, saying nothing of precision: the default.
+DEFAULT = {**RECIPE, "train": {k: v for k, v in RECIPE["train"].items()
+                               if k != "mixed_precision"}}
 
 
 def fake_machine(monkeypatch, cpu_flags=(), gpus=()):
@@ -101,9 +104,21 @@ def test_auto_is_recorded_printed_and_kept_on_resume(tmp_path, capsys, monkeypat
     assert "nothing to do" in out
 
 
+def test_auto_is_the_default(monkeypatch):
+    recipe = recipe_from_dict(DEFAULT)
+    assert recipe.train.mixed_precision == "auto"
+    fake_machine(monkeypatch, ("avx512f", "amx_bf16"))
+    assert precision.resolve(recipe)[0].train.mixed_precision == "mixed_bfloat16"
+    fake_machine(monkeypatch, ("avx512f", "avx2"))
+    assert precision.resolve(recipe)[0].train.mixed_precision == "none"
+
+
 @pytest.mark.slow
 def test_auto_without_native_bfloat16_trains_in_float32(tmp_path, capsys, monkeypatch,
                                                         recipe_file):
+    # The default recipe, which says nothing of precision, on a CPU without bfloat16.
+    with open(recipe_file, "w", encoding="utf-8") as f:
+        json.dump(DEFAULT, f)
     fake_machine(monkeypatch, ("avx512f", "avx512_vnni"))
     assert train.main([recipe_file, "--output", str(tmp_path / "run")]) == 0
     assert ("precision: auto chose float32 (this CPU has neither AVX512-BF16 nor AMX)"
