@@ -199,6 +199,23 @@ COMMANDS = {
     "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
     "--set train.mixed_precision=mixed_bfloat16 --output runs/cifar10_budget_${r}_bf16":
         tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end"))),
+    # docs/RESULTS.md, equal compute: 10 epochs per stage, the half-width pair, and the
+    # time-to-accuracy figures regenerated from the committed records.
+    "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
+    "--set train.epochs_per_stage=10 --output runs/cifar10_budget_${r}_e10":
+        tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end"))),
+    "python -m kgreedy.train recipes/cifar10_budget_half_k3.json "
+    "--set data.data_dir=../shared/tfds --output runs/cifar10_budget_half_k3":
+        tiny("results", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/cifar10_budget_half_end_to_end.json "
+    "--set data.data_dir=../shared/tfds --set train.epochs_per_stage=10 "
+    "--output runs/cifar10_budget_half_end_to_end_e10":
+        tiny("results", *TINY_CIFAR10),
+    "python tools/time_to_accuracy.py docs/results/records/equal_compute/"
+    "{k3_e4,k3_e4_bf16,k3_e10,e2e_e10,e2e_e16,e2e_e16_bf16,half_k3_e4,half_e2e_e10} "
+    "--target 0.6 --target 0.7 --target 0.8 --json docs/results/equal_compute.json "
+    "--plot docs/results/equal_compute.png":
+        tiny("records"),
     "python tools/results_table.py runs/cifar10_budget_{k1,k2,k3,end_to_end} "
     "--json docs/results_cifar10_budget.json":
         tiny("results"),
