@@ -155,6 +155,17 @@ class DecoupledLoop(StageLoop):
         return state
 
 
+def buffer_dtype(policy):
+    """The dtype a replay buffer stores module outputs in, under a Keras policy name
+    (or a recipe's `train.mixed_precision`): float16 under mixed_float16, else float32.
+
+    bfloat16 outputs are stored as float32 (exactly): MultiWorkerMirroredStrategy
+    broadcasts every variable's initial value with CollectiveBcastSend, which carries
+    no bfloat16. `memory.replay_buffer_bytes` counts with this too.
+    """
+    return tf.float16 if policy == "mixed_float16" else tf.float32
+
+
 class ReplayBuffer(tf.Module):
     """A ring of module j's recent outputs with their labels (DGL section 3.2).
 
@@ -183,11 +194,7 @@ class ReplayBuffer(tf.Module):
         kwargs = {"trainable": False,
                   "synchronization": tf.VariableSynchronization.ON_READ,
                   "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
-        # bfloat16 outputs are stored as float32 (exactly): MultiWorkerMirroredStrategy
-        # broadcasts every variable's initial value with CollectiveBcastSend, which
-        # carries no bfloat16. memory.replay_buffer_bytes counts the same bytes.
-        compute = keras.mixed_precision.global_policy().compute_dtype
-        dtype = "float16" if compute == "float16" else "float32"
+        dtype = buffer_dtype(keras.mixed_precision.global_policy().name)
         self.features = tf.Variable(tf.zeros([size, *shape], dtype),
                                     name=f"stage{stage}_module{module}_buffer", **kwargs)
         self.labels = tf.Variable(tf.zeros([size], tf.int32),

@@ -35,6 +35,7 @@ from kgreedy.base.machine import available_bytes, format_bytes  # noqa: F401 (AP
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params
 from kgreedy.training.cache import feature_bytes, use_cache
+from kgreedy.training.decoupled import buffer_dtype
 
 _MIXED = ("mixed_float16", "mixed_bfloat16")
 
@@ -165,10 +166,9 @@ def _dtype_bytes(train):
 
 def replay_buffer_bytes(net, train, size=None):
     """A decoupled run's replay buffers: `size` (default `train.decoupled.buffer_size`)
-    outputs of modules 1..J-1 each, in float16 under mixed_float16, else in float32
-    (bfloat16 too: decoupled.ReplayBuffer says why)."""
+    outputs of modules 1..J-1 each, in `decoupled.buffer_dtype`."""
     size = train.decoupled.buffer_size if size is None else size
-    dtype_bytes = 2 if train.mixed_precision == "mixed_float16" else 4
+    dtype_bytes = buffer_dtype(train.mixed_precision).size
     return dtype_bytes * size * sum(math.prod(s) for s in net.stage_shapes[:-1])
 
 

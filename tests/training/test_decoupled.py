@@ -194,8 +194,6 @@ def test_the_replay_buffer_wraps_its_ring_and_draws_what_was_written():
         buffer.labels.numpy(), [302, 303, 400, 401, 402, 403, 500, 501, 502, 503])
 
 
-
-
 @pytest.mark.parametrize("policy, stored", [("mixed_bfloat16", tf.float32),
                                             ("mixed_float16", tf.float16)])
 def test_the_replay_buffer_keeps_bfloat16_outputs_in_float32(policy, stored):
