@@ -56,9 +56,8 @@ class DataConfig:
         None, doc="per-channel mean on the raw scale; default: measured on train data")
     std: typing.Optional[typing.Tuple[float, ...]] = setting(
         None, doc="per-channel std on the raw scale; default: measured on train data")
-    shuffle_buffer: int = setting(10000, low=1, doc="tfds: tf.data shuffle buffer (examples); "
-                                                 "digits and image folders shuffle all "
-                                                 "example indices every epoch instead")
+    shuffle_buffer: int = setting(10000, low=1, doc="tfds: tf.data shuffle buffer; digits "
+                                                 "and image folders shuffle all indices")
     cache: str = setting("auto", choices=IMAGE_CACHES,
                       doc="image_folder: keep decoded, resized images for the run; auto: "
                           "in memory up to data.cache_memory_mb, else on disk in the run "
@@ -71,6 +70,10 @@ class DataConfig:
                               "(counted and named in the log and summary.json), or "
                               "stops the run naming it (error)")
     download: bool = setting(False, doc="tfds: download and prepare when missing")
+    max_pixels: int = setting(
+        64_000_000, low=1, doc="image_folder, kgreedy.predict and the export's encoded "
+                               "signature: an image whose header declares more pixels "
+                               "(width x height) is a bad file, refused before decoding")
 
 
 @dataclass(frozen=True, kw_only=True)
