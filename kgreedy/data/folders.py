@@ -13,10 +13,18 @@ usually means the evaluation folder is missing or misnamed.
 
 Images may sit in nested folders inside a class folder. Hidden files and folders
 (names starting with `.`) and files without an image extension are ignored.
+
+Symbolic links are followed, each real folder once: a link to a folder outside the
+data directory, or a second path to a folder already listed (a link loop, or
+`eval/cat -> ../train/cat`), is a `DataError` naming the link. Image files that
+cannot be read as files (a named pipe, a device, a broken link) or whose names are
+not UTF-8 are listed in their split's `bad`, never opened. A class folder whose name
+is not UTF-8 is refused: it would be a class name.
 """
 
 import dataclasses
 import os
+import stat
 
 import numpy as np
 
@@ -34,6 +42,7 @@ class Split:
     paths: tuple
     labels: tuple
     origin: str  # where the files came from, for messages: "val/", "20% of train/"
+    bad: tuple = ()  # (path, reason) of image files left out unopened (`_file_problem`)
 
     def __len__(self):
         return len(self.paths)
@@ -62,25 +71,132 @@ def check_not_empty(layout):
                         f"folder {layout.eval.origin}", layout.root)
 
 
+def printable(path):
+    """`path` for messages and summary.json: bytes that are not UTF-8 (which Python
+    holds as lone surrogates, and which cannot be printed or written as JSON) as
+    `\\xNN` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISDIR, "a directory"))
+
+
+def file_problem(path):
+    """Why `path` cannot be read as an image file, found without opening it (opening
+    a named pipe blocks until something writes to it), or None for a regular file.
+
+    Args:
+        path: a file path (a symbolic link is followed).
+
+    Returns:
+        A reason in a few words, or None.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot read: {e.strerror}"  # a broken link, a vanished file
+    if stat.S_ISREG(mode):
+        return None
+    return "not a regular file but " + next(
+        (what for test, what in _SPECIAL if test(mode)), "a special file")
+
+
 def _subfolders(folder):
     return sorted(d for d in os.listdir(folder)
                   if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
 
 
-def _images_under(folder):
-    """Image files anywhere below `folder`, sorted, hidden files and folders skipped."""
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(parent, f) for f in sorted(files) if is_image_name(f)]
-    return found
-
-
-def _class_files(folder, classes=None):
-    """{class: [paths]} of a split folder; `classes` restricts and orders them."""
+def _class_names(folder):
     names = _subfolders(folder)
-    return {c: _images_under(os.path.join(folder, c)) for c in (classes or names)
-            if c in names}
+    bad = [printable(os.path.join(folder, n)) for n in names if not _is_utf8(n)]
+    if bad:
+        raise DataError("data.data_dir", "class folder names must be UTF-8 text (each is "
+                        "a class name, saved with the run and the export); rename", bad)
+    return names
+
+
+class _Walker:
+    """Lists the folders of one layout, each real folder once and none outside the
+    data directory (followed links included)."""
+
+    def __init__(self, root):
+        self.root = os.path.realpath(root)
+        self.seen = {}  # (st_dev, st_ino) of every folder listed -> its path
+
+    def enter(self, folder, ancestors=()):
+        """Checks `folder` before it is listed; returns its (st_dev, st_ino)."""
+        if os.path.islink(folder):
+            real = os.path.realpath(folder)
+            if os.path.commonpath([real, self.root]) != self.root:
+                raise DataError("data.data_dir", f"the symbolic link {printable(folder)} "
+                                f"leads out of the data directory {printable(self.root)}; "
+                                "move or copy that folder into it, or point "
+                                "data.data_dir at a folder that holds it", printable(
+                                    os.readlink(folder)))
+        info = os.stat(folder)
+        key = (info.st_dev, info.st_ino)
+        if key in self.seen:
+            what = ("a symbolic link loop back to" if key in ancestors else
+                    "a second path to")
+            raise DataError("data.data_dir", f"{printable(folder)} is {what} "
+                            f"{printable(self.seen[key])}, which is listed already (its "
+                            "images would be read twice); remove the link",
+                            printable(os.path.realpath(folder)))
+        self.seen[key] = folder
+        return key
+
+    def images_under(self, folder):
+        """(image files anywhere below `folder`, sorted, hidden files and folders
+        skipped; [(path, reason)] of those that cannot be read as files)."""
+        found, bad = [], []
+        stack = [(folder, ())]  # depth first, in name order (not recursion: no depth limit)
+        while stack:
+            parent, ancestors = stack.pop()
+            key = self.enter(parent, ancestors)
+            try:
+                entries = sorted(os.scandir(parent), key=lambda entry: entry.name)
+            except OSError as e:
+                raise DataError("data.data_dir", f"cannot list {printable(parent)}: "
+                                f"{e.strerror}", printable(parent)) from None
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    subfolders.append(entry.path)
+                elif is_image_name(entry.name):
+                    reason = (None if _is_utf8(entry.path) else "its name is not UTF-8")
+                    if reason is None and not entry.is_file():
+                        reason = file_problem(entry.path)
+                    if reason is None:
+                        found.append(entry.path)
+                    else:
+                        bad.append((entry.path, reason))
+            stack += [(d, ancestors + (key,)) for d in reversed(subfolders)]
+        return found, bad
+
+
+def _class_files(walker, folder, classes=None):
+    """({class: [paths]} of a split folder, [(path, reason)] of its bad files);
+    `classes` restricts and orders them."""
+    walker.enter(folder)
+    names = _class_names(folder)
+    files, bad = {}, []
+    for c in (classes or names):
+        if c in names:
+            files[c], unreadable = walker.images_under(os.path.join(folder, c))
+            bad += unreadable
+    return files, bad
 
 
 def _check_classes(where, files):
@@ -93,15 +209,15 @@ def _check_classes(where, files):
                         f"in {where}", empty)
 
 
-def _flatten(files, classes, origin):
+def _flatten(files, classes, origin, bad=()):
     paths, labels = [], []
     for c, names in files.items():
         paths += names
         labels += [classes.index(c)] * len(names)
-    return Split(tuple(paths), tuple(labels), origin)
+    return Split(tuple(paths), tuple(labels), origin, tuple(bad))
 
 
-def _hold_out(files, classes, fraction, seed, origin):
+def _hold_out(files, classes, fraction, seed, origin, bad=()):
     """A stratified, seeded split of {class: paths} into (train, eval) `Split`s."""
     rng = np.random.default_rng(seed)
     train, held = {}, {}
@@ -112,7 +228,8 @@ def _hold_out(files, classes, fraction, seed, origin):
         held[c] = [p for i, p in enumerate(paths) if i in chosen]
         train[c] = [p for i, p in enumerate(paths) if i not in chosen]
     percent = f"{fraction * 100:g}%"
-    return (_flatten(train, classes, f"{100 - fraction * 100:g}% of {origin}"),
+    # Bad files are no example of either split; train's pass reports them.
+    return (_flatten(train, classes, f"{100 - fraction * 100:g}% of {origin}", bad),
             _flatten(held, classes, f"{percent} of {origin} (data.eval_fraction)"))
 
 
@@ -149,14 +266,16 @@ def find_layout(root, train_split=None, eval_split=None, eval_fraction=0.2, seed
             raise DataError("data.data_dir", f"{root} has {'/, '.join(splits)}/ but no "
                             "train/ folder; name the train folder with data.train_split",
                             root)
-        files = _class_files(root)
+        files, bad = _class_files(_Walker(root), root)
         _check_classes(root, files)
         classes = list(files)
-        train, held = _hold_out(files, classes, eval_fraction, seed, "the class folders")
+        train, held = _hold_out(files, classes, eval_fraction, seed, "the class folders",
+                                bad)
         return Layout(root, tuple(classes), train, held)
 
     train_dir = os.path.join(root, train_name)
-    files = _class_files(train_dir)
+    walker = _Walker(root)
+    files, bad = _class_files(walker, train_dir)
     _check_classes(train_dir, files)
     classes = list(files)
     if eval_split is None:
@@ -172,9 +291,10 @@ def find_layout(root, train_split=None, eval_split=None, eval_fraction=0.2, seed
                         "exists; add one, name it with data.eval_split, or put the class "
                         f"folders directly in {root} to hold out data.eval_fraction", root)
     eval_dir = os.path.join(root, eval_split)
-    unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
+    unknown = sorted(set(_class_names(eval_dir)) - set(classes))
     if unknown:
         raise DataError("data.data_dir", f"{eval_dir} has classes that {train_name}/ "
                         "lacks", unknown)
-    held = _flatten(_class_files(eval_dir, classes), classes, f"{eval_split}/")
-    return Layout(root, tuple(classes), _flatten(files, classes, f"{train_name}/"), held)
+    eval_files, eval_bad = _class_files(walker, eval_dir, classes)
+    held = _flatten(eval_files, classes, f"{eval_split}/", eval_bad)
+    return Layout(root, tuple(classes), _flatten(files, classes, f"{train_name}/", bad), held)

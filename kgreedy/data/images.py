@@ -23,6 +23,16 @@ TF 2.21 does by itself, and what this module changes, is:
   pixel rows.
 
 Alpha is dropped, not composited: a pixel keeps the colour it stores.
+
+With `max_pixels`, the size the header declares is read before anything is
+decoded (`declared_size`: JPEG by `tf.io.extract_jpeg_shape`, PNG's IHDR, GIF's
+logical screen, BMP's info header as TF's decoder reads it, WebP's VP8/VP8L/VP8X
+header), and an image above the limit is refused with an InvalidArgumentError that
+names its size and the limit, so a small file that declares billions of pixels
+never reaches the decoder. JPEG XL, which TF also decodes, is refused then: its
+size cannot be read this cheaply. Other bytes go on to the decoder, which refuses
+them as before. Not limited: the number of frames of an animated GIF or WebP (each
+frame is within the limit).
 """
 
 import os
@@ -32,7 +42,10 @@ import tensorflow as tf
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _BMP_HEAD = 54  # file header (14 bytes) + BITMAPINFOHEADER (40 bytes)
+_JPEG_XL_MAGICS = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \x0d\x0a\x87\x0a")
+FORMATS = "JPEG, PNG, GIF, BMP or WebP"  # whose size `declared_size` reads
 
 
 def is_image_name(name):
@@ -52,13 +65,16 @@ def is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def decode_image(data, channels):
+def decode_image(data, channels, max_pixels=None):
     """Decodes a JPEG, PNG, GIF or BMP file into 8-bit pixels.
 
     Args:
         data: scalar tf.string, the bytes of the file.
         channels: 1 (grey) or 3 (RGB). Colour becomes grey by the luminance
             formula of `tf.image.rgb_to_grayscale`; grey is repeated to RGB.
+        max_pixels: refuse, before decoding, an image whose header declares more
+            pixels (width x height) than this, and JPEG XL; None decodes
+            whatever TF decodes.
 
     Returns:
         uint8 tensor [height, width, channels], with that static shape.
@@ -66,11 +82,36 @@ def decode_image(data, channels):
     Raises:
         ValueError: if channels is not 1 or 3.
         tf.errors.InvalidArgumentError: when run, for bytes that are not a
-            whole image of a supported kind (see the module docstring).
+            whole image of a supported kind (see the module docstring), or an
+            image above `max_pixels`.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels!r}")
     data = tf.convert_to_tensor(data, tf.string)
+    if max_pixels is None:
+        return _decode(data, channels)
+    width, height = declared_size(data)
+    pixels = width * height
+    known = tf.logical_not(_is_jpeg_xl(data))
+    ok = tf.logical_and(known, pixels <= max_pixels)
+
+    def refuse():
+        # The Asserts sit in the branch that replaces decoding, so a refused image
+        # is never decoded, and the error says why in the client's terms.
+        checks = [tf.debugging.Assert(known, [_JPEG_XL_REFUSED]),
+                  tf.debugging.Assert(pixels <= max_pixels, [
+                      "the image's header declares", width, "x", height, "=", pixels,
+                      f"pixels, above the limit of {max_pixels} (data.max_pixels)"])]
+        with tf.control_dependencies(checks):
+            return tf.zeros([0, 0, channels], tf.uint8)
+
+    image = tf.cond(ok, lambda: _decode(data, channels), refuse)
+    image.set_shape([None, None, channels])
+    return image
+
+
+def _decode(data, channels):
+    """`decode_image` without a size check."""
     # Native channels (0) for every format: TF refuses other counts for some
     # (GIF: only 3; BMP: not 1; CMYK JPEG: not 1), so we convert ourselves.
     image = tf.cond(
@@ -86,10 +127,107 @@ def decode_image(data, channels):
     return image
 
 
+def _header_text(data):
+    """The first `_BMP_HEAD` bytes of a file, zero-padded if shorter (scalar string)."""
+    padded = tf.strings.join([tf.strings.substr(data, 0, _BMP_HEAD), b"\0" * _BMP_HEAD])
+    return tf.strings.substr(padded, 0, _BMP_HEAD)
+
+
 def _header_bytes(data):
     """The first `_BMP_HEAD` bytes of a file as uint8, zero-padded if shorter."""
-    padded = tf.strings.join([tf.strings.substr(data, 0, _BMP_HEAD), b"\0" * _BMP_HEAD])
-    return tf.io.decode_raw(tf.strings.substr(padded, 0, _BMP_HEAD), tf.uint8)
+    return tf.io.decode_raw(_header_text(data), tf.uint8)
+
+
+_JPEG_XL_REFUSED = f"JPEG XL is not accepted (its size cannot be checked); send {FORMATS}"
+
+
+def _is_jpeg_xl(data):
+    text = _header_text(data)
+    return tf.reduce_any([tf.equal(tf.strings.substr(text, 0, len(m)), m)
+                          for m in _JPEG_XL_MAGICS])
+
+
+def _uint(head, offset, size, big_endian=False):
+    """The unsigned integer of `size` bytes at `offset` of an int64 header."""
+    weights = [256 ** i for i in range(size)]
+    return tf.reduce_sum(head[offset:offset + size]
+                         * (weights[::-1] if big_endian else weights))
+
+
+def declared_size(data):
+    """The image size that a file's header declares, read without decoding.
+
+    Args:
+        data: scalar tf.string, the bytes of the file (only its header is read).
+
+    Returns:
+        (width, height): int64 scalars; 0 x 0 for bytes that are not a `FORMATS`
+        file, and for a header too short to hold the size (the decoder refuses
+        both).
+
+    Raises:
+        tf.errors.InvalidArgumentError: when run, for a JPEG whose header is
+            damaged or cut short.
+    """
+    data = tf.convert_to_tensor(data, tf.string)
+    text = _header_text(data)
+    head = tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int64)
+
+    def starts(magic, at=0):
+        return tf.equal(tf.strings.substr(text, at, len(magic)), magic)
+
+    def signed32(value):  # BMP: TF reads int32, and a negative height is top-down
+        return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
+
+    webp = tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8))
+    vp8l = _uint(head, 21, 4)
+    # (format, width, height), the same magic bytes as tf.io.decode_image's.
+    kinds = [
+        (starts(_PNG_MAGIC), _uint(head, 16, 4, True) * tf.cast(starts(b"IHDR", 12), tf.int64),
+         _uint(head, 20, 4, True)),
+        (starts(b"GIF8"), _uint(head, 6, 2), _uint(head, 8, 2)),  # the logical screen
+        (starts(b"BM"), signed32(_uint(head, 18, 4)), signed32(_uint(head, 22, 4))),
+        (tf.logical_and(webp, starts(b"VP8 ", 12)), _uint(head, 26, 2) % 2 ** 14,
+         _uint(head, 28, 2) % 2 ** 14),
+        (tf.logical_and(webp, starts(b"VP8L", 12)), vp8l % 2 ** 14 + 1,
+         vp8l // 2 ** 14 % 2 ** 14 + 1),
+        (tf.logical_and(webp, starts(b"VP8X", 12)), _uint(head, 24, 3) + 1,
+         _uint(head, 27, 3) + 1),
+    ]
+    width = height = tf.constant(0, tf.int64)
+    for is_kind, w, h in kinds:
+        width, height = tf.where(is_kind, w, width), tf.where(is_kind, h, height)
+    shape = tf.cond(starts(_JPEG_MAGIC),
+                    lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64),
+                    lambda: tf.stack([height, width]))
+    return shape[1], shape[0]
+
+
+def size_problem(data, max_pixels):
+    """Why `decode_image(data, ..., max_pixels)` refuses a file before decoding it.
+
+    Eager; for messages that name the file (training's bad files,
+    `kgreedy.predict`).
+
+    Args:
+        data: the bytes of the file.
+        max_pixels: the limit.
+
+    Returns:
+        A one-line reason, or None when the header is within the limit (or a
+        JPEG header is damaged: the decoder's own error then says how).
+    """
+    data = tf.convert_to_tensor(data, tf.string)
+    try:
+        width, height = (int(t) for t in declared_size(data))
+    except tf.errors.InvalidArgumentError:
+        return None
+    if bool(_is_jpeg_xl(data)):
+        return _JPEG_XL_REFUSED
+    if width * height > max_pixels:
+        return (f"its header declares {width:,}x{height:,} = {width * height:,} pixels, "
+                f"above the limit of {max_pixels:,} (data.max_pixels)")
+    return None
 
 
 def _le32(head, offset):

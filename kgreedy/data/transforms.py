@@ -98,10 +98,11 @@ def match_channels(image, channels):
     return tf.image.grayscale_to_rgb(image)
 
 
-def decode_image(data, channels):
+def decode_image(data, channels, max_pixels=None):
     """Decodes image file bytes (see `kgreedy.data.images`) to float32 [H, W, channels]
-    on the 0..255 scale."""
-    return tf.cast(_decode_uint8(data, channels), tf.float32)
+    on the 0..255 scale; with `max_pixels`, an image whose header declares more
+    pixels is refused before decoding (InvalidArgumentError)."""
+    return tf.cast(_decode_uint8(data, channels, max_pixels), tf.float32)
 
 
 def train_transform(config, spec):
