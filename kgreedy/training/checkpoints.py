@@ -9,6 +9,7 @@ import shutil
 import tensorflow as tf
 
 from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import write_text
 
 _PREFIX = re.compile(r"^ckpt-(\d+)\.index$")
 
@@ -128,11 +129,79 @@ def _unreadable(prefix):
     return None
 
 
+def readable_checkpoint(directory):
+    """The newest checkpoint in `directory` whose files all read, and the damaged
+    ones newer than it.
+
+    The one search for a stage's weights: the resume, `kgreedy.export`,
+    `kgreedy.probe` and `--stage N` all go through it. Checkpoints older than the
+    first readable one are not read.
+
+    Args:
+        directory: a checkpoint directory; it need not exist.
+
+    Returns:
+        (prefix or None, [(prefix, reason), ...] of the damaged ones, newest first).
+        The list is not empty exactly when the newest checkpoint is damaged.
+    """
+    damaged = []
+    for prefix in checkpoint_paths(directory)[::-1]:
+        reason = _unreadable(prefix)
+        if reason is None:
+            return prefix, damaged
+        damaged.append((prefix, reason))
+    return None, damaged
+
+
+def describe(damaged):
+    """`ckpt-44 (why), ckpt-22 (why)`: damaged checkpoints in one line."""
+    return ", ".join(f"{os.path.basename(prefix)} ({reason})" for prefix, reason in damaged)
+
+
+def quarantine(directory, damaged):
+    """Moves damaged checkpoints into `directory/damaged/`, so none is "latest" again.
+
+    Only a process holding the run lock may call it: it renames files a concurrent
+    reader might be reading. The `checkpoint` state file is rewritten atomically to
+    list the checkpoints left (removed when none is), and a name already taken in
+    `damaged/` gets a suffix: nothing there is overwritten.
+
+    Args:
+        directory: the checkpoint directory.
+        damaged: (prefix, reason) pairs, as `readable_checkpoint` gives them.
+
+    Returns:
+        The `damaged/` directory.
+    """
+    target = os.path.join(directory, "damaged")
+    os.makedirs(target, exist_ok=True)
+    names = {os.path.basename(prefix) for prefix, _ in damaged}
+    left = [p for p in checkpoint_paths(directory) if os.path.basename(p) not in names]
+    for entry in sorted(os.listdir(directory)):
+        base = entry.split(".", 1)[0]
+        if base in names and (entry == base + ".index" or entry.startswith(base + ".data-")):
+            moved, n = os.path.join(target, entry), 1
+            while os.path.lexists(moved):
+                n += 1
+                moved = os.path.join(target, f"{base}~{n}.{entry.split('.', 1)[1]}")
+            os.rename(os.path.join(directory, entry), moved)
+    state = os.path.join(directory, "checkpoint")
+    if left:
+        # TensorFlow's text format, with paths relative to the directory as
+        # `tf.train.CheckpointManager` writes them.
+        newest = os.path.basename(left[-1])
+        write_text(state, f'model_checkpoint_path: "{newest}"\n' + "".join(
+            f'all_model_checkpoint_paths: "{os.path.basename(p)}"\n' for p in left))
+    elif os.path.exists(state):
+        os.unlink(state)
+    return target
+
+
 def restore_latest_good(checkpoint, directory, warn):
     """Restores the newest checkpoint in `directory` whose files all read.
 
     A checkpoint damaged by a crash or a full disk mid-save is skipped with a
-    warning rather than failing the resume; the previous one is used instead.
+    warning rather than failing; the previous one is used instead.
 
     Args:
         checkpoint: the `tf.train.Checkpoint` to restore into.
@@ -147,15 +216,20 @@ def restore_latest_good(checkpoint, directory, warn):
         AssertionError: the good checkpoint does not match `checkpoint`'s objects
             (a different recipe), from `assert_existing_objects_matched`.
     """
-    newest_first = checkpoint_paths(directory)[::-1]
-    if not newest_first:
-        return None
-    for i, prefix in enumerate(newest_first):
-        reason = _unreadable(prefix)
-        if reason is None:
-            checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()
-            return prefix
-        fallback = newest_first[i + 1] if i + 1 < len(newest_first) else "none"
-        warn(f"checkpoint {prefix} is unreadable ({reason}); falling back to {fallback}")
-    raise KgreedyError(directory, "every checkpoint is unreadable",
-                       [os.path.basename(p) for p in newest_first[::-1]])
+    prefix, damaged = readable_checkpoint(directory)
+    for i, (bad, reason) in enumerate(damaged):
+        fallback = damaged[i + 1][0] if i + 1 < len(damaged) else prefix or "none"
+        warn(f"checkpoint {bad} is unreadable ({reason}); falling back to {fallback}")
+    if prefix is None and damaged:
+        raise KgreedyError(directory, "every checkpoint is unreadable: "
+                           + describe(damaged[::-1]), [os.path.basename(p)
+                                                       for p, _ in damaged[::-1]])
+    if prefix is not None:
+        restore(checkpoint, prefix)
+    return prefix
+
+
+def restore(checkpoint, prefix):
+    """Restores `prefix` into `checkpoint`, every object of which must be in it
+    (other objects of the file, an optimizer or a later stage's modules, may be left)."""
+    checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from kgreedy.base.errors import KgreedyError
-from kgreedy.training.checkpoints import checkpoint_paths, restore_latest_good
+from kgreedy.training.checkpoints import (checkpoint_paths, quarantine, readable_checkpoint,
+                                          restore_latest_good)
 
 OLD = ([1.0, 2.0, 3.0] * 100, 7)
 NEW = ([4.0, 5.0, 6.0] * 100, 8)
@@ -127,8 +128,9 @@ def test_all_corrupt_raises(saved):
     warnings = []
     with pytest.raises(KgreedyError) as info:
         restore_latest_good(checkpoint, directory, warnings.append)
-    assert str(info.value) == (f"{directory}: every checkpoint is unreadable; "
-                               "received ['ckpt-1', 'ckpt-2']")
+    assert str(info.value) == (
+        f"{directory}: every checkpoint is unreadable: ckpt-1 (ckpt-1.index is "
+        "missing), ckpt-2 (Read less bytes than requested); received ['ckpt-1', 'ckpt-2']")
     assert len(warnings) == 2
     assert warnings[0].endswith(f"falling back to {prefixes[0]}")
     assert warnings[1].endswith("falling back to none")
@@ -150,3 +152,33 @@ def test_mismatched_objects_are_not_hidden(saved):
     other = tf.train.Checkpoint(unrelated=tf.Variable(1.0))
     with pytest.raises(AssertionError):
         restore_latest_good(other, directory, lambda message: None)
+
+
+def test_quarantine_moves_the_damaged_newest_so_it_is_never_latest_again(saved):
+    directory, prefixes = saved
+    truncate(prefixes[1] + ".index")
+    good, damaged = readable_checkpoint(directory)
+    assert good == prefixes[0] and [p for p, _ in damaged] == [prefixes[1]]
+    target = quarantine(directory, damaged)
+    assert sorted(os.listdir(target)) == ["ckpt-2" + DATA, "ckpt-2.index"]
+    assert tf.train.latest_checkpoint(directory) == prefixes[0]
+    assert checkpoint_paths(directory) == prefixes[:1]
+    assert readable_checkpoint(directory) == (prefixes[0], [])
+    # A second damaged ckpt-2 later keeps the first one's files.
+    for suffix in (".index", DATA):
+        with open(prefixes[1] + suffix, "wb") as f:
+            f.write(b"x")
+    quarantine(directory, [(prefixes[1], "bad")])
+    assert sorted(os.listdir(target)) == ["ckpt-2" + DATA, "ckpt-2.index",
+                                          "ckpt-2~2" + DATA, "ckpt-2~2.index"]
+
+
+def test_quarantine_of_every_checkpoint_removes_the_state_file(saved):
+    directory, prefixes = saved
+    for prefix in prefixes:
+        truncate(prefix + DATA)
+    good, damaged = readable_checkpoint(directory)
+    assert good is None and [p for p, _ in damaged] == prefixes[::-1]
+    quarantine(directory, damaged)
+    assert sorted(os.listdir(directory)) == ["damaged"]
+    assert checkpoint_paths(directory) == [] and restore(directory)[0] is None
