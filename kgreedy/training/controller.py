@@ -11,6 +11,7 @@ the user's tf.data pipelines and an optimizer factory instead, on the same path.
 """
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -28,12 +29,13 @@ from kgreedy.model.network import count_params, parameter_table
 from kgreedy.config.vocabulary import ONE_STAGE_MODES
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training import precision
-from kgreedy.training.checkpoints import restore_latest_good, save_checkpoint
+from kgreedy.training.checkpoints import restore, save_checkpoint
 from kgreedy.training.decoupled import DecoupledLoop
 from kgreedy.training.distribute import WorkerInfo
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.records import RunRecords
-from kgreedy.training.rundir import stage_checkpoint
+from kgreedy.training.rundir import (check_resume, stage_checkpoint, stage_weights,
+                                     temporary_versions)
 from kgreedy.training.stage import StageLoop
 
 
@@ -104,6 +106,8 @@ class GreedyTrainer:
         self.steps_per_epoch = datasets.stage_steps(self.train, self.worker.num_workers)
         self.eval_data = datasets.distributed_eval(strategy)
         self._stop_requested = False
+        self._finishing = None  # what `_finish` does now, where SIGTERM interrupts it
+        self._weights = {}  # on resume: each stage's checkpoint (`check_resume`)
 
     @property
     def end_to_end(self):
@@ -147,6 +151,14 @@ class GreedyTrainer:
                 + (f", exported {final['export_path']}" if final.get("export_path") else "")
                 + "); nothing to do")
             return {**records.summary, "already_finished": True}
+        if resume:
+            self._weights, redo = check_resume(
+                self.source, self.stages(), done, self.net, self.progress.warning,
+                greedy=self.train.mode == "greedy",
+                writable=self.source is self.run and self.worker.num_workers == 1)
+            if redo is not None:
+                records.unfinish(redo)
+                done = {s for s in done if s < redo}
         if self.datasets.info:
             records.summary["data"] = self.datasets.info
         if done:
@@ -157,7 +169,7 @@ class GreedyTrainer:
             for stage in self.stages():
                 if stage not in done:
                     self._fit_stage(stage, records, resume)
-            final = self._finish(records)
+            final = self._finish_or_stop(records)
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
@@ -167,15 +179,20 @@ class GreedyTrainer:
     # ------------------------------------------------------------ helpers ----
 
     def _catch_sigterm(self):
-        # Python runs signal handlers between bytecodes, so the handler only sets a
-        # flag; the loop sees it after the steps in flight and checkpoints. Without
-        # a run directory nothing would checkpoint and stop: SIGTERM is left alone.
+        # Python runs signal handlers between bytecodes: while stages train the
+        # handler only sets a flag, and the loop checkpoints after the steps in
+        # flight. In `_finish` (scoring, export) nothing is left to save and a
+        # grace period may be shorter than an export: it interrupts at once.
+        # Without a run directory nothing would checkpoint: SIGTERM is left alone.
         if threading.current_thread() is not threading.main_thread() or self.run is None:
             return None
 
         def handler(signum, frame):
             del signum, frame
+            first = not self._stop_requested
             self._stop_requested = True
+            if first and self._finishing:
+                raise _Interrupted()
 
         return signal.signal(signal.SIGTERM, handler)
 
@@ -196,8 +213,15 @@ class GreedyTrainer:
         return None
 
     def _restore_stage(self, stage):
-        restore_latest_good(stage_checkpoint(self.net, stage),
-                            self.source.checkpoints(stage), self.progress.warning)
+        prefix = self._weights.get(stage) or stage_weights(
+            self.source, stage, self.net.num_stages, self.train.mode == "greedy",
+            [stage], self.progress.warning)
+        restore(stage_checkpoint(self.net, stage), prefix)
+
+    def _preempted(self, stage, when):
+        return Preempted(f"preempted (SIGTERM) {when}: stage {stage}'s checkpoint is in "
+                         f"{self.run.checkpoints(stage)}, nothing half-written is kept; "
+                         "rerun with --resume to finish")
 
     def _nonfinite(self, stage):
         def error(epoch, step):
@@ -214,6 +238,9 @@ class GreedyTrainer:
     # -------------------------------------------------------------- stage ----
 
     def _fit_stage(self, stage, records, resume):
+        if stage > self.stages()[0] and self._stop_agreed():
+            # Between stages: the one before is saved whole and in summary.json.
+            raise self._preempted(stage - 1, f"after stage {stage - 1}")
         cache = None
         # Without a recipe the data are the caller's own pipelines, which the cache
         # cannot replay in the engine's seeded order: no cache then.
@@ -257,9 +284,9 @@ class GreedyTrainer:
         if checkpoints is not None:
             checkpoints.attach(driver)
         if resume:
-            restored = restore_latest_good(checkpoints.checkpoint,
-                                           self.source.checkpoints(stage),
-                                           self.progress.warning)
+            restored = self._weights.get(stage)
+            if restored:
+                restore(checkpoints.checkpoint, restored)
             epoch, step = driver.position()
             # Always: a run killed in the stage's first epoch, before any
             # checkpoint, may have left that epoch's record behind.
@@ -315,6 +342,7 @@ class GreedyTrainer:
                                   else getattr(self.export, "heads", None)),
                  "export_path": None}
         if not self.end_to_end and self.worker.is_chief and self.eval_data is not None:
+            self._finishing = "while scoring the heads"
             # One pass through the frozen trunk scores every head and the paper's
             # ensemble (an end-to-end run trains the last head only). Other workers'
             # summaries are thrown away, so they skip it.
@@ -327,12 +355,41 @@ class GreedyTrainer:
                 f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
                 "eval examples")
         if self.export is not None:
+            self._finishing = "while exporting"
             path = self.export(self.net, last["stage"])
+            self._finishing = ""  # too late to stop: the version is whole and in place
             final["export_path"] = path
             if path:
                 self.progress.message(f"exported {path}")
         records.final(final)
         return final
+
+    def _finish_or_stop(self, records):
+        """`_finish`, stopped with `Preempted` by a SIGTERM during the last stage's last
+        epoch or during `_finish` itself (scoring, export), leaving no half version."""
+        stage = records.summary["stages"][-1]["stage"]
+        self._finishing = "before scoring the heads and exporting"
+        if self._stop_agreed():
+            raise self._preempted(stage, f"after the last stage ({stage}), "
+                                  + self._finishing)
+        root = getattr(self.export, "export_root", None)
+        before = temporary_versions(root)
+        try:
+            return self._finish(records)
+        except _Interrupted:
+            # The exporter removes its temporary version itself, unless the signal
+            # came between its creation and the exporter's `try`.
+            for path in temporary_versions(root) - before:
+                shutil.rmtree(path, ignore_errors=True)
+            raise self._preempted(stage, f"after the last stage ({stage}), "
+                                  + self._finishing) from None
+        finally:
+            self._finishing = None
+
+
+class _Interrupted(BaseException):
+    """SIGTERM in `_finish`, raised by the handler (not an `Exception`: no `except
+    Exception` of Keras or TensorFlow holds it up); `_finish_or_stop` stops then."""
 
 
 # ------------------------------------------------------------ actions ----

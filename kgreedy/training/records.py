@@ -82,6 +82,13 @@ class RunRecords:
         elif os.path.isfile(self.run.metrics):
             write_text(self.run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def unfinish(self, stage):
+        """Drops `stage` and the stages after it from summary.json, and the final
+        figures: their weights are gone (a damaged final checkpoint), so they train
+        again. The epoch records are rewound when the stage resumes (`rewind`)."""
+        self.summary["stages"] = [e for e in self.summary["stages"] if e["stage"] < stage]
+        self.final(None)
+
     def completed_stages(self):
         return [entry["stage"] for entry in self.summary["stages"]]
 

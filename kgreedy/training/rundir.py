@@ -2,6 +2,7 @@
 trained net from it."""
 
 import os
+import sys
 
 import tensorflow as tf
 
@@ -10,7 +11,8 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.training.checkpoints import checkpoint_paths
+from kgreedy.training.checkpoints import (checkpoint_paths, describe, quarantine,
+                                          readable_checkpoint, restore, save_checkpoint)
 
 
 class RunDir:
@@ -72,6 +74,14 @@ class RunDir:
         return None
 
 
+def temporary_versions(export_root):
+    """The temporary version directories (`.tmp-*`, paths) below an export root."""
+    if export_root is None or not os.path.isdir(export_root):
+        return set()
+    return {os.path.join(export_root, name) for name in os.listdir(export_root)
+            if name.startswith(".tmp-")}
+
+
 def stage_checkpoint(net, stage, **training_state):
     """The `tf.train.Checkpoint` of one stage: blocks and heads 1..stage, plus
     `training_state` (optimizer, epoch counter, metric sums) while it trains."""
@@ -85,7 +95,123 @@ def finished_stages(run):
     return sorted(entry["stage"] for entry in run.read_json(run.summary).get("stages", []))
 
 
-def load_trained(run_dir, stage=None):
+def stage_weights(run, stage, num_stages, greedy, finished, warn):
+    """The checkpoint to take stage `stage`'s weights from: modules and heads 1..stage.
+
+    Its own newest readable checkpoint (`readable_checkpoint`), unless the newest is
+    damaged in a finished stage: then its final weights are gone from its own
+    directory, and in a greedy run any later stage's readable checkpoint holds them
+    unchanged (modules and heads 1..stage are frozen after the stage), so that one
+    is taken. Else the older checkpoint is taken with a warning saying it is not
+    what summary.json reports. Reads only: a damaged checkpoint is skipped, never
+    moved (`kgreedy.train --resume` moves it, under the run lock).
+
+    Args:
+        run: the `RunDir`.
+        stage: the stage whose checkpoint directory to search.
+        num_stages: the run's stages.
+        greedy: whether later stages froze this one's modules (not end to end or
+            decoupled, whose one stage is the last).
+        finished: the stages summary.json lists as finished.
+        warn: called with one line when a damaged checkpoint is skipped.
+
+    Returns:
+        A checkpoint prefix.
+
+    Raises:
+        KgreedyError: no checkpoint of the stage reads (and no later one holds it).
+    """
+    directory = run.checkpoints(stage)
+    prefix, damaged = readable_checkpoint(directory)
+    if not damaged:
+        if prefix is None:
+            raise KgreedyError("stage", f"stage {stage} has no checkpoint in {directory}",
+                               stage)
+        return prefix
+    what = f"stage {stage}: checkpoint {describe(damaged)} is unreadable"
+    if stage in finished and greedy:
+        for later in range(stage + 1, num_stages + 1):
+            holder, _ = readable_checkpoint(run.checkpoints(later))
+            if holder is not None:
+                warn(f"{what}; its weights are taken from {holder}, where stage {later} "
+                     f"left modules and heads 1..{stage} as stage {stage} finished them")
+                return holder
+    if prefix is None:
+        raise KgreedyError("stage", f"stage {stage} has no readable checkpoint in "
+                           f"{directory}: {describe(damaged[::-1])}; rerun kgreedy.train "
+                           "with --resume to train it again", stage)
+    warn(f"{what}; falling back to {prefix}" + (
+        f", which is older than the final weights summary.json reports for stage "
+        f"{stage}; rerun kgreedy.train with --resume to train the stage again"
+        if stage in finished else ""))
+    return prefix
+
+
+def check_resume(source, stages, finished, net, warn, *, greedy, writable):
+    """Before a resume restores anything: the checkpoint each stage goes on from, and
+    the first finished stage whose final weights are lost (docs/resume.md, "Damaged
+    checkpoints").
+
+    Walks the stages from the last down. A stage's damaged newest checkpoints are
+    moved to its `damaged/` (`quarantine`) when `writable`. A finished stage whose
+    final checkpoint is damaged stays finished when a later stage's readable
+    checkpoint holds its weights (greedy: frozen there), which are then saved into
+    its own directory again; otherwise it is trained again from its newest readable
+    checkpoint, or from the stage before it.
+
+    Args:
+        source: the `RunDir` resumed.
+        stages: the stages the run trains, in order.
+        finished: the stages summary.json lists as finished.
+        net: the trainer's `GreedyNet` (its weights are overwritten by what the
+            resume restores afterwards).
+        warn: called with one line per stage with a damaged checkpoint.
+        greedy: whether later stages froze earlier ones' modules.
+        writable: whether this process may move and write checkpoints (it holds
+            the run lock, and no other worker reads them now).
+
+    Returns:
+        ({stage: prefix or None}, redo): where each stage's weights come from (None:
+        its initial weights), and the first finished stage to train again, or None.
+    """
+    weights, redo, holder = {}, None, None
+    for stage in reversed(stages):
+        directory = source.checkpoints(stage)
+        prefix, damaged = readable_checkpoint(directory)
+        weights[stage] = prefix
+        if damaged:
+            what = f"stage {stage}: checkpoint {describe(damaged)} is unreadable"
+            if writable:
+                what += f"; moved to {quarantine(directory, damaged)}"
+            if stage in finished and holder is not None:
+                weights[stage] = holder
+                if writable:  # its own directory holds its final weights again
+                    checkpoint = stage_checkpoint(net, stage)
+                    restore(checkpoint, holder)
+                    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
+                    what += "; saved again as " + save_checkpoint(
+                        manager, int(damaged[0][0].rsplit("-", 1)[1]))
+                warn(f"{what}; stage {stage}'s weights are intact in {holder}, where "
+                     "the later stage kept them frozen")
+                continue
+            if stage in finished:
+                redo = stage
+            start = prefix or (f"stage {stage - 1}'s final weights"
+                               if greedy and stage > stages[0] else "its initial weights")
+            warn(f"{what}; stage {stage} "
+                 + ("is no longer finished and " if stage in finished else "")
+                 + f"goes on from {start}; summary.json and metrics.jsonl are rewound "
+                 "to it")
+        if greedy and holder is None:
+            holder = prefix
+    return weights, redo
+
+
+def _warn(text):
+    print(f"kgreedy: warning: {text}", file=sys.stderr, flush=True)
+
+
+def load_trained(run_dir, stage=None, warn=_warn):
     """Rebuilds the net of a stage from a run directory.
 
     Args:
@@ -95,13 +221,15 @@ def load_trained(run_dir, stage=None):
             mid-epoch, only when asked for by number). In a decoupled run every
             stage comes from the one checkpoint of the last, which holds every
             module and head.
+        warn: called with one line when a damaged checkpoint is skipped
+            (`stage_weights`); default: `kgreedy: warning: ...` on stderr.
 
     Returns:
         (recipe, spec, net, stage) with the net's weights restored.
 
     Raises:
         KgreedyError: not a run directory, no finished stage (and none asked for),
-            or the stage is out of range or has no checkpoint.
+            or the stage is out of range or has no readable checkpoint.
     """
     run = RunDir(run_dir)
     for needed in (run.recipe, run.dataset):
@@ -112,9 +240,10 @@ def load_trained(run_dir, stage=None):
     spec = data.load_spec(run.dataset)
     num_stages = recipe.num_stages
     with_checkpoints = [j for j in range(1, num_stages + 1)
-                        if tf.train.latest_checkpoint(run.checkpoints(j))]
+                        if checkpoint_paths(run.checkpoints(j))]
+    finished = finished_stages(run)
+    asked = stage is not None
     if stage is None:
-        finished = finished_stages(run)
         if not finished:
             raise KgreedyError("run_dir", "has no finished stage yet (stages with "
                                f"checkpoints: {with_checkpoints or 'none'}); pass a "
@@ -125,14 +254,17 @@ def load_trained(run_dir, stage=None):
     # A decoupled run trains every module and head in its one stage (the last):
     # stage j's model is modules 1..j and head j of that stage's checkpoint.
     source = num_stages if recipe.train.mode == "decoupled" else stage
-    latest = tf.train.latest_checkpoint(run.checkpoints(source))
-    if latest is None:
-        raise KgreedyError("stage", f"stage {stage} has no checkpoint in "
-                           f"{run.checkpoints(source)}; stages with checkpoints: "
-                           f"{with_checkpoints}", stage)
+    try:
+        prefix = stage_weights(run, source, num_stages, recipe.train.mode == "greedy",
+                               finished, warn)
+    except KgreedyError as e:
+        if asked:
+            raise
+        # The stage came from summary.json, not from a flag: name the run.
+        raise KgreedyError("run_dir", e.message, run_dir) from None
     net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
-    # The file also holds the optimizer and counters, which a trained net does not
-    # need; every weight of the net must be found in it, though.
-    stage_checkpoint(net, source).restore(latest).expect_partial() \
-        .assert_existing_objects_matched()
+    # The file also holds the optimizer and counters (and, taken from a later stage,
+    # more modules), which a trained net does not need; every weight of the net
+    # must be found in it, though.
+    restore(stage_checkpoint(net, source), prefix)
     return recipe, spec, net, stage
