@@ -8,7 +8,9 @@ goes through the `serve_encoded` signature (`tf.saved_model.load`: neither Keras
 kgreedy's training code is needed); the output is its top K classes with their
 probabilities, or JSON with `--json`. A file that cannot be read or decoded gets one
 `kgreedy: error:` line on stderr; the others are still answered, and the exit status
-is 2 if any file was bad.
+is 2 if any file was bad. Only regular files are opened (a named pipe would block),
+and a file whose header declares more pixels than `--max-pixels` (default: the limit
+saved with the export, `data.max_pixels`, else 64,000,000) is refused unread.
 """
 
 import sys
@@ -62,6 +64,9 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=3, metavar="K",
                         help="classes to print per file (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--max-pixels", type=cli.positive_int, default=None, metavar="N",
+                        help="refuse images whose header declares more pixels (default: "
+                             "the export's data.max_pixels, else 64,000,000)")
     cli.add_verbose(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
@@ -69,6 +74,10 @@ def main(argv=None):
     model_dir = _model_dir(args.export_dir)
 
     import tensorflow as tf  # after the checks: a bad path gives one line, fast
+
+    from kgreedy.data.folders import file_problem, printable
+    from kgreedy.data.images import size_problem
+    from kgreedy.serving.export import DEFAULT_MAX_PIXELS
 
     try:
         model = tf.saved_model.load(model_dir)
@@ -79,12 +88,27 @@ def main(argv=None):
     # Exports keep every class name beside the signatures, which name the top one only.
     names = getattr(model, "class_names", None)
     names = [n.decode() for n in names[0].numpy()] if names else None
+    saved = getattr(model, "max_pixels", None)  # exports before the limit have none
+    max_pixels = args.max_pixels or (int(saved[0].numpy()) if saved else DEFAULT_MAX_PIXELS)
 
     results, bad = [], 0
     for path in args.images:
+        problem = file_problem(path)
+        if problem is not None:
+            print(f"kgreedy: error: {path}: {problem}", file=sys.stderr)
+            bad += 1
+            continue
         try:
             with open(path, "rb") as f:
-                out = classify(image_bytes=tf.constant([f.read()]))
+                contents = f.read()
+            problem = size_problem(contents, max_pixels)
+            if problem is not None:
+                print(f"kgreedy: error: {path}: not an image this model can read: "
+                      f"{problem.replace('data.max_pixels', '--max-pixels')}",
+                      file=sys.stderr)
+                bad += 1
+                continue
+            out = classify(image_bytes=tf.constant([contents]))
         except OSError as e:
             print(f"kgreedy: error: {path}: cannot read: {e.strerror or e}", file=sys.stderr)
             bad += 1
@@ -100,7 +124,7 @@ def main(argv=None):
             {"class_id": i, "class_name": names[i] if names else str(i),
              "probability": float(probabilities[i])} for i in top]})
         if not args.json:
-            print(path)
+            print(printable(path))
             for p in results[-1]["predictions"]:
                 print(f"  {p['probability']:.4f}  {p['class_name']}")
     if args.json:

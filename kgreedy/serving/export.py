@@ -16,9 +16,16 @@ wrong rank or channel count fail inside the graph with an error naming the input
 TF Serving feeds tensors to the session without checking them against the
 signature's shapes.
 
+`serve_encoded` reads each file's header before decoding it and refuses, with an
+InvalidArgumentError naming the size and the limit, an image that declares more
+than `max_pixels` pixels (the recipe's `data.max_pixels`, a constant of the graph)
+or bytes that are not a JPEG, PNG, GIF, BMP or WebP file
+(`kgreedy.data.images.declared_size`).
+
 Every version directory also holds `assets.extra/tf_serving_warmup_requests`, the
 warm-up requests TF Serving replays at load time, and the object graph keeps the
-class names as `class_names` (a one-variable collection) for `kgreedy.predict`.
+class names as `class_names` and the pixel limit as `max_pixels` (one-variable
+collections) for `kgreedy.predict`.
 
 """
 
@@ -35,7 +42,10 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import umask_mode
+from kgreedy.config.recipe import DataConfig
 from kgreedy.config.vocabulary import EXPORT_HEADS
+
+DEFAULT_MAX_PIXELS = DataConfig().max_pixels  # the recipe's data.max_pixels default
 
 _VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit also accepts '²'
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -123,8 +133,9 @@ def _outputs(logits, class_names):
             "class_names": tf.gather(class_names, class_ids)}
 
 
-def _build_archive(model, spec):
-    """An `ExportArchive` holding `model` with both serving signatures."""
+def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
+    """An `ExportArchive` holding `model` with both serving signatures; `serve_encoded`
+    refuses images whose header declares more than `max_pixels` pixels."""
     height, width, channels = spec.image_shape
     class_names = tf.constant([str(name) for name in spec.class_names])
     # Without resizing, a batch of another size could only fail deep inside the
@@ -152,7 +163,8 @@ def _build_archive(model, spec):
                        lambda: _outputs(model(images, training=False), class_names), empty)
 
     def decode_one(image_bytes):
-        image = data.eval_transform(data.decode_image(image_bytes, channels), spec)
+        image = data.eval_transform(data.decode_image(image_bytes, channels, max_pixels),
+                                    spec)
         size = tf.shape(image)[:2]
         ok = tf.reduce_all(tf.equal(size, [height, width]))
 
@@ -202,6 +214,8 @@ def _build_archive(model, spec):
     # The signatures return the top class's name only; top-k listings need them all.
     archive.add_variable_collection("class_names", [tf.Variable(
         class_names, trainable=False, name="class_names")])
+    archive.add_variable_collection("max_pixels", [tf.Variable(
+        max_pixels, dtype=tf.int64, trainable=False, name="max_pixels")])
     return archive
 
 
@@ -269,7 +283,7 @@ def write_warmup_requests(version_dir, model_name, image_shape):
 # ------------------------------------------------------------------ export ----
 
 def export_saved_model(net, spec, export_root, stage=None, version=None,
-                       keep_versions=None, heads="last"):
+                       keep_versions=None, heads="last", max_pixels=DEFAULT_MAX_PIXELS):
     """Exports the deployed model of `net` as version `version` below `export_root`.
 
     The version directory appears whole or not at all: the SavedModel and its
@@ -290,6 +304,8 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
             delete is a warning: the new version is in place.
         heads: `last` serves head `stage`; `ensemble` serves the weighted ensemble
             of heads 1..stage (`GreedyNet.deployed_model`), same signatures.
+        max_pixels: `serve_encoded` refuses an image whose header declares more
+            pixels (width x height) than this (the recipe's `data.max_pixels`).
 
     Returns:
         The path of the version directory.
@@ -308,11 +324,13 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     if version is None:
         version = (existing_versions(export_root) or [0])[-1] + 1
     _check_version(version)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise KgreedyError("max_pixels", "must be a positive integer", max_pixels)
     target = os.path.join(export_root, str(version))
     if os.path.exists(target):
         raise _exists_error(version, export_root)
 
-    archive = _build_archive(net.deployed_model(stage, heads), spec)
+    archive = _build_archive(net.deployed_model(stage, heads), spec, max_pixels)
     os.makedirs(export_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
     try:
@@ -351,16 +369,19 @@ class Exporter:
         version: see `export_saved_model`.
         keep_versions: see `export_saved_model`.
         heads: see `export_saved_model`.
+        max_pixels: see `export_saved_model` (the recipe's `data.max_pixels`).
     """
 
-    def __init__(self, spec, export_root, version=None, keep_versions=None, heads="last"):
+    def __init__(self, spec, export_root, version=None, keep_versions=None, heads="last",
+                 max_pixels=DEFAULT_MAX_PIXELS):
         self.spec = spec
         self.export_root = export_root
         self.version = version
         self.keep_versions = keep_versions
         self.heads = heads
+        self.max_pixels = max_pixels
 
     def __call__(self, net, stage):
         return export_saved_model(net, self.spec, self.export_root, stage=stage,
                                   version=self.version, keep_versions=self.keep_versions,
-                                  heads=self.heads)
+                                  heads=self.heads, max_pixels=self.max_pixels)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 import textwrap
+import time
 
 import keras
 import numpy as np
@@ -554,3 +555,112 @@ def test_export_and_summaries_are_readable_by_other_users(trained, tmp_path):
     assert os.stat(tmp_path / "summary.json").st_mode & 0o777 == 0o644
     pb = os.path.join(path, "saved_model.pb")
     assert os.stat(pb).st_mode & 0o044 == 0o044
+
+
+# ------------------------------------------------------------ pixel limit ----
+
+def _declaring(fmt, width, height):
+    """A small real file of `fmt` whose header is patched to declare width x height
+    (PNG with its IHDR CRC fixed): a decompression bomb's header without its body."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L" if fmt == "PNG" else "RGB", (8, 8)).save(buffer, fmt)
+    raw = bytearray(buffer.getvalue())
+    if fmt == "PNG":
+        chunk = b"IHDR" + struct.pack(">II", width, height) + bytes(raw[24:29])
+        raw[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    elif fmt == "GIF":
+        raw[6:10] = struct.pack("<HH", width, height)
+    elif fmt == "BMP":
+        raw[18:26] = struct.pack("<ii", width, -height)  # negative: a top-down BMP
+    elif fmt == "JPEG":
+        sof = raw.index(b"\xff\xc0")
+        raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    elif fmt == "WEBP":
+        assert raw[12:16] == b"VP8 "
+        raw[26:30] = struct.pack("<HH", width, height)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("fmt, width, height", [
+    ("PNG", 23000, 23000), ("GIF", 65535, 65535), ("BMP", 30000, 30000),
+    ("JPEG", 60000, 60000), ("WEBP", 16383, 16383)])
+def test_serve_encoded_refuses_a_header_above_max_pixels_before_decoding(
+        exported, fmt, width, height):
+    _, loaded = exported
+    fn = loaded.signatures["serve_encoded"]
+    good = tf.io.encode_png(tf.zeros([8, 8, 1], tf.uint8))
+    assert fn(image_bytes=tf.stack([good]))["class_ids"].shape == [1]
+    start = time.perf_counter()
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"header declares\] \[{width}\] \[x\] \[{height}\] \[=\] "
+                             rf"\[{width * height}\] \[pixels, above the limit of "
+                             r"64000000 \(data.max_pixels\)\]"):
+        fn(image_bytes=tf.constant([good.numpy(), _declaring(fmt, width, height)]))
+    assert time.perf_counter() - start < 5  # refused, not decoded
+
+
+def test_export_keeps_its_max_pixels_and_predict_uses_it(trained, tmp_path, capsys):
+    from kgreedy import predict
+
+    _, spec, net, _ = trained
+    path = export.export_saved_model(net, spec, str(tmp_path / "m"), max_pixels=63)
+    loaded = tf.saved_model.load(path)
+    assert int(loaded.max_pixels[0].numpy()) == 63
+    png = tmp_path / "digit.png"  # 8x8 = 64 pixels
+    png.write_bytes(tf.io.encode_png(tf.zeros([8, 8, 1], tf.uint8)).numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[64\] \[pixels, above the "
+                                                             r"limit of 63"):
+        loaded.signatures["serve_encoded"](image_bytes=tf.constant([png.read_bytes()]))
+    assert cli.run(predict.main, [path, str(png)]) == 2
+    assert capsys.readouterr().err == (
+        f"kgreedy: error: {png}: not an image this model can read: its header declares "
+        "8x8 = 64 pixels, above the limit of 63 (--max-pixels)\n")
+    assert cli.run(predict.main, [path, str(png), "--max-pixels", "64"]) == 2  # signature
+    assert "above the limit of 63" in capsys.readouterr().err
+    with pytest.raises(KgreedyError, match="max_pixels: must be a positive integer"):
+        export.export_saved_model(net, spec, str(tmp_path / "n"), max_pixels=0)
+
+
+def test_predict_refuses_pipes_directories_and_bombs_in_one_line_each(
+        exported, tmp_path, capsys):
+    import threading
+
+    from kgreedy import predict
+
+    path, _ = exported
+    pipe, folder, bomb = tmp_path / "pipe.png", tmp_path / "dir.png", tmp_path / "bomb.png"
+    os.mkfifo(pipe)
+    folder.mkdir()
+    bomb.write_bytes(_declaring("PNG", 23000, 23000))
+    opened, stop = [], threading.Event()
+
+    def watch():  # lets an old-style reader blocked on the pipe go, and records it
+        while not stop.is_set():
+            try:
+                fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            opened.append(1)
+            os.close(fd)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        status = cli.run(predict.main, [path, str(pipe), str(folder), str(bomb)])
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not opened, "the pipe was opened"
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"kgreedy: error: {pipe}: not a regular file but a named pipe (FIFO)",
+        f"kgreedy: error: {folder}: not a regular file but a directory",
+        f"kgreedy: error: {bomb}: not an image this model can read: its header declares "
+        "23,000x23,000 = 529,000,000 pixels, above the limit of 64,000,000 (--max-pixels)"]
