@@ -1,6 +1,7 @@
 """A lock file that stops two `train` processes from writing one run directory."""
 
 import datetime
+import errno
 import json
 import os
 import socket
@@ -17,21 +18,48 @@ class RunLock:
     """`RUN_DIR/.lock`, holding the JSON {"pid", "host", "started"} of its holder.
 
     A lock left behind by a dead process (a crash, SIGKILL) is taken over with a
-    warning rather than blocking the run forever.
+    warning rather than blocking the run forever; a live holder's never is.
+
+    With `create`, `acquire` makes the run directory (and its missing parents) and
+    takes the lock in one step, so that of two processes on one new directory
+    exactly one holds it before either writes or removes anything there, and
+    `release` removes the directories it made if they are then empty: a run that
+    wrote nothing leaves nothing (docs/DESIGN.md, "From a recipe to an export").
 
     Args:
-        run_dir: the run directory (`--output`); it must exist.
+        run_dir: the run directory (`--output`); it must exist unless `create`.
+        create: make `run_dir` if it is missing.
 
     Attributes:
         warning: a message about a stale lock that `acquire` took over, for the
             caller to print, or None.
+        created: the directories `acquire` made, outermost first.
     """
 
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
+    def __init__(self, run_dir, create=False):
+        self.run_dir = os.fspath(run_dir)
         self.path = os.path.join(run_dir, LOCK_NAME)
+        self.create = create
         self.warning = None
+        self.created = []
         self._content = None  # the bytes we wrote while we hold the lock
+
+    def check(self):
+        """Raises if a live process holds the lock, as `acquire` would; reads only.
+
+        A stale or unreadable lock passes and stays, for `acquire` to take over
+        and report.
+
+        Raises:
+            KgreedyError: a live process on this host, or any process on another
+                host, holds the lock.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                seen = f.read()
+        except OSError:
+            return  # no lock (or no directory): nothing holds it
+        self._judge(seen, socket.gethostname())
 
     def acquire(self):
         """Takes the lock, taking over a stale one.
@@ -41,15 +69,35 @@ class RunLock:
 
         Raises:
             KgreedyError: a live process on this host, or any process on another
-                host, holds the lock.
+                host, holds the lock; or the directory cannot be created or
+                written (a read-only file system, a parent that is a file).
         """
         host = socket.gethostname()
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         content = json.dumps({"pid": os.getpid(), "host": host, "started": started}).encode()
+        try:
+            return self._acquire(content, host)
+        except BaseException:
+            self._remove_created()  # refused: leave no directory behind either
+            raise
+
+    def _acquire(self, content, host):
         # Each attempt either creates the lock, refuses, or moves a stale lock aside;
         # losing a race to another process just means looking again.
         for _ in range(_ATTEMPTS):
-            if self._create(content):
+            if self.create:
+                self._make_dirs()
+            try:
+                made = self._create(content)
+            except FileNotFoundError as e:
+                if self.create:
+                    continue  # the empty directory was removed by the process that made it
+                raise _unwritable(e, self.run_dir) from None
+            except OSError as e:
+                if e.errno in _DISK_FULL:
+                    raise  # a fault with its own line and status (kgreedy.base.faults)
+                raise _unwritable(e, self.run_dir) from None
+            if made:
                 self._content = content
                 return self.warning
             try:
@@ -64,7 +112,8 @@ class RunLock:
                            "taking it", self.run_dir)
 
     def release(self):
-        """Removes the lock if it is still ours; never another process's. Idempotent."""
+        """Removes the lock if it is still ours, never another process's; then the
+        directories `acquire` made, those that are empty. Idempotent."""
         if self._content is None:
             return
         try:
@@ -75,6 +124,37 @@ class RunLock:
         except FileNotFoundError:
             pass  # removed by hand; nothing of ours is left to release
         self._content = None
+        self._remove_created()
+
+    def _remove_created(self):
+        for path in reversed(self.created):
+            try:
+                os.rmdir(path)  # only an empty one: never what a run wrote there
+            except OSError:
+                break  # not empty (or gone): its parents are not empty either
+        self.created = []
+
+    def _make_dirs(self):
+        """Makes the run directory and its missing parents, noting each one made."""
+        missing = []
+        path = os.path.abspath(self.run_dir)
+        while not os.path.isdir(path) and os.path.dirname(path) != path:
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise KgreedyError("run_dir", "cannot be created "
+                                       f"({os.strerror(errno.ENOTDIR)}: {path})",
+                                       self.run_dir) from None
+                continue  # another process made it: not ours to remove
+            except OSError as e:
+                if e.errno in _DISK_FULL:
+                    raise
+                raise _unwritable(e, self.run_dir, path) from None
+            self.created.append(path)
 
     def __enter__(self):
         self.acquire()
@@ -157,6 +237,16 @@ class RunLock:
             return False
         os.unlink(aside)
         return False
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _unwritable(error, run_dir, path=None):
+    """The one line for a run directory the OS will not let us write."""
+    reason = error.strerror or type(error).__name__
+    return KgreedyError("run_dir", f"cannot be {'created' if path else 'written'} "
+                        f"({reason}{f': {path}' if path else ''})", run_dir)
 
 
 def _alive(pid):

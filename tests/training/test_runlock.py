@@ -1,10 +1,14 @@
-"""The run-directory lock: acquire, release, live, stale, corrupt and foreign locks."""
+"""The run-directory lock: acquire, release, live, stale, corrupt and foreign locks;
+the run directory made with the lock and removed again when nothing was written in
+it; an --output the OS will not let us write (issue 25)."""
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -154,3 +158,102 @@ def test_takeover_race_loser_does_not_steal_the_winners_lock(tmp_path, live_pid,
         RunLock(tmp_path).acquire()
     assert read_lock(tmp_path)["pid"] == live_pid
     assert sorted(os.listdir(tmp_path)) == [".lock"]
+
+
+# ------------------------------------------- creating the run directory ----
+
+def test_create_makes_the_directory_with_the_lock_and_release_removes_it_empty(tmp_path):
+    run_dir = tmp_path / "runs" / "a"
+    lock = RunLock(run_dir, create=True)
+    lock.acquire()
+    assert lock.created == [str(tmp_path / "runs"), str(run_dir)]
+    assert read_lock(run_dir)["pid"] == os.getpid()
+    lock.release()
+    assert os.listdir(tmp_path) == []  # the parent it made too: nothing was written
+
+
+def test_release_keeps_a_created_directory_that_holds_files(tmp_path):
+    run_dir = tmp_path / "runs" / "a"
+    with RunLock(run_dir, create=True):
+        (run_dir / "summary.json").write_text("{}")
+    assert sorted(os.listdir(run_dir)) == ["summary.json"]
+
+
+def test_release_never_removes_a_directory_it_did_not_make(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunLock(run_dir, create=True) as lock:
+        assert lock.created == []
+    assert run_dir.is_dir() and os.listdir(run_dir) == []
+
+
+def test_a_refused_create_leaves_the_live_holders_directory_alone(tmp_path, live_pid):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_lock(run_dir, live_pid)
+    with pytest.raises(KgreedyError, match=f"pid {live_pid}"):
+        RunLock(run_dir, create=True).acquire()
+    assert read_lock(run_dir)["pid"] == live_pid
+
+
+def test_check_refuses_a_live_holder_and_leaves_a_stale_lock_in_place(tmp_path, live_pid):
+    write_lock(tmp_path, live_pid)
+    with pytest.raises(KgreedyError, match=f"is in use by another kgreedy process "
+                                           f"\\(pid {live_pid} "):
+        RunLock(tmp_path).check()
+    dead = finished_pid()
+    write_lock(tmp_path, dead)
+    RunLock(tmp_path).check()  # stale: passes, and the lock stays for acquire to report
+    assert read_lock(tmp_path)["pid"] == dead
+    RunLock(tmp_path / "absent").check()  # no directory, no lock: nothing holds it
+
+
+# ------------------------------------------------ an unwritable --output ----
+
+def test_a_parent_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(KgreedyError) as info:
+        RunLock(tmp_path / "afile" / "run", create=True).acquire()
+    assert str(info.value) == (f"run_dir: cannot be created (Not a directory: "
+                               f"{tmp_path / 'afile'}); received "
+                               f"'{tmp_path / 'afile' / 'run'}'")
+
+
+def read_only_below(monkeypatch, root):
+    """os.mkdir as on a read-only file system mounted at `root` (tests run as root,
+    whom permission bits do not stop)."""
+    mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path).startswith(str(root)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+
+
+def test_a_read_only_file_system_is_one_error_and_leaves_no_parent(tmp_path, monkeypatch):
+    read_only_below(monkeypatch, tmp_path / "new" / "ro")
+    with pytest.raises(KgreedyError) as info:
+        RunLock(tmp_path / "new" / "ro" / "run", create=True).acquire()
+    assert str(info.value) == (f"run_dir: cannot be created (Read-only file system: "
+                               f"{tmp_path / 'new' / 'ro'}); received "
+                               f"'{tmp_path / 'new' / 'ro' / 'run'}'")
+    assert os.listdir(tmp_path) == []  # "new", made on the way, is removed again
+
+
+@pytest.mark.parametrize("code,raises", [(errno.EROFS, KgreedyError),
+                                         (errno.EACCES, KgreedyError),
+                                         (errno.ENOSPC, OSError)])
+def test_a_lock_file_that_cannot_be_written(tmp_path, monkeypatch, code, raises):
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / ".lock.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(raises) as info:
+        RunLock(tmp_path).acquire()
+    if raises is KgreedyError:
+        assert str(info.value) == (f"run_dir: cannot be written ({os.strerror(code)}); "
+                                   f"received {str(tmp_path)!r}")
+    else:  # a full disk is a fault with its own line and status (kgreedy.base.faults)
+        assert info.value.errno == errno.ENOSPC and not isinstance(info.value, KgreedyError)
