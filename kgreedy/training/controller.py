@@ -128,7 +128,8 @@ class GreedyTrainer:
 
         Raises:
             NonFiniteLoss: a loss was NaN/inf; the last good checkpoint is kept.
-            Preempted: SIGTERM arrived; a checkpoint of the current step was written.
+            Preempted: SIGTERM arrived; a checkpoint of the current step was written
+                (after training: scoring and export stopped, nothing half-written).
         """
         if resume and self.run is None:
             raise ValueError("resuming needs a run directory. Received: run=None, "
@@ -356,11 +357,10 @@ class GreedyTrainer:
                 "eval examples")
         if self.export is not None:
             self._finishing = "while exporting"
-            path = self.export(self.net, last["stage"])
-            self._finishing = ""  # too late to stop: the version is whole and in place
-            final["export_path"] = path
-            if path:
-                self.progress.message(f"exported {path}")
+            final["export_path"] = self.export(self.net, last["stage"])
+        self._finishing = ""  # too late to stop: the version is whole and in place
+        if final["export_path"]:
+            self.progress.message(f"exported {final['export_path']}")
         records.final(final)
         return final
 

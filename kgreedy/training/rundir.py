@@ -128,7 +128,7 @@ def stage_weights(run, stage, num_stages, greedy, finished, warn):
             raise KgreedyError("stage", f"stage {stage} has no checkpoint in {directory}",
                                stage)
         return prefix
-    what = f"stage {stage}: checkpoint {describe(damaged)} is unreadable"
+    what = f"stage {stage}: {describe(damaged)}"
     if stage in finished and greedy:
         for later in range(stage + 1, num_stages + 1):
             holder, _ = readable_checkpoint(run.checkpoints(later))
@@ -138,7 +138,7 @@ def stage_weights(run, stage, num_stages, greedy, finished, warn):
                 return holder
     if prefix is None:
         raise KgreedyError("stage", f"stage {stage} has no readable checkpoint in "
-                           f"{directory}: {describe(damaged[::-1])}; rerun kgreedy.train "
+                           f"{directory} ({describe(damaged[::-1])}); rerun kgreedy.train "
                            "with --resume to train it again", stage)
     warn(f"{what}; falling back to {prefix}" + (
         f", which is older than the final weights summary.json reports for stage "
@@ -180,7 +180,7 @@ def check_resume(source, stages, finished, net, warn, *, greedy, writable):
         prefix, damaged = readable_checkpoint(directory)
         weights[stage] = prefix
         if damaged:
-            what = f"stage {stage}: checkpoint {describe(damaged)} is unreadable"
+            what = f"stage {stage}: {describe(damaged)}"
             if writable:
                 what += f"; moved to {quarantine(directory, damaged)}"
             if stage in finished and holder is not None:

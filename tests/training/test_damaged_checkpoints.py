@@ -124,8 +124,8 @@ def test_every_checkpoint_of_the_stage_in_progress_unreadable_restarts_it(
     assert status(train.main, [recipe, "--output", str(run_dir), "--resume"]) == 0
     err = capsys.readouterr().err
     start = "stage 1's final weights" if stage == 2 else "its initial weights"
-    assert (f"kgreedy: warning: stage {stage}: checkpoint ckpt-3 (" in err
-            and f"is unreadable; moved to {run_dir}/checkpoints/stage{stage}/damaged; "
+    assert (f"kgreedy: warning: stage {stage}: unreadable checkpoint ckpt-3 (" in err
+            and f"); moved to {run_dir}/checkpoints/stage{stage}/damaged; "
             f"stage {stage} goes on from {start}; summary.json and metrics.jsonl are "
             "rewound to it" in err), err
     assert epochs(run_dir) == [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -148,7 +148,7 @@ def test_a_finished_stage_whose_final_checkpoint_is_unreadable_trains_again(
     capsys.readouterr()
     assert status(export.main, [str(run_dir), "--stage", "1"]) == 0
     err = capsys.readouterr().err
-    assert f"kgreedy: warning: stage 1: checkpoint ckpt-6 (" in err
+    assert "kgreedy: warning: stage 1: unreadable checkpoint ckpt-6 (" in err
     assert (f"falling back to {ckpt(run_dir, 1, 3)}, which is older than the final "
             "weights summary.json reports for stage 1; rerun kgreedy.train with --resume "
             "to train the stage again") in err
@@ -200,8 +200,9 @@ def test_export_of_a_stage_with_no_readable_checkpoint_is_one_line(tmp_path, mon
     assert status(export.main, [str(run_dir), "--stage", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"kgreedy: error: --stage: stage 1 has no readable checkpoint "
-                              f"in {run_dir}/checkpoints/stage1: ckpt-3 (")
-    assert err[-1].endswith("; rerun kgreedy.train with --resume to train it again; "
+                              f"in {run_dir}/checkpoints/stage1 (unreadable checkpoints ckpt-3 (")
+    assert "), ckpt-6 (" in err[-1]
+    assert err[-1].endswith("); rerun kgreedy.train with --resume to train it again; "
                             "received 1")
     assert status(export.main, [str(run_dir)]) == 2  # the default stage: names the run
     assert capsys.readouterr().err.startswith(

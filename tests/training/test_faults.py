@@ -133,7 +133,11 @@ def test_sigterm_checkpoints_mid_epoch_and_a_corrupt_newest_checkpoint_falls_bac
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     resumed = train(recipe, run_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"checkpoint {newest} is unreadable" in resumed.stderr
+    name = os.path.basename(newest)
+    assert f"kgreedy: warning: stage 2: unreadable checkpoint {name} (" in resumed.stderr
+    assert f"moved to {stage2}/damaged; stage 2 goes on from " in resumed.stderr
+    assert sorted(os.listdir(stage2 / "damaged")) == [f"{name}.data-00000-of-00001",
+                                                     f"{name}.index"]
     assert_bitwise_equal(final_weights(run_dir), expected)
     assert epoch_keys(run_dir) == [(s, e) for s in (1, 2, 3) for e in (1, 2, 3)]
 
