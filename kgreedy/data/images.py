@@ -197,10 +197,51 @@ def declared_size(data):
     width = height = tf.constant(0, tf.int64)
     for is_kind, w, h in kinds:
         width, height = tf.where(is_kind, w, width), tf.where(is_kind, h, height)
-    shape = tf.cond(starts(_JPEG_MAGIC),
-                    lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64),
+    shape = tf.cond(starts(_JPEG_MAGIC), lambda: _jpeg_size(data),
                     lambda: tf.stack([height, width]))
     return shape[1], shape[0]
+
+
+_SOF_MARKERS = [m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)]
+_JPEG_SEGMENTS = 256  # scanned for the frame header before libjpeg is asked instead
+
+
+def _jpeg_size(data):
+    """(height, width) int64 of a JPEG's frame header (SOF), found by walking its
+    segments. A file cut short before the SOF gives 0 x 0 (the decoder then says what
+    is wrong, as it did before the limit); segments that are not where they should
+    be, or too many of them, leave it to `tf.io.extract_jpeg_shape` (libjpeg's own
+    header reading, which skips what libjpeg skips and raises for a damaged header)."""
+    length = tf.cast(tf.strings.length(data), tf.int64)
+
+    def at(pos, size):  # big-endian, 0 past the end
+        pos = tf.minimum(pos, length)
+        chunk = tf.strings.substr(tf.strings.join([tf.strings.substr(data, pos, size),
+                                                   b"\0" * size]), 0, size)
+        return _uint(tf.cast(tf.io.decode_raw(chunk, tf.uint8), tf.int64), 0, size, True)
+
+    def body(pos, height, width, state, count):
+        marker, size = at(pos + 1, 1), at(pos + 2, 2)
+        sof = tf.reduce_any(tf.equal(marker, _SOF_MARKERS))
+        fill = tf.equal(marker, 0xFF)
+        alone = tf.logical_or(tf.logical_and(marker >= 0xD0, marker <= 0xD7),
+                              tf.equal(marker, 0x01))
+        lost = tf.reduce_any([tf.not_equal(at(pos, 1), 0xFF), count >= _JPEG_SEGMENTS,
+                              tf.equal(marker, 0xD9), tf.equal(marker, 0xDA),
+                              tf.logical_and(~(fill | alone), size < 2)])
+        state = tf.where(pos + 9 > length, 2, tf.where(lost, 3, tf.where(sof, 1, 0)))
+        one = tf.constant(1, tf.int64)
+        step = tf.where(fill, one, tf.where(alone, 2 * one, 2 + size))
+        return (pos + step, tf.where(sof, at(pos + 5, 2), height),
+                tf.where(sof, at(pos + 7, 2), width), state, count + 1)
+
+    zero = tf.constant(0, tf.int64)
+    _, height, width, state, _ = tf.while_loop(
+        lambda pos, height, width, state, count: tf.equal(state, 0), body,
+        (tf.constant(2, tf.int64), zero, zero, tf.constant(0), tf.constant(0)))
+    return tf.case([(tf.equal(state, 1), lambda: tf.stack([height, width])),
+                    (tf.equal(state, 2), lambda: tf.stack([zero, zero]))],
+                   default=lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64))
 
 
 def size_problem(data, max_pixels):

@@ -275,7 +275,7 @@ class _Broken:
 
 def test_failed_write_leaves_nothing(trained, tmp_path, monkeypatch):
     _, spec, net, _ = trained
-    monkeypatch.setattr(export, "_build_archive", lambda model, spec: _Broken())
+    monkeypatch.setattr(export, "_build_archive", lambda model, spec, *limit: _Broken())
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_saved_model(net, spec, str(tmp_path))
     assert os.listdir(tmp_path) == []
