@@ -46,7 +46,8 @@ def main(argv=None):
                                "run trains only the last head", heads)
         export_root = rundir.RunDir(args.run_dir).export_root(recipe.model_name)
         print(export_saved_model(net, spec, export_root, stage, args.version,
-                                 keep_versions=args.keep_versions, heads=heads))
+                                 keep_versions=args.keep_versions, heads=heads,
+                                 max_pixels=recipe.data.max_pixels))
     return cli.EXIT_OK
 
 
