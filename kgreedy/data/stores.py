@@ -8,8 +8,9 @@ nor small). `Examples` is a split seen that way; `PackedStore` holds arrays of o
 dtype and channel count, of equal or differing height and width, back to back.
 """
 
+import contextlib
 import os
-import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -19,8 +20,15 @@ class PackedStore:
     """Arrays of one dtype appended one by one, then read back by index.
 
     In memory the arrays are one flat tensor, read with tensor slicing. On disk
-    they are one flat file read through `numpy.memmap`, so a split larger than
-    memory costs no more than the pages the current batches touch.
+    they are one flat file, `directory`/values.bin, read through `numpy.memmap`, so
+    a split larger than memory costs no more than the pages the current batches
+    touch.
+
+    The file is written under a new name and renamed to values.bin by `finish`:
+    an existing values.bin is never opened for writing, since truncating a file
+    that another process has mapped kills that process (SIGBUS). `remove` deletes
+    only the files this store wrote, and `directory` if it made it and it is then
+    empty.
 
     Args:
         dtype: the numpy dtype of every array.
@@ -36,11 +44,26 @@ class PackedStore:
         self._shapes = []
         self._offsets = [0]
         self._file = None
+        self._made = []  # the directories this store made, outermost first
+        self._written = None  # the file this store wrote, while it is ours to delete
+        self._inode = None  # values.bin's, once renamed: still ours if it matches
         if directory is not None:
-            os.makedirs(directory, exist_ok=True)
-            self._file = open(os.path.join(directory, "values.bin"), "wb")
+            self._make_directory(directory)
+            fd, self._written = tempfile.mkstemp(prefix="values.bin.", suffix=".partial",
+                                                 dir=directory)
+            self._file = os.fdopen(fd, "wb")
         self._flat = None
         self._memmap = None
+
+    def _make_directory(self, directory):
+        missing = []
+        while directory and not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path)
+                self._made.append(path)
 
     @property
     def in_memory(self):
@@ -78,10 +101,15 @@ class PackedStore:
             self._file.close()
             self._file = None
             size = self._offsets[-1]
-            # np.memmap cannot map an empty file.
-            self._memmap = (np.memmap(os.path.join(self.directory, "values.bin"),
-                                      dtype=self.dtype, mode="r", shape=(size,))
+            # Mapped before the rename, so the map is of this store's own file whatever
+            # later happens to the name; np.memmap cannot map an empty file.
+            self._memmap = (np.memmap(self._written, dtype=self.dtype, mode="r",
+                                      shape=(size,))
                             if size else np.zeros([0], self.dtype))
+            values = os.path.join(self.directory, "values.bin")
+            os.replace(self._written, values)
+            self._written = values
+            self._inode = os.stat(values).st_ino
         else:
             flat = np.concatenate(self._chunks) if self._chunks else np.zeros([0], self.dtype)
             self._chunks = []
@@ -109,14 +137,24 @@ class PackedStore:
         return np.array(self._memmap[int(start):int(end)])
 
     def remove(self):
-        """Frees the arrays and deletes the store's files."""
+        """Frees the arrays and deletes the files this store wrote, then the
+        directories it made, those that are empty. Idempotent."""
         self._flat = self._memmap = None
         self._chunks = []
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        if self._written is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if self._inode is None or os.stat(self._written).st_ino == self._inode:
+                    os.unlink(self._written)
+            self._written = self._inode = None
+        for path in reversed(self._made):
+            try:
+                os.rmdir(path)
+            except OSError:
+                break  # holds what another writer put there: theirs to remove
+        self._made = []
 
 
 class Examples:
