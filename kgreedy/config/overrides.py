@@ -3,17 +3,31 @@
 import json
 
 from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import MAX_JSON_DEPTH, JsonRefused, loads
 
 
 def parse_override(text):
-    """Splits `KEY=VALUE`; the value is parsed as JSON, else taken as a string."""
+    """Splits `KEY=VALUE`; the value is parsed as strict JSON
+    (`kgreedy.base.files.loads`), else taken as a string.
+
+    JSON that the strict reader refuses (`NaN`, `Infinity`, `1e400`, an integer of
+    hundreds of digits, a key twice) is an error, not a string: it was meant as a
+    number, and as a string it would reach a number key as a confusing type error,
+    or a string key unnoticed. Quoted (`name="NaN"`) it is a string.
+    """
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise KgreedyError("overrides", "expected KEY=VALUE with a dotted KEY", text)
+    if key.count(".") >= MAX_JSON_DEPTH:
+        raise KgreedyError("overrides", f"KEY is nested deeper than {MAX_JSON_DEPTH} "
+                           "levels", text[:40] + "...")
     try:
-        value = json.loads(value)
+        value = loads(value)
     except json.JSONDecodeError:
         pass
+    except JsonRefused as e:
+        where = key + ("." + e.path if e.path[:1] not in ("", "[") else e.path)
+        raise KgreedyError("overrides", f"{where}: {e.problem}", e.received) from None
     return key, value
 
 

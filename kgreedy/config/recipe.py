@@ -20,11 +20,12 @@ from kgreedy.config.overrides import apply_overrides
 from kgreedy.config.schema import build, setting, to_plain
 from kgreedy.config.vocabulary import (AUGMENTS, BAD_FILES, CACHE_MODES, DOWNSAMPLES,
                                        EXPORT_HEADS, HEAD_TYPES, IMAGE_CACHES,
-                                       LAST_HEAD_TYPES, MODES,
-                                       NAME_RE, OPTIMIZERS, PRECISIONS, SCHEDULES, SOURCES,
-                                       STRATEGIES, WEIGHT_DECAY_TYPES)
+                                       LAST_HEAD_TYPES, MODES, NAME_RE, OPTIMIZERS,
+                                       PRECISIONS, SCHEDULES, SOURCES, STRATEGIES,
+                                       WEIGHT_DECAY_TYPES)
 
 ARCHITECTURE_NAMES = tuple(architectures.ARCHITECTURES) + tuple(architectures.RESIDUAL)
+SEED_MAX = 2**32 - 1  # keras.utils.set_random_seed (NumPy's seed) takes no more
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,7 +285,8 @@ class Recipe:
 
     name: str = setting(pattern=NAME_RE, doc="run name; also the default export model name")
     description: str = setting("", doc="free text: what the recipe reproduces, assumptions")
-    seed: int = setting(0, low=0, doc="seeds weights, the digits split and the shuffle order")
+    seed: int = setting(0, low=0, high=SEED_MAX, doc="seeds weights, the digits split "
+                                                 "and the shuffle order; 0 to 2^32-1")
     data: DataConfig = setting(DataConfig())
     model: ModelConfig = setting(doc="the trunk")
     aux: AuxConfig = setting(AuxConfig())
@@ -292,9 +294,7 @@ class Recipe:
     distribute: DistributeConfig = setting(DistributeConfig())
     export: ExportConfig = setting(ExportConfig())
 
-    @property
-    def model_name(self):
-        return self.export.model_name or self.name
+    model_name = property(lambda self: self.export.model_name or self.name)
 
     @property
     def num_stages(self):
@@ -309,8 +309,7 @@ class Recipe:
         """Whether the trunk is a model split into modules (not `model.blocks`)."""
         return split_source(self.model) is not None
 
-    def to_dict(self):
-        """Plain JSON-ready dict; `recipe_from_dict(r.to_dict()) == r`."""
+    def to_dict(self):  # plain JSON; recipe_from_dict(r.to_dict()) == r
         return to_plain(dataclasses.asdict(self))
 
 
@@ -322,8 +321,9 @@ def validate(recipe):
         raise RecipeError("data.name", "is required when data.source is 'tfds'", data.name)
     if data.source == "image_folder":
         if not data.data_dir:
-            raise RecipeError("data.data_dir", "is required when data.source is "
-                              "'image_folder' (the folder of class folders, or of train/ and val/)", None)
+            raise RecipeError("data.data_dir", "is required when data.source is 'image_"
+                              "folder' (the folder of class folders, or of train/ and "
+                              "val/)", None)
         if data.image_size is None:
             raise RecipeError("data.image_size", "is required when data.source is "
                               "'image_folder' (images are resized to it)", None)
@@ -396,7 +396,6 @@ def load_recipe(path, overrides=()):
                                             overrides))
 
 
-
 def check_against_data(recipe, image_size, num_replicas=1):
     """Checks what needs the data's image size and the replica count.
 
@@ -449,5 +448,3 @@ def check_against_data(recipe, image_size, num_replicas=1):
         if value is not None and value % num_replicas:
             raise RecipeError(f"train.{key}", f"must be divisible by the {num_replicas} "
                               "replicas of the distribution strategy", value)
-
-

@@ -3,11 +3,14 @@
 A schema is a tree of frozen, keyword-only dataclasses whose fields are declared with
 `setting(default, choices=..., low=..., doc=...)`. `build` converts a parsed JSON object
 into it: an unknown key, a wrong type or a value out of range raises `RecipeError`
-naming the JSON path (`model.blocks[2].downsample`) and the value received.
+naming the JSON path (`model.blocks[2].downsample`) and the value received. A number
+must be finite (NaN passes every comparison, so a range alone would let it through),
+and a name pattern must match the whole string.
 """
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import field
@@ -83,11 +86,26 @@ def convert(tp, value, path):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        if ok:
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise RecipeError(path, "must be a finite number",
+                                  shown(value)) from None
+            if not math.isfinite(value):
+                raise RecipeError(path, "must be a finite number", value)
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise RecipeError(path, f"expected {_type_name(tp)}", value)
+        raise RecipeError(path, f"expected {_type_name(tp)}", shown(value))
+    return value
+
+
+def shown(value):
+    """`value` as a message may show it: an int of thousands of digits cannot even be
+    printed (Python's digit limit), so it is named by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     return value
 
 
@@ -101,13 +119,18 @@ def _check_range(meta, value, path):
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
-        raise RecipeError(path, f"must be one of {allowed}", value)
+        raise RecipeError(path, f"must be one of {allowed}", shown(value))
     low, high = meta.get("low"), meta.get("high")
-    if low is not None and (value < low or (meta["open_low"] and value == low)):
-        raise RecipeError(path, f"must be {'>' if meta['open_low'] else '>='} {low}", value)
-    if high is not None and (value > high or (meta["open_high"] and value == high)):
-        raise RecipeError(path, f"must be {'<' if meta['open_high'] else '<='} {high}", value)
-    if meta.get("pattern") is not None and not meta["pattern"].match(value):
+    # Written as "not within" so that a NaN (false in every comparison) fails them.
+    if low is not None and not (value > low if meta["open_low"] else value >= low):
+        raise RecipeError(path, f"must be {'>' if meta['open_low'] else '>='} {low}",
+                          shown(value))
+    if high is not None and not (value < high if meta["open_high"] else value <= high):
+        raise RecipeError(path, f"must be {'<' if meta['open_high'] else '<='} {high}",
+                          shown(value))
+    # fullmatch: `$` also matches before a trailing newline, and `name: "nl\n"`
+    # trained three stages into `runs/nl\n` before its export failed.
+    if meta.get("pattern") is not None and not meta["pattern"].fullmatch(value):
         raise RecipeError(path, "must be letters, digits, '_', '.' or '-' "
                           "and start with a letter or digit", value)
 

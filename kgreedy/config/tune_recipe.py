@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from kgreedy.base.errors import RecipeError
 from kgreedy.base.files import read_json
-from kgreedy.config.recipe import Recipe, apply_overrides, check_against_data, validate
+from kgreedy.config.recipe import (SEED_MAX, Recipe, apply_overrides, check_against_data,
+                                   validate)
 from kgreedy.config.schema import build, setting
 from kgreedy.config.vocabulary import HEAD_TYPES, NAME_RE, OBJECTIVES, SCOPES, TUNERS
 
@@ -67,7 +68,8 @@ class TuneRecipe:
     hyperband_factor: int = setting(3, low=2, doc="hyperband: reduction factor")
     max_consecutive_failed_trials: typing.Optional[int] = setting(
         None, low=1, doc="stop after this many failed trials in a row (default: never)")
-    seed: typing.Optional[int] = setting(None, low=0, doc="tuner seed (default: base seed)")
+    seed: typing.Optional[int] = setting(None, low=0, high=SEED_MAX,
+                                      doc="tuner seed (default: base seed)")
 
     @property
     def num_stages(self):

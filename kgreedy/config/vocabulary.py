@@ -26,4 +26,6 @@ EXPORT_HEADS = ("last", "ensemble")  # what an export serves: the last head, or 
 TUNERS = ("random", "hyperband", "bayesian")
 SCOPES = ("joint", "per_stage")
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}  # tuner objective: direction
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # recipe, model and search names
+# Recipe, model and search names; match with fullmatch (`$` would also accept a
+# trailing newline: `\Z` keeps even a stray `match` right).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
