@@ -1,6 +1,8 @@
 """`python -m kgreedy.train RECIPE.json [--output DIR] [--set KEY=VALUE ...] [--resume]
 [--dry-run]`: parses, validates everything that can be checked cheaply, and calls
-the engine. Nothing is written before the recipe and the data are known good.
+the engine. Nothing is written before the recipe is known good, and nothing in
+--output before this process holds its run lock (`kgreedy.training.runlock`); a
+run that fails before training leaves only what was there before.
 
 Exit status (`kgreedy.cli`): 0 done; 1 an unexpected failure (with its traceback); 2
 bad usage, recipe or data, or a run directory in use; 65 a non-finite loss; 69 a lost
@@ -35,7 +37,7 @@ from kgreedy.training import distribute, memory, precision, session
 from kgreedy.training.cache import check_cache_workers
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
-from kgreedy.training.runlock import RunLock
+from kgreedy.training.runlock import LOCK_NAME, RunLock
 
 
 def parse_args(argv):
@@ -95,15 +97,27 @@ def _buffer_mb(net, size, train):
     return memory.replay_buffer_bytes(net, train, size) / 2 ** 20
 
 
-def prepare_output(path, resume):
-    """Checks the run directory before any work; creates nothing."""
+def prepare_output(path, resume, locked=False):
+    """Checks the run directory; creates nothing.
+
+    Called twice: before any work, reading only, so that a directory in use, not
+    empty or not resumable is refused at once and untouched (a stale lock stays for
+    --resume to report); and again with `locked` once this process holds the run
+    lock, since another process may have written there in between.
+    """
     exists = os.path.isdir(path)
     if os.path.exists(path) and not exists:
         raise KgreedyError("--output", "exists and is not a directory", path)
+    if not locked:
+        RunLock(path).check()
     if resume and not (exists and os.path.isfile(os.path.join(path, "recipe.json"))):
         raise KgreedyError("--resume", "needs an existing run directory with recipe.json",
                            path)
-    if not resume and exists and os.listdir(path):
+    try:
+        entries = set(os.listdir(path)) if exists else set()
+    except OSError as e:
+        raise KgreedyError("--output", f"cannot be read ({e.strerror})", path) from None
+    if not resume and entries - ({LOCK_NAME} if locked else set()):
         raise KgreedyError("--output", "is not empty; pass --resume to continue that run "
                            "or choose another directory", path)
 
@@ -143,8 +157,6 @@ def _main(args):
     del net
     if worker.is_chief:
         prepare_output(output, args.resume)
-        if args.resume:
-            _check_same_recipe(output, recipe)
 
     keras.utils.set_random_seed(recipe.seed)
     progress = Progress()
@@ -166,11 +178,16 @@ def _main(args):
             shutil.rmtree(scratch, ignore_errors=True)
         return cli.EXIT_OK
     run = RunDir(output)
-    with _faults(output, output), _load_data(recipe, spec, output, progress) as datasets:
-        os.makedirs(output, exist_ok=True)
-        with RunLock(output) as lock:
-            if lock.warning:
-                progress.warning(lock.warning)
+    # The directory and the lock come first, in one step, and everything after
+    # (the checks again, the disk image cache, training) runs under the lock: a
+    # second process is refused before it writes or removes anything in --output.
+    with _faults(output, output), RunLock(output, create=True) as lock:
+        if lock.warning:
+            progress.warning(lock.warning)
+        prepare_output(output, args.resume, locked=True)
+        if args.resume:
+            _check_same_recipe(output, recipe)
+        with _load_data(recipe, spec, output, progress) as datasets:
             summary = GreedyTrainer(recipe, datasets, run, strategy, progress,
                                     export=_exporter(recipe, datasets.spec, run)).fit(
                 resume=args.resume)
@@ -206,25 +223,31 @@ def _exporter(recipe, spec, run):
 @contextlib.contextmanager
 def _load_data(recipe, spec, output, progress):
     """The run's `Datasets`, its disk image cache in `output`/cache/images, closed
-    (decoded images freed, disk cache removed) when the run ends. A data error leaves
-    no run directory that was not there before."""
+    (decoded images freed, disk cache removed) when the run ends. Called under the
+    run lock (or in a scratch directory); a data error leaves the cache folders
+    only where they hold something this process did not write."""
     cache_dir = os.path.join(output, "cache", "images")
-    existed = os.path.isdir(output)
     try:
         datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
                              eval_batch_size=recipe.train.eval_batch_size,
                              seed=recipe.seed, cache_dir=cache_dir, progress=progress)
     except BaseException:
-        shutil.rmtree(output if not existed else os.path.dirname(cache_dir),
-                      ignore_errors=True)
+        _remove_empty_cache(cache_dir)
         raise
     try:
         yield datasets
     finally:
         datasets.close()
-        for folder in (cache_dir, os.path.dirname(cache_dir)):
-            with contextlib.suppress(OSError):  # absent, or still holding other files
-                os.rmdir(folder)
+        _remove_empty_cache(cache_dir)
+
+
+def _remove_empty_cache(cache_dir):
+    """Removes the image cache's folders that are empty (the stores removed their own
+    files); a folder still holding anything stays."""
+    for folder in (*(os.path.join(cache_dir, split) for split in ("train", "eval")),
+                   cache_dir, os.path.dirname(cache_dir)):
+        with contextlib.suppress(OSError):  # absent, or still holding other files
+            os.rmdir(folder)
 
 
 def _saved_precision(output):

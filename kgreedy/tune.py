@@ -32,7 +32,7 @@ from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.tune_recipe import check_base, load_tune_recipe
 from kgreedy.training import memory, session
-from kgreedy.training.runlock import RunLock
+from kgreedy.training.runlock import LOCK_NAME, RunLock
 from kgreedy.tuning.runner import BEST_RECIPE, TUNE_RECIPE, TUNING, AuxTuning
 from kgreedy.tuning.search import ConfigError, quiet_trial_tracebacks
 from kgreedy.tuning.space import stage_sides
@@ -60,11 +60,22 @@ def _comparable(tune_dict):
     return {k: v for k, v in tune_dict.items() if k not in RESUMABLE_CHANGES}
 
 
-def prepare_output(path, tune):
-    """Checks the output directory; creates nothing. Returns whether it resumes."""
+def prepare_output(path, tune, locked=False):
+    """Checks the output directory; creates nothing. Returns whether it resumes.
+
+    Called before any work, reading only (a directory in use or holding something
+    else is refused untouched), and again with `locked` once this process holds
+    the run lock, since another process may have written there in between.
+    """
     if os.path.exists(path) and not os.path.isdir(path):
         raise KgreedyError("--output", "exists and is not a directory", path)
-    if not os.path.isdir(path) or not os.listdir(path):
+    if not locked:
+        RunLock(path).check()
+    try:
+        entries = set(os.listdir(path)) if os.path.isdir(path) else set()
+    except OSError as e:
+        raise KgreedyError("--output", f"cannot be read ({e.strerror})", path) from None
+    if not entries - ({LOCK_NAME} if locked else set()):
         return False
     saved_path = os.path.join(path, TUNE_RECIPE)
     if not os.path.isfile(saved_path):
@@ -100,13 +111,20 @@ def _main(args):
     output = args.output or os.path.join("runs", tune.name)
     prepare_output(output, tune)
     progress = Progress()
-    datasets = data.load(base.data, spec, batch_size=base.train.batch_size,
-                         eval_batch_size=base.train.eval_batch_size, seed=base.seed,
-                         progress=progress)
-    try:
-        return _search(tune, datasets, strategy, output, progress, sides)
-    finally:
-        datasets.close()
+    # The directory and the lock in one step before anything else touches --output;
+    # the checks again under it. A data error then removes only the lock and the
+    # directory this process made, if it is still empty.
+    with RunLock(output, create=True) as lock:
+        if lock.warning:
+            progress.warning(lock.warning)
+        prepare_output(output, tune, locked=True)
+        datasets = data.load(base.data, spec, batch_size=base.train.batch_size,
+                             eval_batch_size=base.train.eval_batch_size, seed=base.seed,
+                             progress=progress)
+        try:
+            return _search(tune, datasets, strategy, output, progress, sides)
+        finally:
+            datasets.close()
 
 
 def check_memory(base, spec):
@@ -121,18 +139,15 @@ def check_memory(base, spec):
 
 
 def _search(tune, datasets, strategy, output, progress, sides):
+    """Runs the search into `output`, whose run lock the caller holds."""
     quiet_trial_tracebacks()
-    os.makedirs(output, exist_ok=True)
-    with RunLock(output) as lock:
-        if lock.warning:
-            progress.warning(lock.warning)
-        # On resume only RESUMABLE_CHANGES can differ: the file shows the latest values.
-        write_json(os.path.join(output, TUNE_RECIPE), tune.to_dict())
-        start = time.perf_counter()
-        try:
-            results = AuxTuning(tune, datasets, strategy, output, progress, sides).run()
-        except ConfigError as e:
-            raise e.error from None
+    # On resume only RESUMABLE_CHANGES can differ: the file shows the latest values.
+    write_json(os.path.join(output, TUNE_RECIPE), tune.to_dict())
+    start = time.perf_counter()
+    try:
+        results = AuxTuning(tune, datasets, strategy, output, progress, sides).run()
+    except ConfigError as e:
+        raise e.error from None
     best = results["best"][-1]
     print(f"done in {time.perf_counter() - start:.0f}s: best {tune.objective} "
           f"{best['score']:.4f}; {os.path.join(output, TUNING)}; train the best design with "
