@@ -135,7 +135,7 @@ def stage_table(net):
 
 def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
           head=None, last_head=None, mean=None, std=None, class_names=None,
-          input_shape=None, name=None):
+          input_shape=None, batch_norm_momentum=None, name=None):
     """Splits a Keras model into the modules of a greedy net, each with a head.
 
     Stage j trains module j and its head on the output of modules 1..j-1. The
@@ -165,6 +165,11 @@ def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
         class_names: one name per class, answered by the export (default: the ids).
         input_shape: (height, width, channels), for a list of modules whose first
             one does not know its input.
+        batch_norm_momentum: sets the momentum of every BatchNormalization layer of
+            the net (the model's own layers, and the heads'); None keeps each
+            layer's. Keras' default 0.99 needs about 100 steps per stage to settle
+            its moving statistics; 0.9 (kgreedy's own layers, PyTorch's 0.1) about
+            10. `kgreedy.fit` warns about a stage too short for a layer's momentum.
         name: prefix of the Keras models the net assembles (default: the model's).
 
     Returns:
@@ -199,9 +204,22 @@ def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
         raise ValueError(f"`class_names` needs one name per class ({num_classes}). "
                          f"Received: class_names={format_value(class_names)}")
     _check_pools(parts, heads, image_shape)
-    return SplitNet(parts, heads, image_shape, num_classes, mean, std,
-                    class_names=None if class_names is None else list(class_names),
-                    name=name or getattr(model, "name", None) or "greedy")
+    if batch_norm_momentum is not None and (
+            isinstance(batch_norm_momentum, bool)
+            or not isinstance(batch_norm_momentum, numbers.Real)
+            or not 0.0 <= batch_norm_momentum < 1.0):  # NaN fails too
+        raise ValueError("`batch_norm_momentum` must be a number in [0, 1), e.g. 0.9, "
+                         "or None to keep each layer's. Received: "
+                         f"batch_norm_momentum={format_value(batch_norm_momentum)}")
+    net = SplitNet(parts, heads, image_shape, num_classes, mean, std,
+                   class_names=None if class_names is None else list(class_names),
+                   name=name or getattr(model, "name", None) or "greedy")
+    if batch_norm_momentum is not None:
+        # The modules are the model's own layers: the model keeps the new momentum.
+        for layer in (*net.modules, *net.heads):
+            for bn in fitting.batch_norms(layer):
+                bn.momentum = float(batch_norm_momentum)
+    return net
 
 
 def _check_count(key, value, low=1):
@@ -388,6 +406,12 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
     Raises:
         ValueError: a bad argument, found before any work.
         kgreedy.base.errors.NonFiniteLoss: a loss was NaN or infinite.
+
+    Warns:
+        UserWarning: a stage has fewer steps than a BatchNormalization layer of it
+            needs to settle its moving statistics, 1/(1 - momentum)
+            (`kgreedy.fitting.check_batch_norm`); see `split`'s
+            `batch_norm_momentum`.
     """
     if not isinstance(net, SplitNet):
         raise ValueError("`net` must be what kgreedy.split returned. "

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import keras
@@ -17,6 +18,7 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 
 import kgreedy
+from kgreedy import fitting
 from kgreedy.base.errors import NonFiniteLoss
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
@@ -247,6 +249,9 @@ def net():
     ({"mean": [1.0, 2.0]}, r"one per channel \(1\)"),
     ({"class_names": ["a", "b"]}, r"one name per class \(10\)"),
     ({"head": kgreedy.heads.Conv(pool_size=16)}, "smaller than its head's 16x16 pool"),
+    ({"batch_norm_momentum": 1.0}, r"in \[0, 1\).*Received: batch_norm_momentum=1.0"),
+    ({"batch_norm_momentum": float("nan")}, r"Received: batch_norm_momentum=nan"),
+    ({"batch_norm_momentum": "0.9"}, r"Received: batch_norm_momentum='0.9'"),
 ])
 def test_split_refuses_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -324,6 +329,63 @@ def unbatched():
 def test_fit_refuses_bad_arguments_before_any_work(net, train, kwargs, message):
     with pytest.raises(ValueError, match=message):
         kgreedy.fit(net, train, **kwargs)
+
+
+def test_fit_warns_when_a_stage_is_too_short_for_batch_norm_momentum(tmp_path):
+    """Issue 25, defect 13: Keras' default momentum 0.99 needs about 100 steps to
+    settle BN's moving statistics; a stage of 3 epochs of 22 steps is warned about,
+    naming the layer, its momentum, the steps and the fix, before any work (the fit
+    below then stops on its non-empty run_dir)."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("x")
+    args = dict(epochs_per_stage=3, steps_per_epoch=22, run_dir=tmp_path / "full")
+    with pytest.warns(UserWarning) as caught:
+        with pytest.raises(ValueError, match="not empty"):
+            kgreedy.fit(tiny_net(), digits(64).repeat(), **args)
+    messages = [str(w.message) for w in caught if "kgreedy.fit" in str(w.message)]
+    assert len(messages) == 2, messages  # one per stage: res1_bn, then res2_bn
+    assert messages[0].startswith("kgreedy.fit: stage 1 trains 66 steps (3 epochs of "
+                                  "22), fewer than the 100 that BatchNormalization "
+                                  "momentum 0.99 needs")
+    assert "'res1_bn' in module 1" in messages[0] and "'res2_bn' in module 2" in messages[1]
+    assert "batch_norm_momentum=0.9 to kgreedy.split" in messages[0]
+    assert caught[0].filename == __file__  # points at the caller's kgreedy.fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0.9 settles in about 10 steps: no warning
+        with pytest.raises(ValueError, match="not empty"):
+            kgreedy.fit(tiny_net(batch_norm_momentum=0.9), digits(64).repeat(), **args)
+
+
+def test_split_batch_norm_momentum_sets_every_batch_norm_of_the_net():
+    model = tiny_model()
+    net = kgreedy.split(model, at=["res1"], num_classes=10, batch_norm_momentum=0.9,
+                        head=[kgreedy.heads.Conv(k=2, width=8),
+                              keras.Sequential([keras.layers.BatchNormalization(),
+                                                keras.layers.GlobalAveragePooling2D(),
+                                                keras.layers.Dense(10)])])
+    in_model = [layer.momentum for layer in model.layers
+                if isinstance(layer, keras.layers.BatchNormalization)]
+    assert in_model == [0.9, 0.9]  # the model's own layers: it keeps them
+    in_heads = [bn.momentum for head in net.heads for bn in fitting.batch_norms(head)]
+    assert len(in_heads) == 3 and set(in_heads) == {0.9}
+    assert fitting.check_batch_norm(net, 1, 10) == []
+    kept = kgreedy.split(tiny_model(), at=["res1"], num_classes=10)
+    assert {bn.momentum for m in kept.modules for bn in fitting.batch_norms(m)} == {0.99}
+    # End to end trains only the last head; every module still trains (in all).
+    warned = fitting.check_batch_norm(kept, 1, 10, mode="end_to_end")
+    assert [m.split(" trains")[0] for m in warned] == ["kgreedy.fit: module 1",
+                                                        "kgreedy.fit: module 2"]
+
+
+def test_fit_json_is_read_strictly_on_resume(tmp_path):
+    """fit.json goes through the one strict JSON reader (issue 25, defect 10)."""
+    from kgreedy.base.errors import KgreedyError
+    from kgreedy.training.rundir import RunDir
+
+    (tmp_path / "fit.json").write_text('{"mean": [NaN]}')
+    with pytest.raises(KgreedyError, match=r"fit.json: .*mean\[0\]: NaN is not a JSON "
+                                           "number"):
+        fitting._record_or_compare(RunDir(str(tmp_path)), {"mean": [0.0]}, resume=True)
 
 
 def test_fit_and_export_refuse_bad_targets(net, tmp_path):
