@@ -21,6 +21,7 @@ MAX_JSON_DEPTH = 100  # a recipe nests 5 levels; Python's parser overflows near 
 # recipe or run file needs 20.
 MAX_INT_DIGITS = 100
 
+
 def umask_mode(mode=0o666):
     """`mode` less the process umask: what open() would give a new file.
 
