@@ -217,7 +217,8 @@ def _exporter(recipe, spec, run):
     if not recipe.export.enabled:
         return None
     return Exporter(spec, run.export_root(recipe.model_name), recipe.export.version,
-                    recipe.export.keep_versions, recipe.export.heads)
+                    recipe.export.keep_versions, recipe.export.heads,
+                    max_pixels=recipe.data.max_pixels)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from kgreedy.serving import export
 from kgreedy.training import rundir
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
-          "aux": {"k": 2, "width": 8}}
+          "aux": {"k": 2, "width": 8}, "data": {"max_pixels": 4096}}
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 REPO = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
 
@@ -336,6 +336,7 @@ def test_cli_stage_and_version_in_process(trained, run_dir, capsys):
     version_dir = os.path.join(run_dir, "export", "t", "7")
     assert capsys.readouterr().out.strip() == version_dir
     loaded = tf.saved_model.load(version_dir)
+    assert int(loaded.max_pixels[0].numpy()) == 4096  # the run's data.max_pixels
     got = loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"]
     np.testing.assert_allclose(got, _probabilities(net.deployed_model(1), x), atol=1e-5)
 

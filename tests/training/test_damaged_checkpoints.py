@@ -49,7 +49,9 @@ def status(main, argv):
 
 def write_recipe(tmp_path, exporting=False):
     path = tmp_path / "recipe.json"
-    path.write_text(json.dumps({**RECIPE, "export": {"enabled": exporting}}))
+    # An exporting run also sets a pixel limit of its own, which its export must keep.
+    extra = {"data": {"max_pixels": 5000}} if exporting else {}
+    path.write_text(json.dumps({**RECIPE, **extra, "export": {"enabled": exporting}}))
     return str(path)
 
 
@@ -245,3 +247,4 @@ def test_sigterm_after_the_last_chunk_stops_with_75_and_resume_exports(
     assert os.listdir(root) == ["1"]
     assert summary(run_dir)["final"]["export_path"] == str(root / "1")
     assert epochs(run_dir) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert int(tf.saved_model.load(str(root / "1")).max_pixels[0].numpy()) == 5000
