@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 
 from kgreedy.base.errors import KgreedyError
@@ -227,7 +228,16 @@ def read_json(path, key=None, kind="file"):
     """
     where, received = (str(path), ()) if key is None else (key, (str(path),))
     try:
-        with open(path, "rb") as f:
+        # Opened without blocking and checked before reading: opening a named pipe
+        # for reading would wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            if not stat.S_ISREG(mode):
+                raise KgreedyError(where, f"{kind} is not a regular file but "
+                                   f"{_file_type(mode)}", *received)
             data = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise KgreedyError(where, f"{kind} not found", *received) from None
@@ -254,6 +264,16 @@ def read_json(path, key=None, kind="file"):
     except JsonRefused as e:
         message = str(e) if key is None else f"{path}: {e}"
         raise KgreedyError(where, message, e.received) from None
+
+
+def _file_type(mode):
+    """What a file that is not a regular file is, in words."""
+    for test, words in ((stat.S_ISFIFO, "a named pipe"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return words
+    return "a special file"
 
 
 def read_jsonl(path, key):

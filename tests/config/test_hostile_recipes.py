@@ -6,6 +6,7 @@ a silently last-wins duplicate key, NaN in a run, or a run named with a newline.
 
 import json
 import math
+import os
 
 import pytest
 
@@ -126,6 +127,21 @@ def test_a_file_larger_than_the_limit_is_one_line(tmp_path, monkeypatch):
     path.write_text(BASE_TEXT[:-1] + ', "description": "' + "x" * 2**20 + '"}')
     with pytest.raises(KgreedyError, match=r"recipe file is larger than 1 MiB"):
         load_recipe(path)
+
+
+def test_a_recipe_that_is_not_a_regular_file_is_one_line(tmp_path, capsys):
+    """Opening a named pipe for reading waits for a writer forever: the reader checks
+    what the path is first, without blocking."""
+    pipe = tmp_path / "recipe.json"
+    os.mkfifo(pipe)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train_cli.main, [str(pipe), "--dry-run"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"kgreedy: error: {pipe}: recipe file is not a "
+                                       "regular file but a named pipe\n")
+    with pytest.raises(KgreedyError, match=r"base: recipe file is not a regular file "
+                                           r"but a character device; received '/dev/null'"):
+        files.read_json("/dev/null", "base", "recipe file")
 
 
 @pytest.mark.parametrize("key,value", [
