@@ -28,7 +28,7 @@ from kgreedy.model.network import parameter_table
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.keras_hooks import KerasCallbacks, ProgbarProgress, StageHistory
 from kgreedy.training.rundir import RunDir
-from kgreedy.training.runlock import RunLock
+from kgreedy.training.runlock import LOCK_NAME, RunLock
 
 FIT_FILE = "fit.json"  # in a run directory of kgreedy.fit, instead of recipe.json
 
@@ -70,9 +70,12 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
             hooks.train_begin(trainer.stages()[0])
             summary = trainer.fit()
         else:
-            with RunLock(run.root) as lock:
+            # The directory is made and locked in one step, and checked again under
+            # the lock: another process may have started a fit there in between.
+            with RunLock(run.root, create=True) as lock:
                 if lock.warning:
                     progress.warning(lock.warning)
+                _prepare_run(run.root, resume, locked=True)
                 _record_or_compare(run, _settings(net, train), resume)
                 hooks.train_begin(trainer.stages()[0])
                 summary = trainer.fit(resume=resume)
@@ -162,9 +165,10 @@ def _optimizer_factory(optimizer):
     return factory
 
 
-def _prepare_run(run_dir, resume):
-    """The `RunDir`, checked before any work: new or empty, or a kgreedy.fit run to
-    resume."""
+def _prepare_run(run_dir, resume, locked=False):
+    """The `RunDir`, checked before any work and again under the run lock (`locked`:
+    the lock file is then ours): new or empty, or a kgreedy.fit run to resume. Creates
+    nothing."""
     path = os.fspath(run_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`run_dir` exists and is not a directory. Received: "
@@ -172,10 +176,10 @@ def _prepare_run(run_dir, resume):
     if resume and not os.path.isfile(os.path.join(path, FIT_FILE)):
         raise ValueError(f"`resume=True` needs a run directory of kgreedy.fit (with "
                          f"{FIT_FILE}). Received: run_dir={path!r}")
-    if not resume and os.path.isdir(path) and os.listdir(path):
+    ours = {LOCK_NAME} if locked else set()
+    if not resume and os.path.isdir(path) and set(os.listdir(path)) - ours:
         raise ValueError("`run_dir` is not empty: pass resume=True to continue that fit, "
                          f"or choose another directory. Received: run_dir={path!r}")
-    os.makedirs(path, exist_ok=True)
     return RunDir(path)
 
 

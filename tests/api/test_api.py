@@ -388,6 +388,26 @@ def test_fit_json_is_read_strictly_on_resume(tmp_path):
         fitting._record_or_compare(RunDir(str(tmp_path)), {"mean": [0.0]}, resume=True)
 
 
+def test_a_fit_checks_its_run_dir_again_under_the_lock(net, tmp_path, monkeypatch):
+    """Two fits on one new run_dir both pass the first check; the one that locks
+    second must find the other's files and stop, not train into that run."""
+    from kgreedy.training.runlock import RunLock
+
+    run_dir = tmp_path / "run"
+    acquire = RunLock.acquire
+
+    def other_fit_first(lock):
+        os.makedirs(lock.run_dir, exist_ok=True)  # the other fit, done meanwhile
+        (Path(lock.run_dir) / "summary.json").write_text("{}")
+        return acquire(lock)
+
+    monkeypatch.setattr(RunLock, "acquire", other_fit_first)
+    with pytest.raises(ValueError, match=r"not empty.*Received: run_dir="):
+        kgreedy.fit(net, digits(32), epochs_per_stage=1, steps_per_epoch=1,
+                    run_dir=run_dir, verbose=0)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]  # lock released
+
+
 def test_fit_and_export_refuse_bad_targets(net, tmp_path):
     with pytest.raises(ValueError, match="what kgreedy.split returned"):
         kgreedy.fit(tiny_model(), digits(32))
