@@ -66,11 +66,16 @@ def test_readme_example_trains_and_its_export_passes_the_serving_check(tmp_path,
                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
-    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102
+    # The example sets a BN momentum its 90-step stages can settle (Keras' 0.99 gave
+    # 0.87 / 0.81 / 0.83 at the three stages, 0.9 about 0.94 each), so no warning.
+    assert not [w for w in caught if "momentum" in str(w.message)], caught
     history = namespace["history"]
     assert sorted(history.stages) == [1, 2, 3]
     assert len(history.stages[3]["val_accuracy"]) == 3
-    assert history.summary["final"]["val_accuracy"] > 0.6
+    assert history.summary["final"]["val_accuracy"] > 0.85
     export = tmp_path / "exports" / "digits" / "1"
     proc = subprocess.run([sys.executable, CHECK_SERVING, str(export)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
