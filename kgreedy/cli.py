@@ -10,6 +10,7 @@ from kgreedy import quiet
 from kgreedy.base import faults
 from kgreedy.base.errors import Fault, KgreedyError, Stopped
 from kgreedy.base.machine import available_bytes
+from kgreedy.config.recipe import SEED_MAX
 # The exit statuses of every front end, in one place (docs/DESIGN.md, "Command line").
 # Those of a stop of the work are its `Stopped` class's, defined beside them: a
 # non-finite loss 65, a lost worker 69, out of memory 71, a full disk 74, SIGTERM 75.
@@ -36,6 +37,19 @@ def positive_int(text):
         value = None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; received {text!r}")
+    return value
+
+
+def seed(text):
+    """argparse type: a seed in 0..2**32-1 (what NumPy and scikit-learn accept), else
+    the one-line usage error."""
+    try:
+        value = int(text) if len(text) <= 20 else None  # no 5,000-digit integers
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX}; "
+                                         f"received {text[:40]!r}")
     return value
 
 

@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--stage", type=cli.positive_int, default=None, metavar="N",
                         help="probe modules 1..N (default: every module of the "
                              "last finished stage)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
+    parser.add_argument("--seed", type=cli.seed, default=0, metavar="S",
                         help="seeds the samples and the regression (default: 0)")
     cli.add_verbose(parser)
     args = parser.parse_args(argv)

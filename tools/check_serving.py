@@ -44,7 +44,8 @@ def main(argv=None):
                         help="version directory, RUN_DIR/export/MODEL_NAME/VERSION")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted difference of probabilities (default 1e-4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample pixels")
+    parser.add_argument("--seed", type=cli.seed, default=0,
+                        help="seed of the sample pixels (0 to 2**32-1)")
     args = parser.parse_args(argv)
     with cli.flags(**FLAGS):
         failed = check(args.export_dir, args.tolerance, args.seed)

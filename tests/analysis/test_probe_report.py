@@ -126,6 +126,8 @@ def test_probe_bounds_the_samples_and_the_depth(run_dir, tmp_path):
     (["--max-train", "1"], "--max-train: the train sample holds a single class"),
     (["--stage", "4"], "--stage: must be between 1 and 3"),
     (["--stage", "0"], "--stage"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 4294967295; received '-1'"),
+    (["--seed", "4294967296"], "--seed: must be an integer from 0 to 4294967295"),
 ])
 def test_probe_usage_errors_write_nothing(run_dir, tmp_path, capsys, argv, needle):
     copy = _copy(run_dir, tmp_path)

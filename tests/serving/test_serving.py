@@ -140,7 +140,10 @@ def test_malformed_image_bytes_get_errors(trained, exported):
     for bad, needle in [(jpeg[:len(jpeg) // 2], "Invalid JPEG data"),
                         (jpeg[:20] + b"\0" * 200, "Invalid JPEG data"),  # header kept
                         (png[:len(png) // 2], "PNG"),
-                        (b"GIF89a-but-not-really", "GIF"),
+                        (b"GIF89a\x01\x00\x01\x00-but-not-really", "GIF"),
+                        # The header's size is checked first: these bytes declare
+                        # 25133x29813 ("-but" read as two sizes), refused undecoded.
+                        (b"GIF89a-but-not-really", "25133.*29813.*above the limit"),
                         (b"plain text", "Unknown image file format")]:
         # Among good images, a bad one still fails the whole request: never an answer.
         with pytest.raises(tf.errors.InvalidArgumentError, match=needle):
