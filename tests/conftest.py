@@ -33,11 +33,12 @@ _LONGEST_FIRST = ["test_readme_commands", "test_decoupled", "test_faults",
                   "test_benchmark", "test_export", "test_tune", "test_recipe_cli",
                   "test_split_recipes", "test_network_commands", "test_api",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",
-                  "test_probe_report_modules", "test_modules_engine", "test_resume",
+                  "test_probe_report_modules", "test_modules_engine", "test_damaged_checkpoints",
+                  "test_resume", "test_second_process",
                   "test_tune_modules", "test_resnets", "test_precision", "test_distribute", "test_cache",
-                  "test_fault_lines", "test_time_to_accuracy",
+                  "test_fault_lines", "test_hostile_files", "test_time_to_accuracy",
                   "test_precision_auto", "test_engine", "test_quiet", "test_data",
-                  "test_memory", "test_stage", "test_benchmark_folder"]
+                  "test_memory", "test_hostile_recipes", "test_stage", "test_benchmark_folder"]
 
 
 def pytest_collection_modifyitems(items):

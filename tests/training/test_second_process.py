@@ -5,7 +5,6 @@ writing. Two real `kgreedy.train` processes, each held at a chosen point so that
 the two overlap the same way every time; and, in this process, what a refused or
 failed run leaves behind."""
 
-import errno
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from PIL import Image
 
 from kgreedy import cli, train, tune
 from kgreedy.data.stores import PackedStore
+from test_runlock import read_only_below  # same folder: on sys.path under pytest
 
 ROOT = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
 QUICKSTART = os.path.join(ROOT, "recipes", "quickstart.json")
@@ -234,18 +234,6 @@ def test_a_data_error_leaves_no_directory_it_made(tmp_path, capsys):
                         "--set", "data.cache=disk")
     assert status == 2 and os.listdir(tmp_path / "empty") == []
 
-
-def read_only_below(monkeypatch, root):
-    """os.mkdir as on a read-only file system at `root` (the tests run as root,
-    whom permission bits do not stop)."""
-    mkdir = os.mkdir
-
-    def refuse(path, *args, **kwargs):
-        if os.fspath(path).startswith(str(root)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
-        return mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", refuse)
 
 
 def test_an_unwritable_output_is_one_line_for_train_and_tune(tmp_path, capsys, monkeypatch):
