@@ -183,6 +183,23 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
         return tf.cond(ok, lambda: tf.reshape(image, [height, width, channels]),
                        wrong_size)
 
+    def within_pixel_limit(images):
+        # The same limit as serve_encoded's: resizing a request of huge images would
+        # cost many times its own size. The Assert sits in a cond branch on the data
+        # path, for the reason wrong_size's does.
+        size = tf.shape(images, out_type=tf.int64)[1:3]
+        pixels = size[0] * size[1]
+        ok = pixels <= max_pixels
+
+        def refuse():
+            message = [f"images: each image's height x width may be at most "
+                       f"{max_pixels} pixels (data.max_pixels); received",
+                       size[0], "x", size[1], "=", pixels]
+            with tf.control_dependencies([tf.debugging.Assert(ok, message)]):
+                return tf.identity(images)
+
+        return tf.cond(ok, lambda: images, refuse)
+
     # The argument names are the signature input names TF Serving shows.
     def serving_default(images):
         # The signature's TensorSpec is not enforced on requests (TF Serving and the
@@ -191,6 +208,8 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
         # compatible with expected shape [?,8,8,1]". Later ops would fail with
         # internal names, or resize silently.
         images = tf.ensure_shape(images, images_spec.shape)
+        if spec.eval_resize != "none":  # any size is taken, so the pixel limit holds
+            images = within_pixel_limit(images)
         # resize_crop slices with computed offsets, which loses the static shape
         # that the head's flatten/dense need; ensure_shape restores it.
         return classify(tf.ensure_shape(data.eval_transform(images, spec),

@@ -204,6 +204,21 @@ def test_resizing_spec_takes_any_size(trained, tmp_path, eval_resize):
         atol=1e-5)
 
 
+def test_a_resizing_serving_default_refuses_images_above_max_pixels(trained, tmp_path):
+    """serving_default of a resizing model takes any size, so the export's pixel limit
+    holds there too: 10x10 = 100 pixels pass a limit of 100, 10x11 do not."""
+    _, spec, net, x = trained
+    spec = dataclasses.replace(spec, eval_resize="resize")
+    loaded = tf.saved_model.load(export.export_saved_model(net, spec, str(tmp_path),
+                                                           max_pixels=100))
+    default = loaded.signatures["serving_default"]
+    assert default(images=tf.zeros([2, 10, 10, 1]))["probabilities"].shape == [2, 10]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"at most 100 pixels \(data.max_pixels\); received\] "
+                             r"\[10\] \[x\] \[11\] \[=\] \[110\]"):
+        default(images=tf.zeros([1, 10, 11, 1]))
+
+
 def test_stage_export_matches_that_stage(trained, tmp_path):
     _, spec, net, x = trained
     loaded = tf.saved_model.load(export.export_saved_model(net, spec, str(tmp_path),
