@@ -38,7 +38,8 @@ _LONGEST_FIRST = ["test_readme_commands", "test_decoupled", "test_faults",
                   "test_tune_modules", "test_resnets", "test_precision", "test_distribute", "test_cache",
                   "test_fault_lines", "test_hostile_files", "test_time_to_accuracy",
                   "test_precision_auto", "test_engine", "test_quiet", "test_data",
-                  "test_memory", "test_hostile_recipes", "test_stage", "test_benchmark_folder"]
+                  "test_memory", "test_hostile_recipes", "test_stage", "test_benchmark_folder",
+                  "test_objectives"]
 
 
 def pytest_collection_modifyitems(items):
