@@ -28,7 +28,7 @@ from kgreedy.model.network import parameter_table
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.keras_hooks import KerasCallbacks, ProgbarProgress, StageHistory
 from kgreedy.training.rundir import RunDir
-from kgreedy.training.runlock import LOCK_NAME, RunLock
+from kgreedy.training.runlock import RunLock, contents
 
 FIT_FILE = "fit.json"  # in a run directory of kgreedy.fit, instead of recipe.json
 
@@ -176,8 +176,7 @@ def _prepare_run(run_dir, resume, locked=False):
     if resume and not os.path.isfile(os.path.join(path, FIT_FILE)):
         raise ValueError(f"`resume=True` needs a run directory of kgreedy.fit (with "
                          f"{FIT_FILE}). Received: run_dir={path!r}")
-    ours = {LOCK_NAME} if locked else set()
-    if not resume and os.path.isdir(path) and set(os.listdir(path)) - ours:
+    if not resume and contents(path, locked):
         raise ValueError("`run_dir` is not empty: pass resume=True to continue that fit, "
                          f"or choose another directory. Received: run_dir={path!r}")
     return RunDir(path)

@@ -37,7 +37,7 @@ from kgreedy.training import distribute, memory, precision, session
 from kgreedy.training.cache import check_cache_workers
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
-from kgreedy.training.runlock import LOCK_NAME, RunLock
+from kgreedy.training.runlock import RunLock, contents
 
 
 def parse_args(argv):
@@ -113,11 +113,7 @@ def prepare_output(path, resume, locked=False):
     if resume and not (exists and os.path.isfile(os.path.join(path, "recipe.json"))):
         raise KgreedyError("--resume", "needs an existing run directory with recipe.json",
                            path)
-    try:
-        entries = set(os.listdir(path)) if exists else set()
-    except OSError as e:
-        raise KgreedyError("--output", f"cannot be read ({e.strerror})", path) from None
-    if not resume and entries - ({LOCK_NAME} if locked else set()):
+    if not resume and contents(path, locked):
         raise KgreedyError("--output", "is not empty; pass --resume to continue that run "
                            "or choose another directory", path)
 

@@ -32,7 +32,7 @@ from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.tune_recipe import check_base, load_tune_recipe
 from kgreedy.training import memory, session
-from kgreedy.training.runlock import LOCK_NAME, RunLock
+from kgreedy.training.runlock import RunLock, contents
 from kgreedy.tuning.runner import BEST_RECIPE, TUNE_RECIPE, TUNING, AuxTuning
 from kgreedy.tuning.search import ConfigError, quiet_trial_tracebacks
 from kgreedy.tuning.space import stage_sides
@@ -71,11 +71,7 @@ def prepare_output(path, tune, locked=False):
         raise KgreedyError("--output", "exists and is not a directory", path)
     if not locked:
         RunLock(path).check()
-    try:
-        entries = set(os.listdir(path)) if os.path.isdir(path) else set()
-    except OSError as e:
-        raise KgreedyError("--output", f"cannot be read ({e.strerror})", path) from None
-    if not entries - ({LOCK_NAME} if locked else set()):
+    if not contents(path, locked):
         return False
     saved_path = os.path.join(path, TUNE_RECIPE)
     if not os.path.isfile(saved_path):

@@ -70,6 +70,41 @@ def write_text(path, text):
     write_atomic(path, lambda f: f.write(text))
 
 
+def make_dirs(path, made):
+    """Makes `path` and its missing parents, appending each folder this call makes to
+    `made` (outermost first), so that the caller removes exactly those
+    (`remove_empty_dirs`); a folder another process makes meanwhile is not one.
+
+    Raises:
+        OSError: as `os.mkdir`; `NotADirectoryError` naming a parent that is a file.
+    """
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         path) from None
+            continue  # another process made it: not ours to remove
+        made.append(path)
+
+
+def remove_empty_dirs(made):
+    """Removes the folders `make_dirs` listed in `made`, innermost first, while they
+    are empty (never what another process put there), and empties `made`."""
+    for path in reversed(made):
+        try:
+            os.rmdir(path)
+        except OSError:
+            break  # not empty (or gone): its parents are not empty either
+    made.clear()
+
+
 def dumps(obj, **kwargs):
     """`obj` as valid JSON: a float that is not finite (an evaluation's NaN loss) is
     written as null, as JavaScript's JSON.stringify does, never as `NaN`, which no
@@ -234,16 +269,14 @@ def read_json(path, key=None, kind="file"):
         with open(fd, "rb") as f:
             mode = os.fstat(fd).st_mode
             if stat.S_ISDIR(mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory")
+                raise KgreedyError(where, f"{kind} path is a directory, not a JSON file",
+                                   *received)
             if not stat.S_ISREG(mode):
                 raise KgreedyError(where, f"{kind} is not a regular file but "
                                    f"{_file_type(mode)}", *received)
             data = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise KgreedyError(where, f"{kind} not found", *received) from None
-    except IsADirectoryError:
-        raise KgreedyError(where, f"{kind} path is a directory, not a JSON file",
-                           *received) from None
     except OSError as e:
         raise KgreedyError(where, f"{kind} cannot be read ({e.strerror})",
                            *received) from None

@@ -15,6 +15,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from kgreedy.base.files import make_dirs, remove_empty_dirs
+
 
 class PackedStore:
     """Arrays of one dtype appended one by one, then read back by index.
@@ -48,22 +50,12 @@ class PackedStore:
         self._written = None  # the file this store wrote, while it is ours to delete
         self._inode = None  # values.bin's, once renamed: still ours if it matches
         if directory is not None:
-            self._make_directory(directory)
+            make_dirs(directory, self._made)
             fd, self._written = tempfile.mkstemp(prefix="values.bin.", suffix=".partial",
                                                  dir=directory)
             self._file = os.fdopen(fd, "wb")
         self._flat = None
         self._memmap = None
-
-    def _make_directory(self, directory):
-        missing = []
-        while directory and not os.path.isdir(directory):
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for path in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path)
-                self._made.append(path)
 
     @property
     def in_memory(self):
@@ -149,12 +141,7 @@ class PackedStore:
                 if self._inode is None or os.stat(self._written).st_ino == self._inode:
                     os.unlink(self._written)
             self._written = self._inode = None
-        for path in reversed(self._made):
-            try:
-                os.rmdir(path)
-            except OSError:
-                break  # holds what another writer put there: theirs to remove
-        self._made = []
+        remove_empty_dirs(self._made)  # not one that holds another writer's files
 
 
 class Examples:

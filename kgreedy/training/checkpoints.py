@@ -156,8 +156,12 @@ def readable_checkpoint(directory):
 def describe(damaged):
     """`unreadable checkpoint ckpt-44 (why)`, or `unreadable checkpoints ckpt-44
     (why), ckpt-22 (why)`: damaged checkpoints in words."""
-    return f"unreadable checkpoint{'s' if len(damaged) > 1 else ''} " + ", ".join(
-        f"{os.path.basename(prefix)} ({reason})" for prefix, reason in damaged)
+    return f"unreadable checkpoint{'s' if len(damaged) > 1 else ''} " + _listed(damaged)
+
+
+def _listed(damaged):
+    """`ckpt-44 (why), ckpt-22 (why)`."""
+    return ", ".join(f"{os.path.basename(prefix)} ({reason})" for prefix, reason in damaged)
 
 
 def quarantine(directory, damaged):
@@ -224,8 +228,8 @@ def restore_latest_good(checkpoint, directory, warn):
         warn(f"checkpoint {bad} is unreadable ({reason}); falling back to {fallback}")
     if prefix is None and damaged:
         raise KgreedyError(directory, "every checkpoint is unreadable: "
-                           + describe(damaged[::-1]).split(" ", 2)[2], [os.path.basename(p)
-                                                       for p, _ in damaged[::-1]])
+                           + _listed(damaged[::-1]),
+                           [os.path.basename(p) for p, _ in damaged[::-1]])
     if prefix is not None:
         restore(checkpoint, prefix)
     return prefix

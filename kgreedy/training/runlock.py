@@ -9,6 +9,7 @@ import tempfile
 import uuid
 
 from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import make_dirs, remove_empty_dirs
 
 LOCK_NAME = ".lock"
 _ATTEMPTS = 10
@@ -78,7 +79,7 @@ class RunLock:
         try:
             return self._acquire(content, host)
         except BaseException:
-            self._remove_created()  # refused: leave no directory behind either
+            remove_empty_dirs(self.created)  # refused: leave no directory behind
             raise
 
     def _acquire(self, content, host):
@@ -124,37 +125,16 @@ class RunLock:
         except FileNotFoundError:
             pass  # removed by hand; nothing of ours is left to release
         self._content = None
-        self._remove_created()
-
-    def _remove_created(self):
-        for path in reversed(self.created):
-            try:
-                os.rmdir(path)  # only an empty one: never what a run wrote there
-            except OSError:
-                break  # not empty (or gone): its parents are not empty either
-        self.created = []
+        remove_empty_dirs(self.created)  # only empty ones: never what a run wrote
 
     def _make_dirs(self):
         """Makes the run directory and its missing parents, noting each one made."""
-        missing = []
-        path = os.path.abspath(self.run_dir)
-        while not os.path.isdir(path) and os.path.dirname(path) != path:
-            missing.append(path)
-            path = os.path.dirname(path)
-        for path in reversed(missing):
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise KgreedyError("run_dir", "cannot be created "
-                                       f"({os.strerror(errno.ENOTDIR)}: {path})",
-                                       self.run_dir) from None
-                continue  # another process made it: not ours to remove
-            except OSError as e:
-                if e.errno in _DISK_FULL:
-                    raise
-                raise _unwritable(e, self.run_dir, path) from None
-            self.created.append(path)
+        try:
+            make_dirs(self.run_dir, self.created)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise
+            raise _unwritable(e, self.run_dir, e.filename or self.run_dir) from None
 
     def __enter__(self):
         self.acquire()
@@ -247,6 +227,20 @@ def _unwritable(error, run_dir, path=None):
     reason = error.strerror or type(error).__name__
     return KgreedyError("run_dir", f"cannot be {'created' if path else 'written'} "
                         f"({reason}{f': {path}' if path else ''})", run_dir)
+
+
+def contents(run_dir, locked=False):
+    """The names in `run_dir` besides this process's lock (`locked`: the lock file
+    there is ours); empty for a directory that does not exist.
+
+    Raises:
+        KgreedyError: the directory cannot be listed.
+    """
+    try:
+        names = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
+    except OSError as e:
+        raise KgreedyError("run_dir", f"cannot be read ({e.strerror})", run_dir) from None
+    return names - ({LOCK_NAME} if locked else set())
 
 
 def _alive(pid):
