@@ -27,6 +27,7 @@ from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.data.external import external_spec
 from kgreedy.model import split as splitting
 from kgreedy.model.network import GreedyNet, count_params, parameter_table, pool_problem
+from kgreedy.model.objectives import objective_for
 from kgreedy.serving.export import export_saved_model
 
 __all__ = ["SplitNet", "fit", "split"]
@@ -135,7 +136,8 @@ def stage_table(net):
 
 def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
           head=None, last_head=None, mean=None, std=None, class_names=None,
-          input_shape=None, batch_norm_momentum=None, name=None):
+          input_shape=None, batch_norm_momentum=None, objective="cross_entropy",
+          objective_weights=None, pixel_max=255.0, name=None):
     """Splits a Keras model into the modules of a greedy net, each with a head.
 
     Stage j trains module j and its head on the output of modules 1..j-1. The
@@ -170,6 +172,18 @@ def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
             layer's. Keras' default 0.99 needs about 100 steps per stage to settle
             its moving statistics; 0.9 (kgreedy's own layers, PyTorch's 0.1) about
             10. `kgreedy.fit` warns about a stage too short for a layer's momentum.
+        objective: what each module trains on, as the recipe's `aux.objective`:
+            "cross_entropy" (its head's), "infopro" (reconstruction + its head's
+            cross-entropy) or "infopro_contrast" (reconstruction + supervised
+            contrastive loss; the head learns on the gradient-stopped output), or a
+            `kgreedy.model.objectives.Objective`. Its decoders and projection heads
+            are never part of an export.
+        objective_weights: ((w_rec, w_task) of module 1, (w_rec, w_task) of the last
+            module) for the InfoPro objectives; default: InfoPro's ResNet-32 CIFAR-10
+            weights for this number of modules (docs/your-network.md).
+        pixel_max: the raw pixel value of white: the InfoPro decoders rebuild
+            images / pixel_max, clipped to [0, 1] (255 for 8-bit images, 1.0 for
+            images already in [0, 1]).
         name: prefix of the Keras models the net assembles (default: the model's).
 
     Returns:
@@ -211,8 +225,14 @@ def split(model, at=None, *, modules=None, balanced_memory=False, num_classes,
         raise ValueError("`batch_norm_momentum` must be a number in [0, 1), e.g. 0.9, "
                          "or None to keep each layer's. Received: "
                          f"batch_norm_momentum={format_value(batch_norm_momentum)}")
+    objective = objective_for(objective, objective_weights, len(parts))
+    if isinstance(pixel_max, bool) or not isinstance(pixel_max, numbers.Real) \
+            or not 0 < pixel_max < float("inf"):
+        raise ValueError("`pixel_max` must be a number > 0, the raw value of white. "
+                         f"Received: pixel_max={format_value(pixel_max)}")
     net = SplitNet(parts, heads, image_shape, num_classes, mean, std,
                    class_names=None if class_names is None else list(class_names),
+                   objective=objective, pixel_max=pixel_max,
                    name=name or getattr(model, "name", None) or "greedy")
     if batch_norm_momentum is not None:
         # The modules are the model's own layers: the model keeps the new momentum.
@@ -359,7 +379,7 @@ def _check_pools(parts, heads, image_shape):
 
 def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=None,
         mode="greedy", steps_per_epoch=None, callbacks=(), run_dir=None, resume=False,
-        verbose=1):
+        verbose=1, objective=None, objective_weights=None):
     """Trains a `SplitNet` greedily, stage by stage (or end to end, or decoupled),
     like `Model.fit`.
 
@@ -396,6 +416,9 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
         resume: continue the fit in `run_dir` from its last checkpoint (same net,
             mode, epochs, steps and batch size), mid-epoch included.
         verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+        objective: what each module trains on, as `split`'s `objective` (which it
+            replaces, with fresh decoders and projection heads); None keeps the net's.
+        objective_weights: as `split`'s, for the objective given (or the net's).
 
     Returns:
         A `keras.callbacks.History` (`kgreedy.training.keras_hooks.StageHistory`):
@@ -417,7 +440,10 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
         raise ValueError("`net` must be what kgreedy.split returned. "
                          f"Received: net={format_value(net)}")
     callbacks = [] if callbacks is None else callbacks
+    if objective is not None or objective_weights is not None:
+        objective = objective_for(net.objective.name if objective is None else objective,
+                                  objective_weights, net.num_stages)
     return fitting.fit_net(net, train_ds, validation_data, epochs_per_stage=epochs_per_stage,
                            optimizer=optimizer, mode=mode, steps_per_epoch=steps_per_epoch,
                            callbacks=callbacks, run_dir=run_dir, resume=resume,
-                           verbose=verbose)
+                           verbose=verbose, objective=objective)

@@ -11,6 +11,7 @@ too short for its BatchNormalization layers' momentum is warned about
 (`check_batch_norm`).
 """
 
+import json
 import math
 import numbers
 import os
@@ -34,8 +35,9 @@ FIT_FILE = "fit.json"  # in a run directory of kgreedy.fit, instead of recipe.js
 
 
 def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode,
-            steps_per_epoch, callbacks, run_dir, resume, verbose):
-    """`kgreedy.api.fit` after its `net` is known to be a `SplitNet`."""
+            steps_per_epoch, callbacks, run_dir, resume, verbose, objective=None):
+    """`kgreedy.api.fit` after its `net` is known to be a `SplitNet` (and `objective`,
+    a new `Objective` for it or None, checked)."""
     _check_options(epochs_per_stage, optimizer, mode, steps_per_epoch, callbacks,
                    run_dir, resume, verbose)
     steps = _steps(train_ds, steps_per_epoch, net.image_shape)
@@ -53,6 +55,8 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
     for message in check_batch_norm(net, epochs_per_stage, steps, mode):
         warnings.warn(message, UserWarning, stacklevel=3)  # at the caller of kgreedy.fit
     run = _prepare_run(run_dir, resume) if run_dir is not None else None
+    if objective is not None:  # every argument is known good now
+        net.set_objective(objective)
     datasets = ExternalDatasets(train_ds, validation_data, net.spec, steps)
     progress = ProgbarProgress(1 if verbose == "auto" else verbose)
     history = StageHistory()
@@ -191,7 +195,11 @@ def _settings(net, train):
                        for row, module, head in zip(parameter_table(net), net.modules,
                                                     net.heads)],
             "mode": train.mode, "epochs_per_stage": train.epochs_per_stage,
-            "steps_per_epoch": train.steps_per_epoch, "batch_size": train.batch_size}
+            "steps_per_epoch": train.steps_per_epoch, "batch_size": train.batch_size,
+            # As JSON gives it back (tuples as lists), for the comparison on resume.
+            "objective": json.loads(json.dumps({"name": net.objective.name,
+                                                **net.objective.get_config()})),
+            "pixel_max": net.pixel_max}
 
 
 def _record_or_compare(run, settings, resume):

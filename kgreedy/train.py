@@ -30,7 +30,8 @@ from kgreedy.base import faults
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.base.progress import Progress
-from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.config.data_checks import check_against_data
+from kgreedy.config.recipe import load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving.export import Exporter
 from kgreedy.training import distribute, memory, precision, session
@@ -72,6 +73,7 @@ def print_dry_run(recipe, spec, net=None, stages=None, available=None, note=None
     for line in stage_table(net):  # the table of the Python API's SplitNet.summary()
         print(line)
     train = recipe.train
+    print(net.objective.describe(net.num_stages))
     if train.mode == "decoupled":
         buffer = train.decoupled.buffer_size
         print(f"decoupled: one stage of {train.epochs_per_stage} epochs; all "

@@ -32,7 +32,8 @@ import time
 from kgreedy import cli
 from kgreedy.base.errors import DataError
 from kgreedy.base.files import write_json
-from kgreedy.config.recipe import check_against_data, recipe_from_dict
+from kgreedy.config.data_checks import check_against_data
+from kgreedy.config.recipe import recipe_from_dict
 
 CONV_PROBE = (64, 32, 32, 128, 128)  # batch, height, width, channels in, out; 3x3 kernel
 MATMUL_PROBE = 2048

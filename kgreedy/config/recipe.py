@@ -8,19 +8,20 @@ the received value, before anything is written to disk.
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 
 from kgreedy.base.errors import RecipeError
 from kgreedy.base.files import read_json
 from kgreedy.config import architectures
-from kgreedy.config.designs import head_designs
 from kgreedy.config.model_checks import split_source, validate_model
 from kgreedy.config.overrides import apply_overrides
 from kgreedy.config.schema import build, setting, to_plain
 from kgreedy.config.vocabulary import (AUGMENTS, BAD_FILES, CACHE_MODES, DOWNSAMPLES,
                                        EXPORT_HEADS, HEAD_TYPES, IMAGE_CACHES,
-                                       LAST_HEAD_TYPES, MODES, NAME_RE, OPTIMIZERS,
+                                       LAST_HEAD_TYPES, LOCAL_OBJECTIVES, MODES,
+                                       NAME_RE, OPTIMIZERS,
                                        PRECISIONS, SCHEDULES, SOURCES, STRATEGIES,
                                        WEIGHT_DECAY_TYPES)
 
@@ -134,6 +135,15 @@ class AuxStageConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ObjectiveWeightsConfig:
+    """InfoPro's loss weights (`aux.objective_weights`); module j's pair runs linearly
+    from `first` (module 1) to `last` (module K)."""
+
+    first: typing.Tuple[float, ...] = setting(doc="(w_rec, w_task) of module 1")
+    last: typing.Tuple[float, ...] = setting(doc="(w_rec, w_task) of the last module")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuxConfig:
     """The auxiliary problem (`aux.*`); docs/DESIGN.md, "The method"."""
 
@@ -164,6 +174,17 @@ class AuxConfig:
     last_width: typing.Optional[int] = setting(
         None, low=1, doc="width of the last stage's head, the paper's M~_f (default: "
                          "aux.width grown as the other stages')")
+    objective: str = setting(
+        "cross_entropy", choices=LOCAL_OBJECTIVES,
+        doc="what each module trains on: cross_entropy (its head's, the paper's); "
+            "infopro: w_rec * reconstruction + w_task * its head's cross-entropy; "
+            "infopro_contrast: w_rec * reconstruction + w_task * a supervised "
+            "contrastive loss, the head learning on the module's gradient-stopped "
+            "output (InfoPro, Wang et al. 2021)")
+    objective_weights: typing.Optional[ObjectiveWeightsConfig] = setting(
+        None, doc="infopro objectives' (w_rec, w_task) of the first and last module "
+                  "(default: InfoPro's ResNet-32 CIFAR-10 settings for K = 2, 4, 8, 16 "
+                  "modules, else its K=4 row: first [6, 0], last [1, 2])")
     per_stage: typing.Tuple[AuxStageConfig, ...] = setting(
         (), doc="optional per-stage designs (default: none, every stage uses the keys "
                 "above); item i overrides them for stage i+1 (what a per_stage search "
@@ -343,6 +364,7 @@ def validate(recipe):
         raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
                           f"features cannot be augmented (data.augment is "
                           f"{recipe.data.augment!r}); use 'auto' or 'off'", "on")
+    _validate_objective(recipe)
     if recipe.train.cache_features == "on" and recipe.train.mode != "greedy":
         raise RecipeError("train.cache_features", "'on' does not apply to train.mode "
                           f"{recipe.train.mode!r} (every block trains)", "on")
@@ -364,6 +386,24 @@ def validate(recipe):
     if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
         raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
                           list(recipe.distribute.devices))
+
+
+def _validate_objective(recipe):
+    aux = recipe.aux
+    if aux.objective_weights is not None:
+        if aux.objective == "cross_entropy":
+            raise RecipeError("aux.objective_weights", "only applies to aux.objective "
+                              "'infopro' or 'infopro_contrast', not 'cross_entropy'",
+                              to_plain(dataclasses.asdict(aux.objective_weights)))
+        for key in ("first", "last"):
+            pair = getattr(aux.objective_weights, key)
+            if len(pair) != 2 or not all(math.isfinite(w) and w >= 0 for w in pair):
+                raise RecipeError(f"aux.objective_weights.{key}", "must be two finite "
+                                  "weights >= 0, [w_rec, w_task]", list(pair))
+    if aux.objective != "cross_entropy" and recipe.train.cache_features == "on":
+        raise RecipeError("train.cache_features", f"'on' cannot serve aux.objective "
+                          f"{aux.objective!r}: its decoder rebuilds the input image, which "
+                          "cached features do not hold; use 'auto' or 'off'", "on")
 
 
 def recipe_from_dict(raw):
@@ -394,57 +434,3 @@ def load_recipe(path, overrides=()):
     """
     return recipe_from_dict(apply_overrides(read_json(path, kind="recipe file"),
                                             overrides))
-
-
-def check_against_data(recipe, image_size, num_replicas=1):
-    """Checks what needs the data's image size and the replica count.
-
-    Args:
-        recipe: a validated `Recipe`.
-        image_size: the side of the model input.
-        num_replicas: replicas of the distribution strategy.
-
-    Raises:
-        RecipeError: the image is too small for the downsamplings and the head's
-            pooling, or the global batch does not split over the replicas.
-    """
-    size, sides = image_size, []
-    for i, block in enumerate(recipe.model.blocks):
-        if block.downsample != "none":
-            if size < 2 or (block.downsample == "psi" and size % 2):
-                raise RecipeError(
-                    f"model.blocks[{i}].downsample",
-                    f"the feature map is {size}x{size} before this block, too small for "
-                    f"another downsampling (image_size {image_size}, "
-                    f"{sum(b.downsample != 'none' for b in recipe.model.blocks)} "
-                    "downsamplings)", block.downsample)
-            size //= 2
-        own = recipe.aux.per_stage[i] if i < len(recipe.aux.per_stage) else None
-        if own is not None and own.pool_size is not None and size < own.pool_size:
-            raise RecipeError(
-                f"aux.per_stage[{i}].pool_size",
-                f"the feature map after block {i + 1} is {size}x{size}, smaller than "
-                "this pool size", own.pool_size)
-        if size < recipe.aux.pool_size and (own is None or own.pool_size is None):
-            raise RecipeError(
-                f"model.blocks[{i}].downsample",
-                f"the feature map is {size}x{size} after this block, smaller than "
-                f"aux.pool_size {recipe.aux.pool_size}: image_size {image_size} is too "
-                "small for the number of downsamplings", block.downsample)
-        sides.append(size)
-    last = len(sides) - 1
-    # A split model's feature maps are known once it is built:
-    # kgreedy.model.from_recipe checks its heads against them.
-    for i, design in enumerate(head_designs(recipe)[:len(sides)]):
-        if design["kind"] == "vgg" and sides[i] < 2:
-            key = ("aux.last_head" if i == last and recipe.aux.last_head == "vgg" else
-                   f"aux.per_stage[{i}].head" if i < len(recipe.aux.per_stage)
-                   and recipe.aux.per_stage[i].head == "vgg" else "aux.head")
-            raise RecipeError(key, f"the vgg head of stage {i + 1} max-pools a "
-                              f"{sides[i]}x{sides[i]} map, which needs at least 2x2 "
-                              f"(image_size {image_size})", "vgg")
-    for key in ("batch_size", "eval_batch_size"):
-        value = getattr(recipe.train, key)
-        if value is not None and value % num_replicas:
-            raise RecipeError(f"train.{key}", f"must be divisible by the {num_replicas} "
-                              "replicas of the distribution strategy", value)

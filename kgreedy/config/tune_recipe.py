@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from kgreedy.base.errors import RecipeError
 from kgreedy.base.files import read_json
-from kgreedy.config.recipe import (SEED_MAX, Recipe, apply_overrides, check_against_data,
+from kgreedy.config.data_checks import check_against_data
+from kgreedy.config.recipe import (SEED_MAX, Recipe, apply_overrides,
                                    validate)
 from kgreedy.config.schema import build, setting
 from kgreedy.config.vocabulary import HEAD_TYPES, NAME_RE, OBJECTIVES, SCOPES, TUNERS

@@ -17,6 +17,8 @@ MODES = ("greedy", "end_to_end", "decoupled")
 # Modes that train every module in one stage (stage J), one schedule for all.
 ONE_STAGE_MODES = ("end_to_end", "decoupled")
 CACHE_MODES = ("auto", "on", "off")
+# What a module trains on (aux.objective): kgreedy.model.objectives.OBJECTIVES.
+LOCAL_OBJECTIVES = ("cross_entropy", "infopro", "infopro_contrast")
 IMAGE_CACHES = ("auto", "memory", "disk", "none")
 BAD_FILES = ("skip", "error")
 # auto: bfloat16 where the hardware has it natively (kgreedy/training/precision.py).

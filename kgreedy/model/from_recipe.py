@@ -15,7 +15,11 @@ from kgreedy.config import architectures
 from kgreedy.config.designs import head_designs
 from kgreedy.model import resnets, split
 from kgreedy.model.layers import BN_MOMENTUM, conv_blocks
-from kgreedy.model.network import GreedyNet, output_shapes, pool_problem
+from kgreedy.model.network import PIXEL_MAX, GreedyNet, output_shapes, pool_problem
+from kgreedy.model.objectives import objective_for
+
+# White of each source's raw pixels: scikit-learn's digits are 0..16, images 0..255.
+SOURCE_PIXEL_MAX = {"digits": 16.0}
 
 
 def from_recipe(recipe, image_shape, num_classes, mean, std, stages=None):
@@ -49,7 +53,18 @@ def from_recipe(recipe, image_shape, num_classes, mean, std, stages=None):
         _check_pools(recipe, modules, designs, image_shape)
     return GreedyNet(modules, designs, image_shape, num_classes, mean, std,
                      batch_norm=model.batch_norm, sync_batch_norm=model.sync_batch_norm,
+                     objective=objective(recipe), objective_stages=recipe.num_stages,
+                     pixel_max=SOURCE_PIXEL_MAX.get(recipe.data.source, PIXEL_MAX),
                      name=recipe.name)
+
+
+def objective(recipe):
+    """The `Objective` of `aux.objective`, with `aux.objective_weights` or InfoPro's
+    weights for the recipe's number of modules."""
+    weights = recipe.aux.objective_weights
+    return objective_for(recipe.aux.objective,
+                         None if weights is None else (weights.first, weights.last),
+                         recipe.num_stages)
 
 
 def trunk_modules(recipe, image_shape, num_classes, stages=None):

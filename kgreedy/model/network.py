@@ -9,6 +9,10 @@ import keras
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.model.heads import make_head
 from kgreedy.model.layers import Standardize
+from kgreedy.model.objectives import CrossEntropy
+
+# Raw pixel value of white when nothing says otherwise: 8-bit images.
+PIXEL_MAX = 255.0
 
 
 class GreedyNet:
@@ -33,11 +37,21 @@ class GreedyNet:
         std: per-channel std of raw pixels.
         batch_norm: BN in the heads made from designs.
         sync_batch_norm: BN statistics over all replicas, in those heads.
+        objective: what each module trains on, a `kgreedy.model.objectives.Objective`
+            (default: `CrossEntropy`). Its extra layers per module (`parts`: decoder,
+            projection head) train and are checkpointed with the module; no deployed
+            model contains them.
+        objective_stages: the modules of the whole network, over which the
+            objective's weights run (default: `len(modules)`; a tuner's trial builds
+            only the first stages).
+        pixel_max: raw pixel value of white; images / pixel_max is the [0, 1] image
+            an objective's decoder rebuilds.
         name: prefix of the Keras models this net assembles.
     """
 
     def __init__(self, modules, heads, image_shape, num_classes, mean, std, *,
-                 batch_norm=True, sync_batch_norm=False, name="greedy"):
+                 batch_norm=True, sync_batch_norm=False, objective=None,
+                 objective_stages=None, pixel_max=PIXEL_MAX, name="greedy"):
         if len(modules) != len(heads) or not modules:
             raise ValueError("GreedyNet needs one head per module, and at least one "
                              f"module. Received: {len(modules)} modules, {len(heads)} "
@@ -65,6 +79,21 @@ class GreedyNet:
                 head.build(shape)
             self.heads.append(head)
             self.stage_shapes.append(shape[1:])
+        self.pixel_max = float(pixel_max)
+        self.objective_stages = objective_stages or self.num_stages
+        self.set_objective(objective or CrossEntropy())
+
+    def set_objective(self, objective):
+        """Makes (and builds) every module's parts for `objective`; they start fresh."""
+        self.objective = objective
+        self.parts = []
+        for j, shape in enumerate(self.stage_shapes, start=1):
+            parts = objective.make_parts((None, *shape), self.image_shape,
+                                         self.num_classes, j, self.objective_stages)
+            for part in parts.values():
+                if not part.built:
+                    part.build((None, *shape))
+            self.parts.append(parts)
 
     @property
     def num_stages(self):
@@ -82,24 +111,71 @@ class GreedyNet:
         return self.heads[stage - 1](self.modules[stage - 1](features, training=training),
                                      training=training)
 
+    def module_losses(self, stage, features, labels, images=None, training=True):
+        """Module `stage` on `features` (the output of modules 1..stage-1), its head
+        and its objective's parts.
+
+        The head reads the module's output with the gradient into the module scaled
+        by the objective's `head_gradient` (0: gradient-stopped, an online probe).
+
+        Args:
+            stage: 1-based module index.
+            features: the module's input.
+            labels: [B] integer classes.
+            images: the raw input images of the batch (objectives that need them).
+            training: the layers' training mode.
+
+        Returns:
+            (head logits, the objective's per-example losses by name, module output).
+        """
+        output = self.modules[stage - 1](features, training=training)
+        share = self.objective.head_gradient(stage, self.objective_stages)
+        head_input = output
+        if share != 1.0:
+            # The same values; the gradient into the module scaled by `share` (0:
+            # none). The head's own gradient is whole either way.
+            frozen = keras.ops.stop_gradient(output)
+            head_input = frozen if share == 0.0 else frozen + share * (output - frozen)
+        logits = self.heads[stage - 1](head_input, training=training)
+        images01 = self.images01(images) if self.objective.needs_images else None
+        losses = self.objective.losses(self.parts[stage - 1], output, images01, labels,
+                                       logits, training)
+        return logits, losses, output
+
+    def images01(self, images):
+        """Raw images scaled to [0, 1] by `pixel_max` (clipped), in float32."""
+        scaled = keras.ops.cast(images, "float32") / self.pixel_max
+        return keras.ops.clip(scaled, 0.0, 1.0)
+
+    def part_weights(self, stage):
+        """Trainable weights of module `stage`'s parts."""
+        return [w for part in self.parts[stage - 1].values() for w in part.trainable_weights]
+
     def stage_variables(self, stage):
-        """The weights a greedy stage trains: module `stage` and its head."""
+        """The weights a greedy stage trains: module `stage`, its head and parts."""
         return (self.modules[stage - 1].trainable_weights
-                + self.heads[stage - 1].trainable_weights)
+                + self.heads[stage - 1].trainable_weights + self.part_weights(stage))
 
     def set_trainable_stage(self, stage, end_to_end=False):
         """Freezes every module but `stage` (all modules up to it when end_to_end)."""
-        for j, (module, head) in enumerate(zip(self.modules, self.heads), start=1):
+        for j, (module, head, parts) in enumerate(
+                zip(self.modules, self.heads, self.parts), start=1):
             module.trainable = j == stage or (end_to_end and j < stage)
             head.trainable = j == stage
+            for part in parts.values():
+                part.trainable = j == stage
 
     def checkpoint_objects(self, stage):
-        """What a stage's checkpoint holds: modules and heads 1..stage.
+        """What a stage's checkpoint holds: modules, heads and parts 1..stage.
 
         The key stays "blocks", the name of the trunk's pieces before modules:
-        run directories written then still restore.
+        run directories written then still restore. "parts" is there only when the
+        objective has parts, so a cross-entropy run's checkpoints are as before.
         """
-        return {"blocks": self.modules[:stage], "heads": self.heads[:stage]}
+        objects = {"blocks": self.modules[:stage], "heads": self.heads[:stage]}
+        if any(self.parts):
+            objects["parts"] = [dict(p) for p in self.parts[:stage]]
+        return objects
 
     def deployed_model(self, stage=None, heads="last"):
         """Keras model of modules 1..stage and head `stage` (default: the last).
@@ -199,8 +275,8 @@ def count_params(weights):
 def parameter_table(net):
     """Per stage: output shape, trainable and frozen parameter counts.
 
-    `trainable` counts what stage j's optimizer updates (module j and head j, BN
-    moving statistics excluded); `frozen` counts every weight of modules 1..j-1;
+    `trainable` counts what stage j's optimizer updates (module j, head j and its
+    objective's parts, BN moving statistics excluded); `frozen` counts every weight of modules 1..j-1;
     `deployed` counts every weight of the model exported after that stage.
     """
     rows = []
@@ -210,8 +286,7 @@ def parameter_table(net):
         rows.append({
             "stage": j,
             "output_shape": list(net.stage_shapes[j - 1]),
-            "trainable_params": count_params(
-                net.modules[j - 1].trainable_weights + net.heads[j - 1].trainable_weights),
+            "trainable_params": count_params(net.stage_variables(j)),
             "frozen_params": count_params(prefix),
             "deployed_params": count_params(prefix + own),
         })

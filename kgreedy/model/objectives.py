@@ -1,19 +1,20 @@
-"""Local objectives of a module beyond its head's cross-entropy: InfoPro's parts.
+"""What a module trains on (`aux.objective`): the `Objective` interface and its three
+objectives, `make_objective`, and InfoPro's per-module weights.
 
 InfoPro (Wang et al., *Revisiting Locally Supervised Learning*, ICLR 2021) trains
 module j on `w_rec(j) * reconstruction + w_task(j) * task`: a decoder rebuilds the image
 from the module's output (section 3), and the task is a classifier's cross-entropy or
 the supervised contrastive loss of a projection head (Khosla et al., NeurIPS 2020).
-The layers, the per-example losses and the `Objective` interface (`make_objective`);
-the training engine does not use them yet (issue 26).
+The layers and per-example losses are in `kgreedy.model.objective_parts`; `GreedyNet`
+makes each module's parts and `GreedyNet.module_losses` runs them.
 """
 
 import dataclasses
+import math
 
-import keras
-import tensorflow as tf
-
-from kgreedy.model.layers import batch_norm_layer
+from kgreedy.model.objective_parts import (
+    TEMPERATURE, LossWeights, ProjectionHead, ReconstructionDecoder, cross_entropy,
+    reconstruction_loss, supervised_contrastive_loss)
 
 # (w_rec, w_task) of the first and the last local module in the official code's
 # commands (Experiments on CIFAR-SVHN-STL10/comand.sh), ResNet-32 on CIFAR-10 with the
@@ -23,195 +24,6 @@ from kgreedy.model.layers import batch_norm_layer
 INFOPRO_RESNET32_CIFAR10 = {2: ((5.0, 1.0), (0.0, 0.0)), 4: ((6.0, 0.0), (1.0, 2.0)),
                             8: ((5.0, 0.0), (0.0, 2.0)), 16: ((5.0, 0.05), (0.2, 0.5))}
 FIRST_WEIGHTS, LAST_WEIGHTS = INFOPRO_RESNET32_CIFAR10[4]
-TEMPERATURE = 0.07  # the official code's and Khosla et al.'s CIFAR temperature
-_EPSILON = 1e-7  # keras.config.epsilon(): the clip that keeps log() finite in the BCE
-
-
-def _float32(x):
-    return tf.cast(x, tf.float32)
-
-
-@keras.saving.register_keras_serializable(package="kgreedy")
-class ReconstructionDecoder(keras.layers.Layer):
-    """InfoPro's decoder (section 3; the official `Decoder`): rebuilds the input image
-    from a module's output.
-
-    The map is resized to the image (bilinear, half-pixel grid), conv3x3 -> [BN] -> ReLU
-    of `width` channels, a conv3x3 to the image's channels and a sigmoid. The
-    sigmoid runs in float32 so a bfloat16 run keeps its [0, 1] output (and the BCE's
-    logs) exact at the ends.
-
-    Args:
-        image_shape: (H, W, C) of the input image, the reconstruction's shape.
-        width: channels of the hidden conv (the official code's 12).
-        batch_norm: BN after the hidden conv.
-        **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_decoder`).
-    """
-
-    def __init__(self, image_shape, width=12, batch_norm=True, **kwargs):
-        super().__init__(**kwargs)
-        if len(image_shape) != 3:
-            raise ValueError(f"`image_shape` must be (H, W, C). Received: "
-                             f"image_shape={image_shape!r}")
-        self.image_shape = tuple(int(s) for s in image_shape)
-        self.width = width
-        self.batch_norm = batch_norm
-        # The official hidden conv keeps its bias before BN, where it is redundant.
-        self.conv = keras.layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm,
-                                        kernel_initializer="he_normal", name="conv")
-        self.bn = batch_norm_layer() if batch_norm else None
-        self.relu = keras.layers.ReLU(name="relu")
-        self.out = keras.layers.Conv2D(self.image_shape[2], 3, padding="same", name="out")
-        self.sigmoid = keras.layers.Activation("sigmoid", dtype="float32", name="sigmoid")
-
-    def build(self, input_shape):
-        h, w, _ = self.image_shape
-        shape = (input_shape[0], h, w, input_shape[-1])
-        self.conv.build(shape)
-        shape = (input_shape[0], h, w, self.width)
-        if self.bn is not None:
-            self.bn.build(shape)
-        self.out.build(shape)
-
-    def call(self, features, training=None):
-        h, w, _ = self.image_shape
-        # tf.image.resize answers float32 whatever it is given: back to the layer's
-        # compute dtype, so the convs run in bfloat16 under a mixed policy.
-        x = tf.cast(tf.image.resize(features, (h, w), method="bilinear"),
-                    self.compute_dtype)
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x, training=training)
-        return self.sigmoid(self.out(self.relu(x)))
-
-    def get_config(self):
-        return {**super().get_config(), "image_shape": list(self.image_shape),
-                "width": self.width, "batch_norm": self.batch_norm}
-
-
-def reconstruction_loss(images01, reconstruction):
-    """Per-example binary cross-entropy of a reconstruction, mean over pixels and
-    channels, in float32; shape [B].
-
-    Args:
-        images01: the input images scaled to [0, 1] (the target), [B, H, W, C].
-        reconstruction: the decoder's output in [0, 1], same shape. It is clipped to
-            [1e-7, 1 - 1e-7] (Keras' epsilon) so that the logs stay finite.
-    """
-    target = _float32(images01)
-    p = tf.clip_by_value(_float32(reconstruction), _EPSILON, 1.0 - _EPSILON)
-    bce = -(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p))
-    return tf.reduce_mean(tf.reshape(bce, [tf.shape(bce)[0], -1]), axis=1)
-
-
-@keras.saving.register_keras_serializable(package="kgreedy")
-class ProjectionHead(keras.layers.Layer):
-    """The contrastive projection head of InfoPro (the official `AuxClassifier` in its
-    default `1c2f` form): conv3x3 -> [BN] -> ReLU, global average pool, dense -> ReLU,
-    dense to `dim`, L2 normalisation. Rows of the output have unit norm.
-
-    The conv has stride 2 where the map is large: the official head strides on the
-    16- and 32-channel stages of its CIFAR ResNets (maps of side 32 and 16) and not on
-    the 64-channel one (side 8), so here a map whose smaller side exceeds
-    `stride_above` is halved. Where it strides the official conv also doubles the
-    channels; `width=None` does the same.
-
-    Args:
-        dim: size of the embedding (the official `feature_dim`, 128); the hidden
-            dense layer has `dim` units too, as there.
-        width: channels of the conv; None: the input's channels, doubled where the conv
-            strides (the official choice).
-        batch_norm: BN after the conv (which then has no bias).
-        stride_above: the conv strides when min(H, W) > this.
-        **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_projection`).
-    """
-
-    def __init__(self, dim=128, width=None, batch_norm=True, stride_above=8, **kwargs):
-        super().__init__(**kwargs)
-        self.dim = dim
-        self.width = width
-        self.batch_norm = batch_norm
-        self.stride_above = stride_above
-        self.conv = None  # its stride and width need the input's shape: made in `build`
-        self.bn = batch_norm_layer() if batch_norm else None
-        self.relu = keras.layers.ReLU(name="relu")
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.hidden = keras.layers.Dense(dim, activation="relu", name="hidden")
-        self.dense = keras.layers.Dense(dim, name="dense")
-
-    def strides(self, input_shape):
-        """2 where the map's smaller side exceeds `stride_above` (an unknown side: 1)."""
-        h, w = input_shape[1], input_shape[2]
-        return 2 if h is not None and w is not None and min(h, w) > self.stride_above else 1
-
-    def build(self, input_shape):
-        n, h, w, channels = input_shape
-        strides = self.strides(input_shape)
-        width = self.width if self.width is not None else channels * strides
-        self.conv = keras.layers.Conv2D(width, 3, strides=strides, padding="same",
-                                        use_bias=not self.batch_norm,
-                                        kernel_initializer="he_normal", name="conv")
-        self.conv.build(input_shape)
-        shape = self.conv.compute_output_shape(input_shape)
-        if self.bn is not None:
-            self.bn.build(shape)
-        self.hidden.build((n, width))
-        self.dense.build((n, self.dim))
-
-    def call(self, features, training=None):
-        x = self.conv(features)
-        if self.bn is not None:
-            x = self.bn(x, training=training)
-        x = self.dense(self.hidden(self.pool(self.relu(x))))
-        # Normalised in float32: a bfloat16 norm would leave rows visibly off 1.
-        return tf.math.l2_normalize(_float32(x), axis=-1, epsilon=1e-12)
-
-    def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "width": self.width,
-                "batch_norm": self.batch_norm, "stride_above": self.stride_above}
-
-
-def supervised_contrastive_loss(embeddings, labels, temperature=TEMPERATURE):
-    """Per-anchor supervised contrastive loss (Khosla et al. 2020, eq. 2, L_out), float32.
-
-    For anchor i with positives P(i) (the other examples of its class) and A(i) (every
-    example but i): -1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p / t) / sum_{a in A(i)}
-    exp(z_i.z_a / t)), the average over positives outside the log. As in the official
-    code, the factor t / base_t is 1.
-
-    Negatives come from the batch given: under a tf.distribute strategy, the replica's
-    own batch unless the caller gathers the global one first (the engine decides).
-
-    An anchor without a positive in the batch has no term: its entry is 0 and it is
-    left out of the mean: the other entries are scaled by B / (their number), so the
-    plain mean of the result (the engine's for any per-example loss) is the mean over
-    anchors with a positive. (The official code counts such anchors as 0 in its mean,
-    which shrinks a batch's loss.) A batch without any positive gives zeros.
-
-    Args:
-        embeddings: [B, D] rows of unit norm (a `ProjectionHead`'s output).
-        labels: [B] (or [B, 1]) integer classes.
-        temperature: t.
-
-    Returns:
-        [B] float32.
-    """
-    z = _float32(embeddings)
-    labels = tf.reshape(labels, [-1])
-    n = tf.shape(z)[0]
-    logits = tf.matmul(z, z, transpose_b=True) / temperature
-    self_mask = tf.eye(n, dtype=tf.bool)
-    # A large finite value, not -inf, keeps i out of its own denominator: with B=1
-    # the log-sum-exp stays finite and 0 * log_prob below stays 0, not NaN.
-    others = tf.where(self_mask, tf.constant(-1e9, tf.float32), logits)
-    log_prob = logits - tf.reduce_logsumexp(others, axis=1, keepdims=True)
-    positives = tf.cast(tf.logical_and(tf.equal(labels[:, None], labels[None, :]),
-                                       tf.logical_not(self_mask)), tf.float32)
-    count = tf.reduce_sum(positives, axis=1)
-    per_anchor = -tf.reduce_sum(positives * log_prob, axis=1) / tf.maximum(count, 1.0)
-    has_positive = tf.cast(count > 0, tf.float32)
-    scale = tf.cast(n, tf.float32) / tf.maximum(tf.reduce_sum(has_positive), 1.0)
-    return per_anchor * has_positive * scale
 
 
 def module_weights(num_modules, first=FIRST_WEIGHTS, last=LAST_WEIGHTS):
@@ -241,64 +53,6 @@ def module_weights(num_modules, first=FIRST_WEIGHTS, last=LAST_WEIGHTS):
     return tuple(tuple(a * (1 - r) + b * r for a, b in zip(first, last)) for r in ratios)
 
 
-@keras.saving.register_keras_serializable(package="kgreedy")
-class OnlineLinearProbe(keras.layers.Layer):
-    """A linear classifier on a module's pooled, gradient-stopped output: what reports
-    an accuracy for a module trained without a classifier head. Its loss trains the
-    probe only; the module never receives a gradient from it.
-
-    Args:
-        num_classes: outputs of the linear layer (logits).
-        **kwargs: base `keras.layers.Layer` arguments (`name` like `stage2_probe`).
-    """
-
-    def __init__(self, num_classes, **kwargs):
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.dense = keras.layers.Dense(num_classes, name="dense")
-
-    def build(self, input_shape):
-        self.dense.build((input_shape[0], input_shape[-1]))
-
-    def call(self, features, training=None):
-        del training  # nothing behaves differently in training
-        return self.dense(keras.ops.stop_gradient(self.pool(features)))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
-
-
-@keras.saving.register_keras_serializable(package="kgreedy")
-class LossWeights(keras.layers.Layer):
-    """A module's (w_rec, w_task) and their weighted sum, in float32; no variables. A
-    part like the others, so `losses` cannot pair one stage's parts with another's weights.
-
-    Args:
-        w_rec: weight of the reconstruction loss.
-        w_task: weight of the task loss (cross-entropy or contrastive).
-        **kwargs: base `keras.layers.Layer` arguments; the dtype is float32.
-    """
-
-    def __init__(self, w_rec, w_task, **kwargs):
-        kwargs["dtype"] = "float32"  # the sum of float32 losses, whatever the policy
-        super().__init__(**kwargs)
-        self.w_rec = float(w_rec)
-        self.w_task = float(w_task)
-
-    def call(self, reconstruction, task):
-        return self.w_rec * _float32(reconstruction) + self.w_task * _float32(task)
-
-    def get_config(self):
-        return {**super().get_config(), "w_rec": self.w_rec, "w_task": self.w_task}
-
-
-def cross_entropy(labels, logits):
-    """Per-example sparse softmax cross-entropy of logits, in float32; shape [B]."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(tf.reshape(labels, [-1]), tf.int32), logits=_float32(logits))
-
-
 def _check_stage(stage, num_stages):
     if not 1 <= stage <= num_stages:
         raise ValueError(f"`stage` must be in 1..num_stages. Received: stage={stage!r}, "
@@ -306,12 +60,27 @@ def _check_stage(stage, num_stages):
 
 
 class Objective:
-    """What a module trains on. `make_parts` gives the extra layers one module needs
-    (decoder, projection head, probe, weights), `losses` its per-example float32 losses
-    by name with `total`, the one it minimises. A new objective is a subclass.
+    """What a module trains on. A new objective is a subclass (and an entry in
+    `OBJECTIVES`).
+
+    Every module keeps its classifier head, and the head always learns from its
+    cross-entropy at full weight: the stage's accuracy, the ensemble and per-stage
+    exports stay meaningful. `head_gradient` says what share of that gradient reaches
+    the module: 1 as in the paper, 0 where the head is an online probe on the
+    module's gradient-stopped output that never changes the module, or InfoPro's
+    w_task. `make_parts` gives the extra layers a module needs (decoder, projection
+    head, loss weights), `losses` its per-example float32 losses by name, with
+    `total`, the one minimised (head and parts included).
     """
 
     name = None
+    needs_images = False  # `losses` reads the input images (in [0, 1])
+
+    def head_gradient(self, stage, num_stages):
+        """The share of module `stage`'s head's cross-entropy gradient that reaches
+        the module (the head itself always gets all of it)."""
+        del stage, num_stages
+        return 1.0
 
     def make_parts(self, module_output_shape, image_shape, num_classes, stage, num_stages):
         """The extra layers of module `stage` (1-based) of `num_stages`, by name.
@@ -333,9 +102,10 @@ class Objective:
         Args:
             parts: what `make_parts` gave for this module.
             features: the module's output.
-            images01: the input images scaled to [0, 1].
+            images01: the input images scaled to [0, 1] (None unless `needs_images`).
             labels: [B] integer classes.
-            logits: the module's classifier head's logits, or None where it has none.
+            logits: the module's head's logits (on features whose gradient is scaled
+                by `head_gradient`).
             training: the layers' training mode.
         """
         raise NotImplementedError
@@ -344,9 +114,14 @@ class Objective:
         """The arguments that `make_objective(self.name, **config)` rebuilds it with."""
         return {}
 
+    def describe(self, num_stages):
+        """One line on what the modules of a net of `num_stages` train on."""
+        del num_stages
+        return f"objective: {self.name}, each module's head's cross-entropy"
+
 
 class CrossEntropy(Objective):
-    """Today's objective: the module's head's sparse cross-entropy alone."""
+    """The paper's objective: the module's head's cross-entropy alone."""
 
     name = "cross_entropy"
 
@@ -361,13 +136,20 @@ class _InfoProBase(Objective):
     first: tuple = FIRST_WEIGHTS
     last: tuple = LAST_WEIGHTS
     decoder_width: int = 12
+    needs_images = True
 
     def __post_init__(self):
         module_weights(2, self.first, self.last)  # checks them now, not at stage 1
+        object.__setattr__(self, "first", tuple(map(float, self.first)))
+        object.__setattr__(self, "last", tuple(map(float, self.last)))
+
+    def weights(self, stage, num_stages):
+        """(w_rec, w_task) of module `stage`."""
+        _check_stage(stage, num_stages)
+        return module_weights(num_stages, self.first, self.last)[stage - 1]
 
     def make_parts(self, module_output_shape, image_shape, num_classes, stage, num_stages):
-        _check_stage(stage, num_stages)
-        w_rec, w_task = module_weights(num_stages, self.first, self.last)[stage - 1]
+        w_rec, w_task = self.weights(stage, num_stages)
         return {"decoder": ReconstructionDecoder(image_shape, self.decoder_width,
                                                  name=f"stage{stage}_decoder"),
                 "weights": LossWeights(w_rec, w_task, name=f"stage{stage}_weights")}
@@ -375,20 +157,47 @@ class _InfoProBase(Objective):
     def get_config(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    task = "cross-entropy"
+
+    def describe(self, num_stages):
+        pairs = " ".join("{:.3g}/{:.3g}".format(*self.weights(j, num_stages))
+                         for j in range(1, num_stages + 1))
+        detached = [j for j in range(1, num_stages + 1)
+                    if not self.head_gradient(j, num_stages)]
+        return (f"objective: {self.name}, w_rec * reconstruction + w_task * {self.task}; "
+                f"w_rec/w_task by module: {pairs}"
+                + (f"; the heads of modules {detached[0]}..{detached[-1]} learn on their "
+                   "gradient-stopped output" if detached else ""))
+
 
 @dataclasses.dataclass(frozen=True)
 class InfoPro(_InfoProBase):
     """InfoPro with the cross-entropy task: w_rec * reconstruction + w_task * the
     module's head's cross-entropy (Wang et al. 2021, section 3, I(h, y) estimated by a
-    classifier)."""
+    classifier).
+
+    The module's gradient is w_rec * the reconstruction's + w_task * the head's
+    cross-entropy's (`head_gradient` scales what reaches it); the head learns from
+    its cross-entropy at full weight, so a module with w_task 0 (module 1 in
+    InfoPro's settings) still has a trained head. The last module's head is the
+    deployed classifier: there w_task is at least 1.
+    """
 
     name = "infopro"
+
+    def weights(self, stage, num_stages):
+        w_rec, w_task = super().weights(stage, num_stages)
+        return (w_rec, max(w_task, 1.0)) if stage == num_stages else (w_rec, w_task)
+
+    def head_gradient(self, stage, num_stages):
+        return self.weights(stage, num_stages)[1]
 
     def losses(self, parts, features, images01, labels, logits, training):
         rec = reconstruction_loss(images01, parts["decoder"](features, training=training))
         ce = cross_entropy(labels, logits)
         return {"reconstruction": rec, "cross_entropy": ce,
-                "total": parts["weights"](rec, ce)}
+                # w_task reaches the module through `head_gradient`, not here.
+                "total": parts["weights"].w_rec * rec + ce}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,36 +205,36 @@ class InfoProContrast(_InfoProBase):
     """InfoPro with the contrastive task (the paper's default): w_rec * reconstruction
     + w_task * the supervised contrastive loss of a `ProjectionHead`.
 
-    Every module also gets an `OnlineLinearProbe` (part `probe`): its cross-entropy,
-    `probe`, is added to `total` and trains the probe alone (its input is gradient-
-    stopped), so the module's gradient is that of the weighted sum. The engine reads
-    the probe's accuracy from `parts["probe"](features)`. Where `logits` is given (a
-    module with a classifier head: the last, which deploys it), their cross-entropy is
-    added to `total` with weight 1.
+    Modules 1..J-1 train without their head: it learns on their gradient-stopped
+    output, its cross-entropy added to `total` (it reaches the head only). The last
+    module trains its head (the deployed classifier) with cross-entropy too, weight 1,
+    so the export is a classifier.
+
+    Negatives of the contrastive loss are the examples of the batch it is given: under
+    a tf.distribute strategy, the replica's own batch.
     """
 
     name = "infopro_contrast"
+    task = "contrastive"
     dim: int = 128
     temperature: float = TEMPERATURE
+
+    def head_gradient(self, stage, num_stages):
+        return 1.0 if stage == num_stages else 0.0
 
     def make_parts(self, module_output_shape, image_shape, num_classes, stage, num_stages):
         parts = super().make_parts(module_output_shape, image_shape, num_classes, stage,
                                    num_stages)
         parts["projection"] = ProjectionHead(self.dim, name=f"stage{stage}_projection")
-        parts["probe"] = OnlineLinearProbe(num_classes, name=f"stage{stage}_probe")
         return parts
 
     def losses(self, parts, features, images01, labels, logits, training):
         rec = reconstruction_loss(images01, parts["decoder"](features, training=training))
         con = supervised_contrastive_loss(
             parts["projection"](features, training=training), labels, self.temperature)
-        probe = cross_entropy(labels, parts["probe"](features))
-        out = {"reconstruction": rec, "contrastive": con, "probe": probe}
-        out["total"] = parts["weights"](rec, con) + probe
-        if logits is not None:
-            out["cross_entropy"] = cross_entropy(labels, logits)
-            out["total"] = out["total"] + out["cross_entropy"]
-        return out
+        ce = cross_entropy(labels, logits)
+        return {"reconstruction": rec, "contrastive": con, "cross_entropy": ce,
+                "total": parts["weights"](rec, con) + ce}
 
 
 OBJECTIVES = {cls.name: cls for cls in (CrossEntropy, InfoPro, InfoProContrast)}
@@ -448,3 +257,46 @@ def make_objective(name, **kwargs):
                          f"{sorted(known)}. Received: "
                          + ", ".join(f"{k}={kwargs[k]!r}" for k in unknown))
     return cls(**kwargs)
+
+
+def objective_for(objective, weights=None, num_modules=4):
+    """The `Objective` of `objective` for a net of `num_modules` modules.
+
+    Args:
+        objective: a name of `OBJECTIVES`, or an `Objective` (used as it is).
+        weights: for the InfoPro objectives, ((w_rec, w_task) of module 1, (w_rec,
+            w_task) of the last module); None: `INFOPRO_RESNET32_CIFAR10`'s row for
+            `num_modules`, else its K=4 row.
+        num_modules: modules of the net (picks the default weights).
+
+    Raises:
+        ValueError: an unknown name, weights that are not two pairs of finite
+            numbers >= 0, or weights for an objective that has none.
+    """
+    if isinstance(objective, Objective):
+        if weights is not None:
+            raise ValueError("`objective_weights` applies to an objective given by name; "
+                             "an Objective carries its own. Received: "
+                             f"objective_weights={weights!r}")
+        return objective
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {tuple(OBJECTIVES)} or an "
+                         f"Objective. Received: objective={objective!r}")
+    if objective == "cross_entropy":
+        if weights is not None:
+            raise ValueError("`objective_weights` only applies to 'infopro' and "
+                             f"'infopro_contrast'. Received: objective_weights={weights!r}")
+        return make_objective(objective)
+    if weights is None:
+        weights = INFOPRO_RESNET32_CIFAR10.get(num_modules, (FIRST_WEIGHTS, LAST_WEIGHTS))
+    try:
+        first, last = (tuple(float(w) for w in pair) for pair in weights)
+        ok = len(first) == len(last) == 2 and all(
+            math.isfinite(w) and w >= 0 for w in first + last)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError("`objective_weights` must be ((w_rec, w_task) of module 1, "
+                         "(w_rec, w_task) of the last module), finite and >= 0. "
+                         f"Received: objective_weights={weights!r}")
+    return make_objective(objective, first=first, last=last)

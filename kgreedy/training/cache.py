@@ -71,6 +71,7 @@ def use_cache(recipe, datasets, stage, num_workers, net):
     """Whether stage `stage` trains on cached features (`train.cache_features`).
 
     `auto` caches when there is a prefix to skip, the inputs are not augmented, the
+    objective does not rebuild the input image (cached features do not hold it), the
     run is greedy and has one worker (see `check_cache_workers`), and the prefix's
     FLOPs per cached byte reach `MIN_FLOPS_PER_BYTE` (a cheap prefix with a large
     output, such as one conv at full resolution, is faster to recompute than to
@@ -85,7 +86,7 @@ def use_cache(recipe, datasets, stage, num_workers, net):
         return False
     if mode == "on":
         return True
-    if datasets.augmented or num_workers != 1:
+    if datasets.augmented or num_workers != 1 or net.objective.needs_images:
         return False
     in_memory = feature_bytes(net, stage, datasets) <= recipe.train.cache_memory_mb * 2 ** 20
     per_byte = prefix_flops(net, stage) / (4 * np.prod(net.stage_shapes[stage - 2]))

@@ -51,8 +51,12 @@ class DecoupledLoop(StageLoop):
         net, train = self.net, self.train
         for layer in (*net.modules, *net.heads):
             layer.trainable = True
+        for layer in (part for parts in net.parts for part in parts.values()):
+            layer.trainable = True
         self.module_variables = [m.trainable_weights + h.trainable_weights
-                                 for m, h in zip(net.modules, net.heads)]
+                                 + net.part_weights(j)
+                                 for j, (m, h) in enumerate(zip(net.modules, net.heads),
+                                                            start=1)]
         self.variables = [w for ws in self.module_variables for w in ws]
         if optimizer is None:
             self.schedule = make_schedule(train, self.steps_per_epoch)
@@ -69,7 +73,9 @@ class DecoupledLoop(StageLoop):
             opt.build(variables)  # in scope, before the first traced step (#23085)
         self.optimizer = self.optimizers[-1]
         size = train.decoupled.buffer_size
-        self.buffers = [ReplayBuffer(size, shape, j, self.seed, self.stage)
+        # Objectives that rebuild the image keep each output's image in the buffer too.
+        image_shape = net.image_shape if net.objective.needs_images else None
+        self.buffers = [ReplayBuffer(size, shape, j, self.seed, self.stage, image_shape)
                         for j, shape in enumerate(net.stage_shapes[:-1], start=1)] \
             if size else []
 
@@ -81,14 +87,12 @@ class DecoupledLoop(StageLoop):
     def _module_gradients(self, j):
         """Module j+1's (0-based j) loss and gradients on its input, traced apart
         (and XLA-compiled with `train.jit_compile`)."""
-        module, head = self.net.modules[j], self.net.heads[j]
-
-        def gradients(features, labels):
+        def gradients(features, labels, images):
             def forward():
-                output = module(features, training=True)
-                return head(output, training=True), output
-            return self._loss_gradients(forward, labels, self.module_variables[j],
-                                         self.optimizers[j])
+                return self.net.module_losses(j + 1, features, labels, images,
+                                              training=True)
+            return self._loss_gradients(forward, self.module_variables[j],
+                                        self.optimizers[j])
 
         return tf.function(gradients, jit_compile=True) if self.train.jit_compile \
             else gradients
@@ -99,7 +103,7 @@ class DecoupledLoop(StageLoop):
         x, total = tf.stop_gradient(self.net.standardize(images)), 0.0
         step = self.steps_done + 1  # this step, 1-based: the replay buffers' draws
         for j, variables in enumerate(self.module_variables):
-            grads, loss, logits, per_example, output = self._gradients[j](x, labels)
+            grads, loss, logits, per_example, output = self._gradients[j](x, labels, images)
             self.optimizers[j].apply_gradients(zip(grads, variables))
             self._accumulate(self.train_sums, labels, logits, per_example, slot=j)
             total += loss
@@ -111,7 +115,7 @@ class DecoupledLoop(StageLoop):
             with tf.control_dependencies([g for g in grads if g is not None]):
                 x = tf.stop_gradient(tf.identity(output))
             if self.buffers:
-                x, labels = self.buffers[j].push_and_draw(x, labels, step)
+                x, labels, images = self.buffers[j].push_and_draw(x, labels, step, images)
         return total
 
     def _eval_step(self, images, labels):
@@ -181,9 +185,11 @@ class ReplayBuffer(tf.Module):
         module: j, 1-based.
         seed: the run's seed.
         stage: the stage it belongs to (variable names).
+        image_shape: (H, W, C) of the input images, to keep each output's image with
+            it (for an objective that rebuilds the image); None keeps none.
     """
 
-    def __init__(self, size, shape, module, seed, stage):
+    def __init__(self, size, shape, module, seed, stage, image_shape=None):
         super().__init__(name=f"module{module}_buffer")
         self.size = size
         self.module = module
@@ -199,13 +205,18 @@ class ReplayBuffer(tf.Module):
                                     name=f"stage{stage}_module{module}_buffer", **kwargs)
         self.labels = tf.Variable(tf.zeros([size], tf.int32),
                                   name=f"stage{stage}_module{module}_labels", **kwargs)
+        # Raw pixels in float32 (exact for 8-bit images).
+        self.images = None if image_shape is None else tf.Variable(
+            tf.zeros([size, *image_shape], tf.float32),
+            name=f"stage{stage}_module{module}_images", **kwargs)
         # Examples written so far: the next write position and how much is filled.
         self.written = tf.Variable(tf.constant(0, tf.int64),
                                    name=f"stage{stage}_module{module}_written", **kwargs)
 
-    def push_and_draw(self, features, labels, step):
-        """Writes this replica's `features` and `labels` (gathered over replicas);
-        returns a replica batch of the same size drawn from the buffer."""
+    def push_and_draw(self, features, labels, step, images=None):
+        """Writes this replica's `features`, `labels` (and `images`, where the buffer
+        keeps them), gathered over replicas; returns a replica batch of the same size
+        drawn from the buffer: (features, labels, images or None)."""
         context = tf.distribute.get_replica_context()
         local = tf.shape(labels, out_type=tf.int64)[0]
         every_features = tf.cast(_gather(context, features), self.features.dtype)
@@ -215,7 +226,10 @@ class ReplayBuffer(tf.Module):
         # ON_READ variables have no scatter_update; in a replica, `handle` is this
         # replica's own copy, written in place (assigning the whole ring would copy
         # it every step).
-        for ring, rows in ((self.features, every_features), (self.labels, every_labels)):
+        rings = [(self.features, every_features), (self.labels, every_labels)]
+        if self.images is not None:
+            rings.append((self.images, _gather(context, images)))
+        for ring, rows in rings:
             tf.raw_ops.ResourceScatterUpdate(resource=ring.handle, indices=positions,
                                              updates=rows)
         written = self.written.assign_add(count)
@@ -226,8 +240,10 @@ class ReplayBuffer(tf.Module):
         # Each replica takes its own slice of the one global draw.
         first = tf.cast(context.replica_id_in_sync_group, tf.int64) * local
         mine = draw[first:first + local]
+        drawn_images = None if self.images is None else tf.cast(
+            tf.gather(self.images, mine), images.dtype)
         return (tf.cast(tf.gather(self.features, mine), features.dtype),
-                tf.gather(self.labels, mine))
+                tf.gather(self.labels, mine), drawn_images)
 
 
 def _gather(context, value):

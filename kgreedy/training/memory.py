@@ -137,15 +137,17 @@ def estimate(recipe, spec, num_workers=1, net=None):
     train, mode = recipe.train, recipe.train.mode
     dtype = _dtype_bytes(train)
     slots = 2 if train.optimizer.name == "adamw" else int(train.optimizer.momentum > 0)
-    weights = 4 * count_params([w for layer in (*net.modules, *net.heads)
+    every_part = [part for j in range(1, net.num_stages + 1) for part in _parts(net, j)]
+    weights = 4 * count_params([w for layer in (*net.modules, *net.heads, *every_part)
                                 for w in layer.weights])
     data = types.SimpleNamespace(spec=spec, augmented=recipe.data.augment != "none")
     stages = []
     for j in ([net.num_stages] if mode != "greedy" else range(1, net.num_stages + 1)):
         cached = mode == "greedy" and use_cache(recipe, data, j, num_workers, net)
-        trained = ([*net.modules, *net.heads] if mode == "decoupled" else
-                   [*net.modules[:j], net.heads[j - 1]] if mode == "end_to_end" else
-                   [net.modules[j - 1], net.heads[j - 1]])
+        trained = ([*net.modules, *net.heads, *every_part] if mode == "decoupled" else
+                   [*net.modules[:j], net.heads[j - 1], *_parts(net, j)]
+                   if mode == "end_to_end" else
+                   [net.modules[j - 1], net.heads[j - 1], *_parts(net, j)])
         params = count_params([w for layer in trained for w in layer.trainable_weights])
         # The batch as the pipeline gives it (float32): images, or cached features.
         batch_input = 4 * math.prod(net.stage_shapes[j - 2] if cached else spec.image_shape)
@@ -166,10 +168,17 @@ def _dtype_bytes(train):
 
 def replay_buffer_bytes(net, train, size=None):
     """A decoupled run's replay buffers: `size` (default `train.decoupled.buffer_size`)
-    outputs of modules 1..J-1 each, in `decoupled.buffer_dtype`."""
+    outputs of modules 1..J-1 each, in `decoupled.buffer_dtype`, and their images in
+    float32 where the objective rebuilds the image."""
     size = train.decoupled.buffer_size if size is None else size
     dtype_bytes = buffer_dtype(train.mixed_precision).size
-    return dtype_bytes * size * sum(math.prod(s) for s in net.stage_shapes[:-1])
+    images = 4 * math.prod(net.image_shape) if net.objective.needs_images else 0
+    return size * sum(dtype_bytes * math.prod(s) + images for s in net.stage_shapes[:-1])
+
+
+def _parts(net, stage):
+    """The layers of module `stage`'s objective (decoder, projection head), if any."""
+    return list(net.parts[stage - 1].values()) if hasattr(net, "parts") else []
 
 
 def _activations(net, mode, stage, cached, spec):
@@ -183,12 +192,13 @@ def _activations(net, mode, stage, cached, spec):
     """
     modules, heads = net.modules, net.heads
     if mode == "decoupled":  # module j's tensors are freed before module j+1 runs
-        parts = [[modules[j], heads[j]] for j in range(net.num_stages)]
+        parts = [[modules[j], heads[j], *_parts(net, j + 1)] for j in range(net.num_stages)]
         inputs = [spec.image_shape, *net.stage_shapes[:-1]]
     elif mode == "end_to_end":
-        parts, inputs = [[*modules[:stage], heads[stage - 1]]], [spec.image_shape]
+        parts = [[*modules[:stage], heads[stage - 1], *_parts(net, stage)]]
+        inputs = [spec.image_shape]
     else:
-        parts = [[modules[stage - 1], heads[stage - 1]]]
+        parts = [[modules[stage - 1], heads[stage - 1], *_parts(net, stage)]]
         inputs = [net.stage_shapes[stage - 2] if stage > 1 else spec.image_shape]
     peak = 0
     for part, shape in zip(parts, inputs):

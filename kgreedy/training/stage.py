@@ -87,7 +87,8 @@ class StageLoop:
         self.net.set_trainable_stage(stage, self.end_to_end)
         modules = self.net.modules[:stage] if self.end_to_end else [self.net.modules[stage - 1]]
         self.variables = ([w for m in modules for w in m.trainable_weights]
-                          + self.net.heads[stage - 1].trainable_weights)
+                          + self.net.heads[stage - 1].trainable_weights
+                          + self.net.part_weights(stage))
         if optimizer is None:
             self.schedule = make_schedule(train, self.steps_per_epoch)
             self.optimizer = make_optimizer(train.optimizer, self.schedule)
@@ -129,20 +130,20 @@ class StageLoop:
                 value = value * tf.one_hot(slot, sums[key].shape[0])
             sums[key].assign_add(value)
 
-    def _loss_gradients(self, forward, labels, variables, optimizer):
-        """Runs `forward()` (logits, anything else) under a tape; returns the
-        gradients of the loss for `variables`, the loss, logits, per-example losses
-        and the rest of what `forward` returned."""
+    def _loss_gradients(self, forward, variables, optimizer):
+        """Runs `forward()` (logits, the objective's per-example losses, anything
+        else) under a tape; returns the gradients of the mean `total` loss for
+        `variables`, that loss, the logits, the head's per-example cross-entropy (what
+        the metric sums add up) and the rest of what `forward` returned."""
         with tf.GradientTape() as tape:
-            logits, rest = forward()
-            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels, tf.cast(logits, tf.float32))
+            logits, losses, rest = forward()
+            per_example = losses["cross_entropy"]
             # Averaged over the global batch (per-replica batch x replicas: the
             # recipe's batch, whose pipelines drop partial batches), so summing
             # gradients over replicas gives the mean gradient whatever the replica
             # count; a partial last batch of a user's pipeline (kgreedy.fit) is
             # averaged over its own examples, as Keras' fit does.
-            loss = tf.nn.compute_average_loss(per_example)
+            loss = tf.nn.compute_average_loss(losses["total"])
             penalty = (None if self.penalized is None
                        else l2_penalty(self.penalized, variables))
             if penalty is not None:
@@ -151,9 +152,19 @@ class StageLoop:
         return tape.gradient(scaled, variables), loss, logits, per_example, rest
 
     def _gradients_fn(self, images, labels):
+        def forward():
+            if self.cached_features:  # the objective needs no images (validated)
+                features, images_ = images, None
+            else:
+                features = self.net.features(images, self.stage - 1,
+                                             training=self.end_to_end)
+                images_ = images
+            logits, losses, _ = self.net.module_losses(self.stage, features, labels,
+                                                       images_, training=True)
+            return logits, losses, None
+
         grads, loss, logits, per_example, _ = self._loss_gradients(
-            lambda: (self._logits(images, training=True), None), labels,
-            self.variables, self.optimizer)
+            forward, self.variables, self.optimizer)
         return grads, loss, logits, per_example
 
     def _train_step(self, images, labels):

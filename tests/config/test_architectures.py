@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from kgreedy.base.errors import DataError, RecipeError
 from kgreedy.config import architectures
-from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.config.data_checks import check_against_data
+from kgreedy.config.recipe import load_recipe, recipe_from_dict
 from kgreedy.data.tfds import manual_dir
 from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.model.from_recipe import from_recipe

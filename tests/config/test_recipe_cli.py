@@ -17,7 +17,8 @@ from kgreedy import cli
 from kgreedy import data
 from kgreedy import train as train_cli
 from kgreedy.base.errors import KgreedyError, RecipeError
-from kgreedy.config.recipe import check_against_data, load_recipe, recipe_from_dict
+from kgreedy.config.data_checks import check_against_data
+from kgreedy.config.recipe import load_recipe, recipe_from_dict
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -1,5 +1,6 @@
-"""InfoPro's parts (kgreedy.model.objectives): the losses against arithmetic done by
-hand, the layers' shapes, ranges and configs, bfloat16, the weights and the probe."""
+"""InfoPro's parts and objectives (kgreedy.model.objective_parts,
+kgreedy.model.objectives): the losses against arithmetic done by hand, the layers'
+shapes, ranges and configs, bfloat16, the weights."""
 
 import math
 
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy.model.objectives import (
-    FIRST_WEIGHTS, INFOPRO_RESNET32_CIFAR10, LAST_WEIGHTS, OBJECTIVES, CrossEntropy,
-    InfoPro, InfoProContrast, LossWeights, OnlineLinearProbe, ProjectionHead,
-    ReconstructionDecoder, make_objective, module_weights, reconstruction_loss,
-    supervised_contrastive_loss)
+from kgreedy.config.vocabulary import LOCAL_OBJECTIVES
+from kgreedy.model.objective_parts import (LossWeights, ProjectionHead,
+                                           ReconstructionDecoder, reconstruction_loss,
+                                           supervised_contrastive_loss)
+from kgreedy.model.objectives import (FIRST_WEIGHTS, INFOPRO_RESNET32_CIFAR10,
+                                      LAST_WEIGHTS, OBJECTIVES, CrossEntropy, InfoPro,
+                                      InfoProContrast, make_objective, module_weights)
 
 T = 0.07
 
@@ -128,7 +131,6 @@ def test_projection_head_strides_where_the_map_is_large(side, strides, width):
 
 LAYERS = [lambda: ReconstructionDecoder((8, 8, 3), width=7, batch_norm=False, name="d"),
           lambda: ProjectionHead(dim=16, width=5, batch_norm=False, stride_above=4),
-          lambda: OnlineLinearProbe(num_classes=3, name="p"),
           lambda: LossWeights(2.5, 0.5, name="w")]
 
 
@@ -141,18 +143,6 @@ def test_every_layer_round_trips_its_config(make):
     serialized = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(layer))
     assert serialized.get_config() == config
-
-
-def test_the_probe_gives_the_module_no_gradient():
-    module = keras.layers.Conv2D(4, 3, padding="same")
-    probe = OnlineLinearProbe(num_classes=3)
-    x, labels = tf.random.normal([2, 6, 6, 3]), tf.constant([0, 2])
-    with tf.GradientTape() as tape:
-        logits = probe(module(x))
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-    grads = tape.gradient(loss, module.trainable_variables + probe.trainable_variables)
-    assert all(g is None or not np.any(g.numpy()) for g in grads[:2])
-    assert all(g is not None and np.any(g.numpy()) for g in grads[2:])  # the probe learns
 
 
 def test_module_weights_run_linearly_from_first_to_last():
@@ -170,7 +160,7 @@ def test_module_weights_run_linearly_from_first_to_last():
 
 
 def test_make_objective_by_name_and_its_errors():
-    assert set(OBJECTIVES) == {"cross_entropy", "infopro", "infopro_contrast"}
+    assert tuple(OBJECTIVES) == LOCAL_OBJECTIVES  # the recipe's choices are these
     assert isinstance(make_objective("cross_entropy"), CrossEntropy)
     objective = make_objective("infopro_contrast", first=(1, 1), last=(0, 1), dim=32)
     assert isinstance(objective, InfoProContrast) and objective.dim == 32
@@ -199,19 +189,25 @@ def test_each_objective_returns_per_example_float32_losses_and_its_total():
     parts = infopro.make_parts((None, 8, 8, 8), (16, 16, 3), 3, stage=2, num_stages=3)
     assert set(parts) == {"decoder", "weights"} and parts["decoder"].name == "stage2_decoder"
     out = infopro.losses(parts, features, images01, labels, logits, training=True)
+    # The head learns from its whole cross-entropy; w_task = 2 scales what reaches
+    # the module (GreedyNet.module_losses).
     np.testing.assert_allclose(out["total"], 2.0 * out["reconstruction"]
-                               + 2.0 * out["cross_entropy"], rtol=1e-6)
+                               + out["cross_entropy"], rtol=1e-6)
+    assert infopro.head_gradient(2, 3) == 2.0 and InfoPro().head_gradient(1, 4) == 0.0
+    # The deployed head's cross-entropy counts at least once in the last module.
+    last_parts = InfoPro(first=(3.0, 0.0), last=(1.0, 0.0)).make_parts(
+        (None, 8, 8, 8), (16, 16, 3), 3, stage=3, num_stages=3)
+    assert (last_parts["weights"].w_rec, last_parts["weights"].w_task) == (1.0, 1.0)
     contrast = InfoProContrast()
+    assert [contrast.head_gradient(j, 4) for j in (1, 2, 3, 4)] == [0, 0, 0, 1]
     parts = contrast.make_parts((None, 8, 8, 8), (16, 16, 3), 3, stage=1, num_stages=4)
+    assert set(parts) == {"decoder", "projection", "weights"}
     assert (parts["weights"].w_rec, parts["weights"].w_task) == FIRST_WEIGHTS
-    headless = contrast.losses(parts, features, images01, labels, None, training=True)
-    assert set(headless) == {"reconstruction", "contrastive", "probe", "total"}
-    np.testing.assert_allclose(headless["total"], 6.0 * headless["reconstruction"]
-                               + headless["probe"], rtol=1e-6)
-    last = contrast.losses(parts, features, images01, labels, logits, training=True)
-    np.testing.assert_allclose(last["total"], headless["total"] + last["cross_entropy"],
-                               rtol=1e-5)
-    for losses in (ce, out, headless, last):
+    first = contrast.losses(parts, features, images01, labels, logits, training=True)
+    assert set(first) == {"reconstruction", "contrastive", "cross_entropy", "total"}
+    np.testing.assert_allclose(first["total"], 6.0 * first["reconstruction"]
+                               + first["cross_entropy"], rtol=1e-6)
+    for losses in (ce, out, first):
         for value in losses.values():
             assert value.dtype == tf.float32 and tuple(value.shape) == (4,)
 

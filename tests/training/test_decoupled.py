@@ -156,7 +156,7 @@ def test_the_replay_buffer_wraps_its_ring_and_draws_what_was_written():
     step = tf.constant(1, tf.int64)
     for first in (100, 200, 300):
         features, labels = batch(first)
-        drawn_x, drawn_y = buffer.push_and_draw(features, labels, step)
+        drawn_x, drawn_y, _ = buffer.push_and_draw(features, labels, step)
         twin.push_and_draw(features, labels, step)
         other_module.push_and_draw(features, labels, step)
         step += 1
@@ -177,7 +177,7 @@ def test_the_replay_buffer_wraps_its_ring_and_draws_what_was_written():
     # The draw is a function of (seed, module, step): the same buffer contents give
     # the same draw for the same module and step, another for another module or step.
     def draw(ring, first, at_step):
-        return ring.push_and_draw(*batch(first), tf.constant(at_step, tf.int64))
+        return ring.push_and_draw(*batch(first), tf.constant(at_step, tf.int64))[:2]
 
     x, y = draw(buffer, 400, 9)
     x_twin, y_twin = draw(twin, 400, 9)
@@ -205,7 +205,7 @@ def test_the_replay_buffer_keeps_bfloat16_outputs_in_float32(policy, stored):
     assert buffer.features.dtype == stored
     compute = tf.as_dtype(policy[len("mixed_"):])
     features = tf.cast(tf.reshape(tf.range(16), [4, 2, 2, 1]), compute)
-    drawn, _ = buffer.push_and_draw(features, tf.range(4), tf.constant(1, tf.int64))
+    drawn, _, _ = buffer.push_and_draw(features, tf.range(4), tf.constant(1, tf.int64))
     assert drawn.dtype == compute
     r = recipe_from_dict({**BASE, "train": {**BASE["train"], "mixed_precision": policy,
                                             "decoupled": {"buffer_size": 32}}})

@@ -16,7 +16,8 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.base.errors import RecipeError
 from kgreedy.base.progress import Progress
-from kgreedy.config.recipe import DistributeConfig, check_against_data, recipe_from_dict
+from kgreedy.config.data_checks import check_against_data
+from kgreedy.config.recipe import DistributeConfig, recipe_from_dict
 from kgreedy.training import distribute
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
