@@ -2,7 +2,8 @@
 
 A tune recipe is a base train recipe (a path relative to the tune recipe, or an
 inline object) plus a search space over the auxiliary design (head type, k, width,
-pool size) and the learning rate. It is strict like a train recipe: unknown keys,
+pool size), the learning rate and the local objective (`aux.objective` and its
+`aux.objective_weights`). It is strict like a train recipe: unknown keys,
 wrong types and values out of range raise `RecipeError` naming the key. What the
 space means to keras-tuner is `kgreedy.tuning.space`.
 """
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from kgreedy.base.errors import RecipeError
 from kgreedy.base.files import read_json
 from kgreedy.config.data_checks import check_against_data
-from kgreedy.config.recipe import (SEED_MAX, Recipe, apply_overrides,
-                                   validate)
-from kgreedy.config.schema import build, setting
-from kgreedy.config.vocabulary import HEAD_TYPES, NAME_RE, OBJECTIVES, SCOPES, TUNERS
+from kgreedy.config.recipe import (SEED_MAX, ObjectiveWeightsConfig, Recipe,
+                                   apply_overrides, validate)
+from kgreedy.config.schema import build, setting, to_plain
+from kgreedy.config.vocabulary import (HEAD_TYPES, LOCAL_OBJECTIVES, NAME_RE, OBJECTIVES,
+                                       SCOPES, TUNERS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +43,10 @@ class SearchSpace:
     pool_size: typing.Optional[typing.Tuple[int, ...]] = setting((1, 2, 4),
                                                               doc="aux.pool_size choices")
     learning_rate: typing.Optional[LearningRateRange] = setting(None, doc="learning-rate range")
+    aux_objective: typing.Optional[typing.Tuple[str, ...]] = setting(
+        None, doc="aux.objective choices")
+    objective_weights: typing.Optional[typing.Tuple[ObjectiveWeightsConfig, ...]] = setting(
+        None, doc="aux.objective_weights choices, tried with the infopro objectives")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +111,45 @@ def _check_choices(space):
         raise RecipeError("search.learning_rate.max", f"must be >= min ({lr.min})", lr.max)
 
 
+def _check_objective_choices(space, base):
+    """Checks search.aux_objective and search.objective_weights against each other
+    and the base: every combination a trial can draw must make a valid recipe."""
+    objectives, weights = space.aux_objective, space.objective_weights
+    for key, values in (("aux_objective", objectives), ("objective_weights", weights)):
+        if values is not None and not values:
+            raise RecipeError(f"search.{key}", "needs at least one value (null: keep "
+                              "the base recipe's)", [])
+    if objectives is not None:
+        if len(set(objectives)) != len(objectives):
+            raise RecipeError("search.aux_objective", "has a value twice", list(objectives))
+        for i, value in enumerate(objectives):
+            if value not in LOCAL_OBJECTIVES:
+                raise RecipeError(f"search.aux_objective[{i}]", "must be one of "
+                                  + ", ".join(map(repr, LOCAL_OBJECTIVES)), value)
+            # auto turns the cache off for these; "on" is refused by the train recipe.
+            if value != "cross_entropy" and base.train.cache_features == "on":
+                raise RecipeError(f"search.aux_objective[{i}]", f"{value!r} cannot run "
+                                  "with base.train.cache_features 'on' (its decoder "
+                                  "rebuilds the input image, which cached features do "
+                                  "not hold); set it to 'auto' or 'off'", value)
+    if weights is None:
+        return
+    for i, choice in enumerate(weights):
+        for key in ("first", "last"):
+            pair = getattr(choice, key)
+            if len(pair) != 2 or not all(w >= 0 for w in pair):  # build checked finite
+                raise RecipeError(f"search.objective_weights[{i}].{key}", "must be two "
+                                  "finite weights >= 0, [w_rec, w_task]", list(pair))
+    plain = [to_plain(dataclasses.asdict(w)) for w in weights]
+    if any(plain.count(w) > 1 for w in plain):
+        raise RecipeError("search.objective_weights", "has a value twice", plain)
+    if all(o == "cross_entropy" for o in objectives or (base.aux.objective,)):
+        raise RecipeError("search.objective_weights", "only applies to aux.objective "
+                          "'infopro' or 'infopro_contrast', and every objective the search "
+                          "can pick is 'cross_entropy' (search.aux_objective, or the base's "
+                          "aux.objective when it is null)", plain)
+
+
 def tune_recipe_from_dict(raw):
     """Builds and validates a `TuneRecipe` from a parsed JSON object (base inline)."""
     if not isinstance(raw, dict):
@@ -119,6 +164,7 @@ def tune_recipe_from_dict(raw):
         raise _prefixed(e, "base") from None
     base = tune.base
     _check_choices(tune.search)
+    _check_objective_choices(tune.search, base)
     if tune.stages is not None and tune.stages > base.num_stages:
         raise RecipeError("stages", f"must be <= the {base.num_stages} stages of "
                           "the base model", tune.stages)

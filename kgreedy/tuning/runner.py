@@ -13,11 +13,12 @@ import os
 from kgreedy.base.errors import SearchFailed
 from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
-from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.config.recipe import ObjectiveWeightsConfig, recipe_from_dict
 from kgreedy.config.schema import to_plain
 from kgreedy.config.vocabulary import OBJECTIVES
 from kgreedy.tuning.search import TRIAL_INFO, Search, best_net, fmt, make_tuner
-from kgreedy.tuning.space import candidate_recipe, searched_values
+from kgreedy.tuning.space import (candidate_recipe, encode_weights, objective_from,
+                                  searched_values)
 
 TUNE_RECIPE, TUNING, BEST_RECIPE = "tune_recipe.json", "tuning.json", "best_recipe.json"
 CONTEXT = "kgreedy_context.json"  # in a search's project: what the search builds on
@@ -53,24 +54,29 @@ class AuxTuning:
         tune = self.tune
         if tune.scope == "joint":
             best = self._search(tune.num_stages, context={})
-            designs, lr = [best["design"]], best["learning_rate"]
+            designs, lr, local = [best["design"]], best["learning_rate"], self._local(best)
         else:
-            designs, lr, trunk_net, context = [], None, None, {}
+            designs, lr, local, trunk_net, context = [], None, None, None, {}
             for stage in range(1, tune.num_stages + 1):
-                best = self._search(stage, context, designs, lr, trunk_net)
+                best = self._search(stage, context, designs, lr, trunk_net, local)
                 designs.append(best["design"])
                 lr = best["learning_rate"] if lr is None else lr
+                local = local or self._local(best)
                 # What the next search builds on: this search and its best trial.
                 context = {"after": context, "stage": stage, "best_trial": best["trial_id"],
-                           "designs": list(designs), "learning_rate": lr}
+                           "designs": list(designs), "learning_rate": lr,
+                           "aux_objective": local[0], "objective_weights": local[1]}
                 if stage < tune.num_stages:
                     trunk_net = best_net(self.searches[-1][1])
-        recipe = candidate_recipe(tune, designs, lr, name=f"{tune.name}_best")
-        recipe = recipe_from_dict(dict(recipe.to_dict(), description=self._describe(designs)))
+        recipe = candidate_recipe(tune, designs, lr, name=f"{tune.name}_best",
+                                  local_objective=local)
+        recipe = recipe_from_dict(dict(recipe.to_dict(),
+                                       description=self._describe(designs, local)))
         write_json(self.path(BEST_RECIPE), recipe.to_dict())
         return self._write_results(best_recipe=BEST_RECIPE)
 
-    def _search(self, stage, context, designs=(), learning_rate=None, trunk_net=None):
+    def _search(self, stage, context, designs=(), learning_rate=None, trunk_net=None,
+                local_objective=None):
         """Runs one search (per_stage: on top of `trunk_net`); returns its best row.
 
         `context` says what the search builds on. A resumed per_stage search whose
@@ -78,7 +84,7 @@ class AuxTuning:
         it is moved aside and searched again.
         """
         search = Search(self.tune, self.datasets, self.strategy, self.progress, self.output,
-                        stage, designs, learning_rate, trunk_net, self.sides)
+                        stage, designs, learning_rate, trunk_net, self.sides, local_objective)
         self.sides = search.sides
         self._check_context(search.name, context)
         tuner = make_tuner(search, self.path("tuner"))
@@ -136,6 +142,8 @@ class AuxTuning:
                 "hyperparameters": searched_values(trial.hyperparameters.values),
                 "continues": trial.hyperparameters.values.get("tuner/trial_id"),
                 "design": info.get("design"), "learning_rate": info.get("learning_rate"),
+                "aux_objective": info.get("aux_objective"),
+                "objective_weights": info.get("objective_weights"),
                 "metrics": info.get("metrics"), "epochs": info.get("epochs"),
                 "trainable_params": info.get("trainable_params"),
                 "deployed_params": info.get("deployed_params"),
@@ -157,7 +165,8 @@ class AuxTuning:
                 if top and top[0].status == "COMPLETED" and r["search"] == search.name \
                         and r["trial_id"] == top[0].trial_id:
                     best.append({k: r[k] for k in ("search", "stage", "trial_id", "score",
-                                                   "design", "learning_rate")})
+                                                   "design", "learning_rate",
+                                                   "aux_objective", "objective_weights")})
         results = {"name": tune.name, "tuner": tune.tuner, "scope": tune.scope,
                    "objective": tune.objective, "direction": OBJECTIVES[tune.objective],
                    "stages": tune.num_stages, "best": best,
@@ -168,9 +177,16 @@ class AuxTuning:
 
     def _print_table(self, rows):
         show = self.progress.message
+        # The objective columns only where trials can differ in it or it is not the
+        # paper's: a search of heads alone prints the table it always did.
+        space, aux = self.tune.search, self.tune.base.aux
+        local = (space.aux_objective is not None or space.objective_weights is not None
+                 or aux.objective != "cross_entropy")
+        wide = max([len("weights")] + [len(_shown_weights(r)) for r in rows])
         show(f"{'search':<8} {'trial':>5}  {'status':<9} {self.tune.objective:>12}  "
-             f"{'head':<6} {'k':>2} {'width':>5} {'pool':>4} {'lr':>8} {'params':>10} "
-             f"{'seconds':>8}")
+             f"{'head':<6} {'k':>2} {'width':>5} {'pool':>4} {'lr':>8} "
+             + (f"{'aux.objective':<16} {'weights':<{wide}} " if local else "")
+             + f"{'params':>10} {'seconds':>8}")
         for r in rows:
             d = dict(r["design"] or {})
             if d.get("head") == "linear":  # no hidden layers: k and width do not apply
@@ -180,13 +196,37 @@ class AuxTuning:
                  f"{'-' if r['score'] is None else format(r['score'], '.4f'):>12}  "
                  f"{d.get('head', '-'):<6} {d.get('k', '-'):>2} {d.get('width', '-'):>5} "
                  f"{d.get('pool_size', '-'):>4} {fmt(r['learning_rate'] or '-'):>8} "
-                 f"{'-' if params is None else format(params, ','):>10} "
+                 + (f"{r['aux_objective'] or '-':<16} {_shown_weights(r):<{wide}} "
+                    if local else "")
+                 + f"{'-' if params is None else format(params, ','):>10} "
                  f"{'-' if seconds is None else format(seconds, '.1f'):>8}")
 
-    def _describe(self, designs):
+    def _local(self, row):
+        """The (aux.objective, aux.objective_weights) pair a best row carries; the
+        base's for a row that records none (a trial run before they were recorded)."""
+        if row["aux_objective"] is None:
+            return objective_from({}, self.tune)
+        return row["aux_objective"], row["objective_weights"]
+
+    def _describe(self, designs, local):
         tune = self.tune
         chosen = "; ".join(f"stage {j}: " * (tune.scope == "per_stage")
                            + ", ".join(f"{k} {v}" for k, v in d.items())
                            for j, d in enumerate(designs, start=1))
+        objective, weights = local
+        if objective != "cross_entropy" or tune.search.aux_objective is not None:
+            chosen += f"; aux.objective {objective}"
+            if weights is not None:
+                chosen += f" (weights first {weights['first']}, last {weights['last']})"
         return (f"Found by kgreedy.tune {tune.name} ({tune.tuner}, scope {tune.scope}, "
                 f"objective {tune.objective}): {chosen}. Base: {tune.base.description}")
+
+
+def _shown_weights(row):
+    """A row's weights as the table shows them: "first>last" pairs, "default" for an
+    infopro objective's defaults, "-" where there are none (cross_entropy)."""
+    weights = row["objective_weights"]
+    if weights is None:
+        return "default" if row["aux_objective"] not in (None, "cross_entropy") else "-"
+    return encode_weights(ObjectiveWeightsConfig(first=tuple(weights["first"]),
+                                                 last=tuple(weights["last"])))

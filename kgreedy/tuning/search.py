@@ -27,8 +27,8 @@ from kgreedy.training import precision
 from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.stage import StageLoop
-from kgreedy.tuning.space import (candidate_recipe, declare, design_from, pool_problem,
-                                  searched_values, stage_sides, trial_recipe)
+from kgreedy.tuning.space import (candidate_recipe, declare, design_from, objective_from,
+                                  pool_problem, searched_values, stage_sides, trial_recipe)
 
 TRIAL_INFO = "kgreedy.json"  # in each trial directory: what tuning.json reports
 
@@ -57,6 +57,9 @@ class Search:
         stage: joint: N, the last stage trained; per_stage: the stage searched.
         fixed: per_stage: the designs chosen for stages 1..stage-1.
         learning_rate: per_stage after stage 1: the rate chosen with stage 1.
+        local_objective: per_stage after stage 1: the (aux.objective,
+            aux.objective_weights) chosen with stage 1
+            (`kgreedy.tuning.space.objective_from`).
         trunk_net: per_stage after stage 1: the best network of the stage before
             (its modules 1..stage-1 are the trained trunk).
         sides: `kgreedy.tuning.space.stage_sides` of the base recipe's trunk
@@ -64,7 +67,7 @@ class Search:
     """
 
     def __init__(self, tune, datasets, strategy, progress, work_dir, stage, fixed=(),
-                 learning_rate=None, trunk_net=None, sides=None):
+                 learning_rate=None, trunk_net=None, sides=None, local_objective=None):
         self.tune = tune
         self.datasets = datasets
         self.strategy = strategy
@@ -73,6 +76,7 @@ class Search:
         self.stage = stage
         self.fixed = list(fixed)
         self.learning_rate = learning_rate
+        self.local_objective = local_objective
         self.trunk_net = trunk_net
         self.trunk = (None if trunk_net is None else
                       [m.get_weights() for m in trunk_net.modules[:stage - 1]])
@@ -173,12 +177,14 @@ class AuxHyperModel(keras_tuner.HyperModel):
         keras.utils.set_random_seed(tune.base.seed)
         design = design_from(hp.values, tune)
         lr = hp.values.get("learning_rate", s.learning_rate)
-        candidate = candidate_recipe(tune, [*s.fixed, design], lr)
+        local = s.local_objective or objective_from(hp.values, tune)
+        candidate = candidate_recipe(tune, [*s.fixed, design], lr, local_objective=local)
         recipe = trial_recipe(tune, candidate, s.stage)
         problem = pool_problem(candidate, s.sides, *s.checked_stages())
         if problem and tune.scope == "joint":
             problem += " (the best recipe gives the design to every stage)"
-        self.report.update(design=design, learning_rate=recipe.train.optimizer.learning_rate)
+        self.report.update(design=design, learning_rate=recipe.train.optimizer.learning_rate,
+                           aux_objective=local[0], objective_weights=local[1])
         if problem:  # fit fails the trial; build must not (keras-tuner builds at start)
             model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
             self.built_last = (model, None, recipe, problem)

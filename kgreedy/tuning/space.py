@@ -1,11 +1,11 @@
 """The search space in keras-tuner's terms: hyperparameters declared from a tune
-recipe, a trial's values turned into an auxiliary design, and a design into the
-complete train recipe a trial trains."""
+recipe, a trial's values turned into an auxiliary design and a local objective, and
+those into the complete train recipe a trial trains."""
 
 import dataclasses
 
 from kgreedy.config.designs import head_designs, head_widths
-from kgreedy.config.recipe import AuxStageConfig
+from kgreedy.config.recipe import AuxStageConfig, ObjectiveWeightsConfig
 from kgreedy.model.from_recipe import trunk_shapes
 
 
@@ -13,8 +13,8 @@ def declare(hp, tune, searched_stage):
     """Declares the hyperparameters of one search in a keras-tuner `hp`.
 
     k and width only exist for heads that have them (a conditional scope on head).
-    The learning rate is searched once: jointly, or with stage 1 in a per_stage
-    search (a recipe has one learning rate for all stages).
+    The learning rate and the local objective are searched once: jointly, or with
+    stage 1 in a per_stage search (a recipe has one of each for all stages).
     """
     space, aux = tune.search, tune.base.aux
     heads = list(space.head or (aux.head,))
@@ -25,9 +25,83 @@ def declare(hp, tune, searched_stage):
             hp.Choice("k", list(space.k or (aux.k,)))
             hp.Choice("width", list(space.width or (aux.width,)))
     hp.Choice("pool_size", list(space.pool_size or (aux.pool_size,)))
+    if tune.scope == "per_stage" and searched_stage > 1:
+        return
     lr = space.learning_rate
-    if lr is not None and (tune.scope == "joint" or searched_stage == 1):
+    if lr is not None:
         hp.Float("learning_rate", lr.min, lr.max, sampling=lr.sampling)
+    _declare_objective(hp, tune)
+
+
+def _declare_objective(hp, tune):
+    """`aux_objective` and `objective_weights`, each only where the tune recipe
+    searches it; the weights only exist for the infopro objectives (a cross_entropy
+    trial has none)."""
+    space = tune.search
+    objectives = space.aux_objective
+    if objectives is not None:
+        hp.Choice("aux_objective", list(objectives))
+    if space.objective_weights is None:
+        return
+    weights = [encode_weights(w) for w in space.objective_weights]
+    if objectives is None:  # the base's objective, an infopro one (tune_recipe checks)
+        hp.Choice("objective_weights", weights)
+        return
+    with hp.conditional_scope("aux_objective",
+                              [o for o in objectives if o != "cross_entropy"]):
+        hp.Choice("objective_weights", weights)
+
+
+def _number(w):
+    # repr: the shortest text that reads back as the same float; 6.0 reads as 6
+    # (but 1e+20 stays so, not twenty-one digits).
+    w = float(w)
+    return str(int(w)) if w.is_integer() and abs(w) < 1e16 else repr(w)
+
+
+def encode_weights(weights):
+    """An `ObjectiveWeightsConfig` as a keras-tuner Choice value, whose values must
+    be scalars: "w_rec,w_task>w_rec,w_task" (first > last), e.g. "6,0>1,2"."""
+    return ">".join(",".join(map(_number, pair)) for pair in (weights.first, weights.last))
+
+
+def decode_weights(text):
+    """The `ObjectiveWeightsConfig` of an `encode_weights` string.
+
+    Raises:
+        ValueError: `text` is not two pairs of numbers.
+    """
+    try:
+        first, last = (tuple(float(w) for w in pair.split(","))
+                       for pair in text.split(">"))
+    except ValueError:
+        first = last = ()
+    if len(first) != 2 or len(last) != 2:
+        raise ValueError(f"objective weights must read 'w_rec,w_task>w_rec,w_task'. "
+                         f"Received: {text!r}")
+    return ObjectiveWeightsConfig(first=first, last=last)
+
+
+def plain_weights(weights):
+    """An `ObjectiveWeightsConfig` (or None) as JSON shows it: {"first", "last"}."""
+    return None if weights is None else {"first": list(weights.first),
+                                         "last": list(weights.last)}
+
+
+def objective_from(values, tune):
+    """(aux.objective, aux.objective_weights as `plain_weights`) of a trial's values.
+
+    An objective the search does not draw is the base's; so are the weights of an
+    infopro objective when none are drawn (None: the network's defaults). A
+    cross_entropy objective has no weights.
+    """
+    aux = tune.base.aux
+    objective = values.get("aux_objective", aux.objective)
+    if objective == "cross_entropy":
+        return objective, None
+    if "objective_weights" in values:
+        return objective, plain_weights(decode_weights(values["objective_weights"]))
+    return objective, plain_weights(aux.objective_weights)
 
 
 def design_from(values, tune):
@@ -48,15 +122,22 @@ def searched_values(values):
     return {k: v for k, v in values.items() if not k.startswith("tuner/")}
 
 
-def candidate_recipe(tune, designs, learning_rate=None, name=None):
+def candidate_recipe(tune, designs, learning_rate=None, name=None, local_objective=None):
     """The complete train recipe that uses `designs`.
 
     Joint scope: one design, as aux.* (every stage uses it). Per-stage scope: one
     design per searched stage in aux.per_stage, with the widths the stages train
     (doubled at downsamplings as aux.grow_with_downsample says); later stages keep
-    the base recipe's aux.*.
+    the base recipe's aux.*. `local_objective` is an `objective_from` pair, written
+    as aux.objective and aux.objective_weights (None: the base's).
     """
     base = tune.base
+    if local_objective is not None:
+        objective, weights = local_objective
+        base = dataclasses.replace(base, aux=dataclasses.replace(
+            base.aux, objective=objective, objective_weights=None if weights is None
+            else ObjectiveWeightsConfig(first=tuple(weights["first"]),
+                                        last=tuple(weights["last"]))))
     if tune.scope == "joint":
         design = designs[0]
         aux = dataclasses.replace(base.aux, head=design["head"], k=design["k"],
