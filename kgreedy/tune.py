@@ -1,6 +1,6 @@
 """`python -m kgreedy.tune TUNE_RECIPE.json [--output DIR] [--set KEY=VALUE ...]`:
-a keras-tuner search over the auxiliary problem (head type, k, width, pool size) and
-the learning rate.
+a keras-tuner search over the auxiliary problem (head type, k, width, pool size), the
+learning rate and the local objective (`aux.objective` and its weights).
 
 Every trial builds a recipe from its hyperparameters, a `GreedyNet`, and trains its
 stages with kgreedy's own `StageLoop` under the recipe's strategy (the one training

@@ -165,6 +165,11 @@ def describe_keys(cls, prefix=""):
         if dataclasses.is_dataclass(tp):
             yield from describe_keys(tp, path)
             continue
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # an optional object
+            yield (path, "object or null", json.dumps(f.default), f.metadata.get("doc", ""))
+            yield from describe_keys(inner[0], path)
+            continue
         if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             default = ("required" if f.default is dataclasses.MISSING
                        and f.default_factory is dataclasses.MISSING else "[]")

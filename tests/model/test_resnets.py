@@ -166,3 +166,19 @@ def test_a_saved_cifar_resnet_loads_in_safe_mode_with_the_same_outputs(tmp_path)
     x = tf.random.stateless_normal([2, 16, 16, 3], seed=[1, 1])
     np.testing.assert_array_equal(loaded(x, training=False).numpy(),
                                   model(x, training=False).numpy())
+
+
+# InfoPro's split points for ResNet-32 (Experiments on CIFAR-SVHN-STL10/networks/
+# configs.py of its official code): [stage, block], both 0-based, module ends after
+# that block. Stage s is Keras' conv{s+1}, block b its block{b+1}.
+INFOPRO_RESNET32 = {4: [[1, 2], [2, 1], [3, 0]],
+                    8: [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]]}
+
+
+@pytest.mark.parametrize("modules", [4, 8])
+def test_resnet32_balanced_modules_end_where_infopro_splits(modules):
+    from kgreedy.model.split import balanced_split_points
+    model = resnets.cifar_resnet(32, (32, 32, 3))
+    points = balanced_split_points(model, modules)
+    assert [getattr(p, "name", p) for p in points] == [
+        f"conv{s + 1}_block{b + 1}_out" for s, b in INFOPRO_RESNET32[modules]]

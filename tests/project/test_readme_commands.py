@@ -111,6 +111,8 @@ RESNET32_TEST = "test_network_commands.py::test_results_resnet32_greedy_and_end_
 DECOUPLED_TEST = ("test_decoupled.py::"
                   "test_a_decoupled_run_records_every_module_and_exports_the_ensemble")
 DECOUPLED_RESULTS_TEST = "test_decoupled_commands.py::test_results_decoupled_runs_and_their_table"
+OBJECTIVES_TEST = ("test_objectives_engine.py::"
+                   "test_each_objective_trains_the_quickstart_and_exports")
 
 COMMANDS = {
     # Quickstart: .ci/run installs the package (with the test extra) and runs the
@@ -262,6 +264,36 @@ COMMANDS = {
     "python tools/results_table.py runs/cifar10_budget_decoupled "
     "runs/cifar10_budget_decoupled_buffer runs/resnet32_k4_decoupled --json runs/decoupled.json":
         covered(DECOUPLED_RESULTS_TEST, "tools/results_table.py", "--json runs/decoupled.json"),
+    # docs/RESULTS.md, local objectives: the seven runs on a few images; the quickstart
+    # with an InfoPro objective (docs/local-objectives.md) in test_objectives_engine.
+    "python -m kgreedy.train recipes/quickstart.json --set aux.objective=infopro_contrast "
+    "--set train.mode=decoupled --output runs/quickstart_infopro":
+        covered(OBJECTIVES_TEST, "kgreedy.train", "quickstart.json", "aux.objective",
+                "infopro_contrast", "decoupled", "--output"),
+    "python -m kgreedy.train recipes/resnet32_cifar10_end_to_end.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/e2e":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=4 --output runs/local/greedy_k4":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/dgl_k4":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set model.modules=8 --output runs/local/dgl_k8":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/contrast_k4":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k8_infopro.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/contrast_k8":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json --set data.data_dir=../shared/tfds "
+    "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set aux.objective=infopro --output runs/local/infopro_k4":
+        tiny("local", *TINY_CIFAR10),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json "
+    "--set data.data_dir=../shared/tfds --dry-run":
+        tiny("local", *TINY_CIFAR10),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
@@ -552,7 +584,7 @@ def _setup_group(group, scratch):
         return ROOT, {}  # the suite itself: collected in the repository
     for name in ("recipes", "tools"):
         (scratch / name).symlink_to(ROOT / name, target_is_directory=True)
-    if group in ("cifar10", "results"):
+    if group in ("cifar10", "results", "local"):
         if not (SHARED_TFDS / "cifar10").is_dir():
             pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
         (scratch / "docs").mkdir()  # results_table.py --json docs/...
