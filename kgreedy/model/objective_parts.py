@@ -61,10 +61,12 @@ class ReconstructionDecoder(keras.layers.Layer):
 
     def call(self, features, training=None):
         h, w, _ = self.image_shape
-        # tf.image.resize answers float32 whatever it is given: back to the layer's
-        # compute dtype, so the convs run in bfloat16 under a mixed policy.
-        x = tf.cast(tf.image.resize(features, (h, w), method="bilinear"),
-                    self.compute_dtype)
+        # tf.image.resize answers float32 whatever it is given, and its gradient is
+        # float32 too: resized in float32 from an explicit cast (whose gradient casts
+        # back, so XLA never adds a float32 gradient to a bfloat16 one), then back to
+        # the layer's compute dtype, so the convs run in bfloat16 under a mixed policy.
+        x = tf.image.resize(tf.cast(features, tf.float32), (h, w), method="bilinear")
+        x = tf.cast(x, self.compute_dtype)
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x, training=training)

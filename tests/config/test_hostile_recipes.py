@@ -83,6 +83,19 @@ CASES = [
      ["name: must be letters, digits", r"received 'nl\n'"]),
     ("model-name-trailing-newline", BASE_TEXT, ["--set", "export.model_name=m\n"],
      ["export.model_name: must be letters", r"received 'm\n'"]),
+    ("objective-weights-nan", with_key(BASE_TEXT, "aux", '"objective": "infopro", '
+                                       '"objective_weights": {"first": [NaN, 0], '
+                                       '"last": [1, 2]}'), [],
+     ["aux.objective_weights.first[0]: NaN is not a JSON number"]),
+    ("set-objective-weights-negative", BASE_TEXT,
+     ["--set", "aux.objective=infopro_contrast",
+      "--set", 'aux.objective_weights={"first": [6, -1], "last": [1, 2]}'],
+     ["aux.objective_weights.first: must be two finite weights >= 0",
+      "received [6.0, -1.0]"]),
+    ("set-objective-weights-with-cross-entropy", BASE_TEXT,
+     ["--set", 'aux.objective_weights={"first": [6, 0], "last": [1, 2]}'],
+     ["aux.objective_weights: only applies to aux.objective 'infopro' or "
+      "'infopro_contrast', not 'cross_entropy'"]),
 ]
 
 

@@ -307,14 +307,21 @@ class _Keep:
         self.loop = loop
 
 
-@pytest.mark.parametrize("train", [
-    {"mixed_precision": "mixed_bfloat16", "decoupled": {"buffer_size": 32}},
-    {"jit_compile": True},
-], ids=["mixed_bfloat16-with-buffer", "jit_compile"])
-def test_decoupled_trains_in_bfloat16_with_a_buffer_and_under_xla(train):
-    recipe = recipe_from_dict({**BASE, "seed": 1, "train": {
-        **BASE["train"], "batch_size": 16, "steps_per_epoch": 3,
-        "steps_per_execution": 2, **train}})
+@pytest.mark.parametrize("train,objective", [
+    ({"mixed_precision": "mixed_bfloat16", "decoupled": {"buffer_size": 32}},
+     "cross_entropy"),
+    ({"mixed_precision": "mixed_bfloat16", "decoupled": {"buffer_size": 32}},
+     "infopro_contrast"),
+    ({"jit_compile": True}, "cross_entropy"),
+    ({"jit_compile": True}, "infopro"),
+], ids=["mixed_bfloat16-with-buffer", "mixed_bfloat16-with-buffer-infopro_contrast",
+        "jit_compile", "jit_compile-infopro"])
+def test_decoupled_trains_in_bfloat16_with_a_buffer_and_under_xla(train, objective):
+    recipe = recipe_from_dict({**BASE, "seed": 1, "aux": {**BASE.get("aux", {}),
+                                                          "objective": objective},
+                               "train": {**BASE["train"], "batch_size": 16,
+                                         "steps_per_epoch": 3, "steps_per_execution": 2,
+                                         **train}})
     datasets = data.load(recipe.data, data.describe(recipe.data), batch_size=16, seed=1)
     kept = _Keep()
     try:
@@ -328,6 +335,8 @@ def test_decoupled_trains_in_bfloat16_with_a_buffer_and_under_xla(train):
             # (CollectiveBcastSend has no bfloat16 kernel).
             [buffer] = kept.loop.buffers
             assert buffer.features.dtype == tf.float32
+            # InfoPro's decoder rebuilds the drawn outputs' own images, kept beside them.
+            assert (buffer.images is not None) == (objective != "cross_entropy")
             assert int(buffer.written.numpy()) == 3 * 16
         else:
             assert kept.loop.buffers == []

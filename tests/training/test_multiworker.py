@@ -78,16 +78,20 @@ def check_finished(procs, outputs, scratch, run_dir, stages, per_module):
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
 
 
-def write_recipe(tmp_path, **train):
+def write_recipe(tmp_path, aux=None, **train):
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({**RECIPE, "train": {**RECIPE["train"], **train}}))
+    recipe.write_text(json.dumps({**RECIPE, "train": {**RECIPE["train"], **train},
+                                  "aux": {**RECIPE.get("aux", {}), **(aux or {})}}))
     return recipe
 
 
 def test_two_workers_train_decoupled_and_only_the_chief_writes_the_run(tmp_path):
     # Decoupled with a replay buffer: one stage; every step all-gathers both workers'
-    # module outputs into the buffer. (A greedy run: the test below, resumed.)
-    recipe = write_recipe(tmp_path, mode="decoupled", decoupled={"buffer_size": 64})
+    # module outputs (and, for InfoPro's decoder, their images) into the buffer; the
+    # contrastive loss takes each worker's own batch. (A greedy run with cross-entropy:
+    # the test below, resumed.)
+    recipe = write_recipe(tmp_path, aux={"objective": "infopro_contrast"},
+                          mode="decoupled", decoupled={"buffer_size": 64})
     cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
     run_dir = tmp_path / "run"
     procs, scratch = start_workers(tmp_path, recipe, cluster, run_dir)
