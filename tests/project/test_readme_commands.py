@@ -264,7 +264,8 @@ COMMANDS = {
     "python tools/results_table.py runs/cifar10_budget_decoupled "
     "runs/cifar10_budget_decoupled_buffer runs/resnet32_k4_decoupled --json runs/decoupled.json":
         covered(DECOUPLED_RESULTS_TEST, "tools/results_table.py", "--json runs/decoupled.json"),
-    # docs/RESULTS.md, local objectives: the seven runs on a few images; the quickstart
+    # docs/RESULTS.md, local objectives: the seven runs on a few images (two groups, so
+    # that two test processes share them); the quickstart
     # with an InfoPro objective (docs/local-objectives.md) in test_objectives_engine.
     "python -m kgreedy.train recipes/quickstart.json --set aux.objective=infopro_contrast "
     "--set train.mode=decoupled --output runs/quickstart_infopro":
@@ -281,16 +282,16 @@ COMMANDS = {
         tiny("local", *TINY_CIFAR10),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set model.modules=8 --output runs/local/dgl_k8":
-        tiny("local", *TINY_CIFAR10),
+        tiny("local_infopro", *TINY_CIFAR10),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/contrast_k4":
-        tiny("local", *TINY_CIFAR10),
+        tiny("local_infopro", *TINY_CIFAR10),
     "python -m kgreedy.train recipes/resnet32_cifar10_k8_infopro.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/contrast_k8":
-        tiny("local", *TINY_CIFAR10),
+        tiny("local_infopro", *TINY_CIFAR10),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set aux.objective=infopro --output runs/local/infopro_k4":
-        tiny("local", *TINY_CIFAR10),
+        tiny("local_infopro", *TINY_CIFAR10),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json "
     "--set data.data_dir=../shared/tfds --dry-run":
         tiny("local", *TINY_CIFAR10),
@@ -584,7 +585,7 @@ def _setup_group(group, scratch):
         return ROOT, {}  # the suite itself: collected in the repository
     for name in ("recipes", "tools"):
         (scratch / name).symlink_to(ROOT / name, target_is_directory=True)
-    if group in ("cifar10", "results", "local"):
+    if group in ("cifar10", "results", "local", "local_infopro"):
         if not (SHARED_TFDS / "cifar10").is_dir():
             pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
         (scratch / "docs").mkdir()  # results_table.py --json docs/...
