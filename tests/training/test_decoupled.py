@@ -368,18 +368,7 @@ COMMON = {
 }
 
 # Dies by SIGKILL right after the checkpoint of step KILL_AT is on disk.
-_KILLER = f"""
-import os, runpy, signal, sys
-import tensorflow as tf
-_save = tf.train.CheckpointManager.save
-def save(self, *args, **kwargs):
-    path = _save(self, *args, **kwargs)
-    if kwargs.get("checkpoint_number") == {KILL_AT}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-tf.train.CheckpointManager.save = save
-runpy.run_module("kgreedy.train", run_name="__main__", alter_sys=True)
-"""
+KILLER = Path(__file__).with_name("kill_after_checkpoint.py")
 
 
 def _args(run_dir, **extra):
@@ -391,9 +380,9 @@ def _args(run_dir, **extra):
 
 def _run(args, killer=False):
     """(status, stdout, stderr) of a command line run to its end."""
-    code = ["-c", _KILLER] if killer else ["-m", "kgreedy.train"]
+    code = [str(KILLER)] if killer else ["-m", "kgreedy.train"]
     proc = subprocess.run([sys.executable, *code, *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=600)
+                          env={**ENV, "KILL_AT": str(KILL_AT)}, cwd=ROOT, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
 
 

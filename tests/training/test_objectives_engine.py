@@ -10,6 +10,7 @@ The command lines start together in one module fixture, one thread each.
 
 import concurrent.futures
 import json
+import re
 import os
 import signal
 import subprocess
@@ -48,27 +49,17 @@ RESUME = {"aux.objective": "infopro_contrast", "train.mode": "decoupled",
           "aux.width": 8, "export.enabled": False,
           "model.blocks": [{"width": 8}, {"width": 16, "downsample": "psi"},
                            {"width": 16, "downsample": "psi"}]}
-_KILLER = f"""
-import os, runpy, signal
-import tensorflow as tf
-_save = tf.train.CheckpointManager.save
-def save(self, *args, **kwargs):
-    path = _save(self, *args, **kwargs)
-    if kwargs.get("checkpoint_number") == {KILL_AT}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-tf.train.CheckpointManager.save = save
-runpy.run_module("kgreedy.train", run_name="__main__", alter_sys=True)
-"""
+# Dies by SIGKILL right after the checkpoint of step KILL_AT is on disk.
+KILLER = Path(__file__).with_name("kill_after_checkpoint.py")
 
 
 def _run(run_dir, sets, *extra, killer=False):
     args = [str(QUICKSTART), "--output", str(run_dir), *extra]
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
-    code = ["-c", _KILLER] if killer else ["-m", "kgreedy.train"]
+    code = [str(KILLER)] if killer else ["-m", "kgreedy.train"]
     proc = subprocess.run([sys.executable, *code, *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=900)
+                          env={**ENV, "KILL_AT": str(KILL_AT)}, cwd=ROOT, timeout=900)
     return run_dir, proc.returncode, proc.stdout, proc.stderr
 
 
@@ -342,3 +333,59 @@ def test_the_infopro_recipes_load_and_differ_only_in_their_modules():
         assert recipe.aux.objective == "infopro_contrast"
         assert recipe.train.mode == "decoupled" and recipe.num_stages == modules
     assert k4.train == k8.train and k4.data == k8.data
+
+
+def _small_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="mid")(h)
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="top")(h)
+    return keras.Model(inputs, h)
+
+
+def test_split_and_fit_take_the_objective_and_fit_json_records_it(tmp_path):
+    import kgreedy
+    model = _small_model()
+    net = kgreedy.split(model, at=["stem", "mid"], num_classes=10, mean=5.0, std=6.0,
+                        head=kgreedy.heads.Conv(k=1, width=4), pixel_max=16,
+                        objective="infopro_contrast",
+                        objective_weights=((4.0, 0.0), (1.0, 1.0)))
+    assert [sorted(p) for p in net.parts] == [["decoder", "projection", "weights"]] * 3
+    assert [p["weights"].w_rec for p in net.parts] == [4.0, 2.5, 1.0]
+    assert net.pixel_max == 16.0
+    x, y = load_digits(return_X_y=True)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (x[:64].reshape(-1, 8, 8, 1).astype("float32"), y[:64].astype("int32"))).batch(32)
+    weights_before = len(model.weights)
+    history = kgreedy.fit(net, ds, ds, epochs_per_stage=1, mode="decoupled", verbose=0,
+                          run_dir=tmp_path / "run",
+                          optimizer=lambda j: keras.optimizers.SGD(0.05))
+    assert np.isfinite(history.history["loss"][0])
+    assert len(model.weights) == weights_before  # the parts are not the model's
+    recorded = json.loads((tmp_path / "run" / "fit.json").read_text())["objective"]
+    assert recorded == {"name": "infopro_contrast", "first": [4.0, 0.0], "last": [1.0, 1.0],
+                        "decoder_width": 12, "dim": 128, "temperature": 0.07}
+    # Resuming with another objective is refused by name, before any work.
+    with pytest.raises(ValueError, match=r"differs from the one in .* in \['objective'"):
+        kgreedy.fit(net, ds, ds, epochs_per_stage=1, mode="decoupled", verbose=0,
+                    run_dir=tmp_path / "run", resume=True, objective="infopro",
+                    optimizer=lambda j: keras.optimizers.SGD(0.05))
+    # fit(objective=...) gives the net the new objective's fresh parts.
+    kgreedy.fit(net, ds, epochs_per_stage=1, verbose=0, objective="cross_entropy")
+    assert net.parts == [{}, {}, {}] and net.objective.name == "cross_entropy"
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"objective": "infopro_contrastive"}, "Received: objective='infopro_contrastive'"),
+    ({"objective_weights": ((1, 0), (0, 1))}, "only applies to 'infopro'"),
+    ({"objective": "infopro", "objective_weights": ((1, float("nan")), (0, 1))},
+     "Received: objective_weights=((1, nan), (0, 1))"),
+    ({"objective": "infopro", "objective_weights": (1, 2)}, "Received: objective_weights=(1, 2)"),
+    ({"pixel_max": 0}, "Received: pixel_max=0"),
+    ({"pixel_max": float("inf")}, "Received: pixel_max=inf"),
+])
+def test_split_refuses_a_bad_objective_argument_by_name(kwargs, fragment):
+    import kgreedy
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        kgreedy.split(_small_model(), at=["stem", "mid"], num_classes=10, **kwargs)
