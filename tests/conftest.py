@@ -46,7 +46,6 @@ _LONGEST_FIRST = ["test_readme_commands", "test_objectives_engine", "test_decoup
 # Single tests of a minute or more (--durations), started before every file above so
 # that none of them is left running alone at the end.
 _LONGEST_TESTS = ["test_documented_commands_run_on_tiny_data[results]",
-                  "test_documented_commands_run_on_tiny_data[local]",
                   "test_documented_commands_run_on_tiny_data[local_infopro]"]
 
 

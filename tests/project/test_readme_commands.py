@@ -264,8 +264,9 @@ COMMANDS = {
     "python tools/results_table.py runs/cifar10_budget_decoupled "
     "runs/cifar10_budget_decoupled_buffer runs/resnet32_k4_decoupled --json runs/decoupled.json":
         covered(DECOUPLED_RESULTS_TEST, "tools/results_table.py", "--json runs/decoupled.json"),
-    # docs/RESULTS.md, local objectives: the seven runs on a few images (two groups, so
-    # that two test processes share them); the quickstart
+    # docs/RESULTS.md, local objectives: the three cross-entropy runs are the ResNet-32
+    # recipes other tests run on a few images with the same keys set; the four others
+    # run here on a few images; the quickstart
     # with an InfoPro objective (docs/local-objectives.md) in test_objectives_engine.
     "python -m kgreedy.train recipes/quickstart.json --set aux.objective=infopro_contrast "
     "--set train.mode=decoupled --output runs/quickstart_infopro":
@@ -273,13 +274,16 @@ COMMANDS = {
                 "infopro_contrast", "decoupled", "--output"),
     "python -m kgreedy.train recipes/resnet32_cifar10_end_to_end.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/e2e":
-        tiny("local", *TINY_CIFAR10),
+        covered(RESNET32_TEST, "resnet32_cifar10_end_to_end.json",
+                "train.epochs_per_stage", "data.train_split"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=4 --output runs/local/greedy_k4":
-        tiny("local", *TINY_CIFAR10),
+        covered(RESNET32_TEST, "resnet32_cifar10_k4.json", "train.epochs_per_stage",
+                "data.train_split"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/dgl_k4":
-        tiny("local", *TINY_CIFAR10),
+        covered(DECOUPLED_RESULTS_TEST, "resnet32_cifar10_k4_decoupled.json",
+                "train.epochs_per_stage", "TINY"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set model.modules=8 --output runs/local/dgl_k8":
         tiny("local_infopro", *TINY_CIFAR10),
@@ -294,7 +298,8 @@ COMMANDS = {
         tiny("local_infopro", *TINY_CIFAR10),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json "
     "--set data.data_dir=../shared/tfds --dry-run":
-        tiny("local", *TINY_CIFAR10),
+        covered("test_architectures.py::test_every_shipped_recipe_dry_runs", "--dry-run",
+                "recipes"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
@@ -585,7 +590,7 @@ def _setup_group(group, scratch):
         return ROOT, {}  # the suite itself: collected in the repository
     for name in ("recipes", "tools"):
         (scratch / name).symlink_to(ROOT / name, target_is_directory=True)
-    if group in ("cifar10", "results", "local", "local_infopro"):
+    if group in ("cifar10", "results", "local_infopro"):
         if not (SHARED_TFDS / "cifar10").is_dir():
             pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
         (scratch / "docs").mkdir()  # results_table.py --json docs/...
