@@ -111,6 +111,7 @@ RESNET32_TEST = "test_network_commands.py::test_results_resnet32_greedy_and_end_
 DECOUPLED_TEST = ("test_decoupled.py::"
                   "test_a_decoupled_run_records_every_module_and_exports_the_ensemble")
 DECOUPLED_RESULTS_TEST = "test_decoupled_commands.py::test_results_decoupled_runs_and_their_table"
+LOCAL_TEST = "test_local_objectives_commands.py::test_results_local_objective_runs"
 OBJECTIVES_TEST = ("test_objectives_engine.py::"
                    "test_each_objective_trains_the_quickstart_and_exports")
 
@@ -266,7 +267,7 @@ COMMANDS = {
         covered(DECOUPLED_RESULTS_TEST, "tools/results_table.py", "--json runs/decoupled.json"),
     # docs/RESULTS.md, local objectives: the three cross-entropy runs are the ResNet-32
     # recipes other tests run on a few images with the same keys set; the four others
-    # run here on a few images; the quickstart
+    # run on a few images in test_local_objectives_commands; the quickstart
     # with an InfoPro objective (docs/local-objectives.md) in test_objectives_engine.
     "python -m kgreedy.train recipes/quickstart.json --set aux.objective=infopro_contrast "
     "--set train.mode=decoupled --output runs/quickstart_infopro":
@@ -286,16 +287,17 @@ COMMANDS = {
                 "train.epochs_per_stage", "TINY"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_decoupled.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set model.modules=8 --output runs/local/dgl_k8":
-        tiny("local_infopro", *TINY_CIFAR10),
+        covered(LOCAL_TEST, "resnet32_cifar10_k4_decoupled.json", "model.modules=8",
+                "runs/local/dgl_k8"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/contrast_k4":
-        tiny("local_infopro", *TINY_CIFAR10),
+        covered(LOCAL_TEST, "resnet32_cifar10_k4_infopro.json", "contrast_k4"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k8_infopro.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --output runs/local/contrast_k8":
-        tiny("local_infopro", *TINY_CIFAR10),
+        covered(LOCAL_TEST, "resnet32_cifar10_k8_infopro.json", "contrast_k8"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json --set data.data_dir=../shared/tfds "
     "--set 'data.train_split=train[:20000]' --set train.epochs_per_stage=16 --set aux.objective=infopro --output runs/local/infopro_k4":
-        tiny("local_infopro", *TINY_CIFAR10),
+        covered(LOCAL_TEST, "aux.objective=infopro", "infopro_k4"),
     "python -m kgreedy.train recipes/resnet32_cifar10_k4_infopro.json "
     "--set data.data_dir=../shared/tfds --dry-run":
         covered("test_architectures.py::test_every_shipped_recipe_dry_runs", "--dry-run",
@@ -590,7 +592,7 @@ def _setup_group(group, scratch):
         return ROOT, {}  # the suite itself: collected in the repository
     for name in ("recipes", "tools"):
         (scratch / name).symlink_to(ROOT / name, target_is_directory=True)
-    if group in ("cifar10", "results", "local_infopro"):
+    if group in ("cifar10", "results"):
         if not (SHARED_TFDS / "cifar10").is_dir():
             pytest.skip(f"no TFDS data_dir with cifar10 at {SHARED_TFDS}")
         (scratch / "docs").mkdir()  # results_table.py --json docs/...
