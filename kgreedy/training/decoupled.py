@@ -49,14 +49,11 @@ class DecoupledLoop(StageLoop):
 
     def _build_training(self, optimizer):
         net, train = self.net, self.train
-        for layer in (*net.modules, *net.heads):
+        for layer in (*net.modules, *net.heads,
+                      *(part for parts in net.parts for part in parts.values())):
             layer.trainable = True
-        for layer in (part for parts in net.parts for part in parts.values()):
-            layer.trainable = True
-        self.module_variables = [m.trainable_weights + h.trainable_weights
-                                 + net.part_weights(j)
-                                 for j, (m, h) in enumerate(zip(net.modules, net.heads),
-                                                            start=1)]
+        self.module_variables = [net.stage_variables(j)
+                                 for j in range(1, net.num_stages + 1)]
         self.variables = [w for ws in self.module_variables for w in ws]
         if optimizer is None:
             self.schedule = make_schedule(train, self.steps_per_epoch)

@@ -178,7 +178,7 @@ def replay_buffer_bytes(net, train, size=None):
 
 def _parts(net, stage):
     """The layers of module `stage`'s objective (decoder, projection head), if any."""
-    return list(net.parts[stage - 1].values()) if hasattr(net, "parts") else []
+    return list(net.parts[stage - 1].values())
 
 
 def _activations(net, mode, stage, cached, spec):

@@ -85,10 +85,9 @@ class StageLoop:
         the strategy's scope)."""
         train, stage = self.train, self.stage
         self.net.set_trainable_stage(stage, self.end_to_end)
-        modules = self.net.modules[:stage] if self.end_to_end else [self.net.modules[stage - 1]]
-        self.variables = ([w for m in modules for w in m.trainable_weights]
-                          + self.net.heads[stage - 1].trainable_weights
-                          + self.net.part_weights(stage))
+        prefix = self.net.modules[:stage - 1] if self.end_to_end else []
+        self.variables = ([w for m in prefix for w in m.trainable_weights]
+                          + self.net.stage_variables(stage))
         if optimizer is None:
             self.schedule = make_schedule(train, self.steps_per_epoch)
             self.optimizer = make_optimizer(train.optimizer, self.schedule)
