@@ -25,7 +25,7 @@ import tempfile
 import keras
 
 from kgreedy import cli, data
-from kgreedy.api import stage_table
+from kgreedy.model.network import stage_table
 from kgreedy.base import faults
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
