@@ -26,7 +26,7 @@ from kgreedy.base.errors import KgreedyError, format_value
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.data.external import external_spec
 from kgreedy.model import split as splitting
-from kgreedy.model.network import GreedyNet, count_params, parameter_table, pool_problem
+from kgreedy.model.network import GreedyNet, pool_problem, stage_table
 from kgreedy.model.objectives import objective_for
 from kgreedy.serving.export import export_saved_model
 
@@ -110,26 +110,6 @@ class SplitNet(GreedyNet):
                                       version=int(version), heads=heads)
         except KgreedyError as e:  # a version written meanwhile by someone else
             raise ValueError(f"{e}. Received: path={path!r}") from None
-
-
-def stage_table(net):
-    """The per-stage table of `SplitNet.summary` and `kgreedy.train --dry-run`, as
-    lines."""
-    rows = parameter_table(net)
-    lines = [f"{'stage':>5}  {'output':>12}  {'trainable':>12}  {'frozen':>12}  "
-             f"{'deployed':>12}  module"]
-    for r, module in zip(rows, net.modules):
-        first, last, count = splitting.layer_span(module)
-        span = module.name if count <= 1 else f"{first} .. {last} ({count} layers)"
-        lines.append(f"{r['stage']:>5}  {'x'.join(map(str, r['output_shape'])):>12}  "
-                     f"{r['trainable_params']:>12,}  {r['frozen_params']:>12,}  "
-                     f"{r['deployed_params']:>12,}  {span}")
-    trainable = count_params([w for layer in (*net.modules, net.heads[-1])
-                              for w in layer.trainable_weights])
-    lines.append(f"deployed model (trunk + stage {len(rows)} head): "
-                 f"{rows[-1]['deployed_params']:,} parameters ({trainable:,} trainable, "
-                 "the rest BN moving statistics)")
-    return lines
 
 
 # ------------------------------------------------------------------ split ----

@@ -10,6 +10,7 @@ from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.model.heads import make_head
 from kgreedy.model.layers import Standardize
 from kgreedy.model.objectives import CrossEntropy
+from kgreedy.model.split import layer_span
 
 # Raw pixel value of white when nothing says otherwise: 8-bit images.
 PIXEL_MAX = 255.0
@@ -291,3 +292,23 @@ def parameter_table(net):
             "deployed_params": count_params(prefix + own),
         })
     return rows
+
+
+def stage_table(net):
+    """The per-stage table of `SplitNet.summary` and `kgreedy.train --dry-run`, as
+    lines."""
+    rows = parameter_table(net)
+    lines = [f"{'stage':>5}  {'output':>12}  {'trainable':>12}  {'frozen':>12}  "
+             f"{'deployed':>12}  module"]
+    for r, module in zip(rows, net.modules):
+        first, last, count = layer_span(module)
+        span = module.name if count <= 1 else f"{first} .. {last} ({count} layers)"
+        lines.append(f"{r['stage']:>5}  {'x'.join(map(str, r['output_shape'])):>12}  "
+                     f"{r['trainable_params']:>12,}  {r['frozen_params']:>12,}  "
+                     f"{r['deployed_params']:>12,}  {span}")
+    trainable = count_params([w for layer in (*net.modules, net.heads[-1])
+                              for w in layer.trainable_weights])
+    lines.append(f"deployed model (trunk + stage {len(rows)} head): "
+                 f"{rows[-1]['deployed_params']:,} parameters ({trainable:,} trainable, "
+                 "the rest BN moving statistics)")
+    return lines
