@@ -22,6 +22,9 @@ class RunDir:
         root: the directory given as `--output`.
     """
 
+    RECIPE = "recipe.json"  # a command-line run's record, written first
+    FIT = "fit.json"  # a kgreedy.fit run's record, instead of recipe.json
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
 
@@ -30,7 +33,7 @@ class RunDir:
 
     @property
     def recipe(self):
-        return self.path("recipe.json")
+        return self.path(self.RECIPE)
 
     @property
     def dataset(self):
