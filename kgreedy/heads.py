@@ -1,7 +1,7 @@
 """Head designs for the Python API: `kgreedy.heads.Conv(k=2, width=128)`.
 
 A design says what auxiliary classifier each stage gets; `kgreedy.split` turns it
-into the plain design dictionary that `kgreedy.model.heads.make_head` builds a
+into the plain design dictionary that `kgreedy.model.head_layers.make_head` builds a
 layer from (docs/DESIGN.md, "The method"). Designs are frozen, checked when made,
 and need no TensorFlow: `import kgreedy.heads` stays light.
 

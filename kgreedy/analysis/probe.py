@@ -70,7 +70,7 @@ def block_features(net, stage, batches):
     """
     import tensorflow as tf
 
-    from kgreedy.model.heads import average_pool
+    from kgreedy.model.head_layers import average_pool
 
     backbone = net.backbone(stage)
     pools = {}

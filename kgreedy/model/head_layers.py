@@ -1,4 +1,5 @@
-"""Auxiliary classifiers ("heads") that train each new block, by name."""
+"""The head layers: auxiliary classifiers that train each new module, built by name
+with `make_head` (the Python API's designs are `kgreedy.heads`)."""
 
 import inspect
 import math

@@ -7,7 +7,7 @@ which are frozen, and `deployed_model` assembles what is exported.
 import keras
 
 from kgreedy.config.vocabulary import EXPORT_HEADS
-from kgreedy.model.heads import make_head
+from kgreedy.model.head_layers import make_head
 from kgreedy.model.layers import Standardize
 from kgreedy.model.objectives import CrossEntropy
 from kgreedy.model.split import layer_span
@@ -30,7 +30,7 @@ class GreedyNet:
     Args:
         modules: per stage, a Keras layer or model, in the order the data passes.
         heads: per stage, a head design `{"kind", "k", "width", "pool_size",
-            "reduction"}` (`kgreedy.model.heads.make_head`; width "auto" is the
+            "reduction"}` (`kgreedy.model.head_layers.make_head`; width "auto" is the
             module's output channels), or a Keras layer used as the head itself.
         image_shape: (height, width, channels) of the model input.
         num_classes: classes of the task.

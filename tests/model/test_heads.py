@@ -10,7 +10,7 @@ from kgreedy.config.designs import head_designs, head_widths
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.config.vocabulary import HEAD_TYPES
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.model.heads import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
+from kgreedy.model.head_layers import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
 
 
 def _recipe(aux):

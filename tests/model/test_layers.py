@@ -8,7 +8,7 @@ import tensorflow as tf
 from kgreedy.config.designs import head_widths
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.model.heads import AuxHead
+from kgreedy.model.head_layers import AuxHead
 from kgreedy.model.layers import ConvBlock, InvertibleDownsampling, Standardize
 
 

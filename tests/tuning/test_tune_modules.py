@@ -16,7 +16,7 @@ from kgreedy import cli, tune
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.config.tune_recipe import tune_recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.model.heads import AuxHead
+from kgreedy.model.head_layers import AuxHead
 from kgreedy.model.split import layer_span
 from kgreedy.tuning.search import Search
 from kgreedy.tuning.space import candidate_recipe, pool_problem, stage_sides, trial_recipe
