@@ -2,6 +2,8 @@
 reference is the code's, and on README.md and every docs/*.md page the links resolve
 (anchors included), the paths and modules named exist, and the recipes named exist."""
 
+import ast
+import builtins
 import re
 import runpy
 from pathlib import Path
@@ -186,6 +188,180 @@ def test_named_paths_and_modules_exist(page):
                       if not (ROOT / p.rstrip(".")).exists()})
     missing += sorted({s for s in spans if MODULE.fullmatch(s) and not _module_exists(s)})
     assert not missing, f"{_name(page)} names what does not exist: {missing}"
+
+
+
+# ------------------------------------------------------ DESIGN's names ----
+
+# Names DESIGN.md cites from outside the package (Python's builtins are found by
+# themselves), each with what it is.
+FOREIGN = {
+    "AdaptiveAveragePooling2D": "Keras' layer, which DESIGN says fails in a tf.function",
+    "FailedTrialError": "keras-tuner's error that fails one trial",
+    "FatalError": "keras-tuner's error that stops the search",
+    "History": "Keras' callback that kgreedy.fit returns the like of",
+    "LossScaleOptimizer": "Keras' optimizer wrapper for mixed_float16",
+    "NaN": "the IEEE value as JSON writes it",
+    "PredictionLog": "TensorFlow Serving's warm-up record",
+    "ResourceExhaustedError": "TensorFlow's out-of-memory error",
+    "ResourceScatterUpdate": "TensorFlow's op",
+    "UnavailableError": "TensorFlow's lost-worker error",
+    "stop_gradient": "TensorFlow's op",
+}
+# First parts of dotted names that are other packages' modules.
+FOREIGN_MODULES = {"keras", "keras_tuner", "np", "os", "tf", "tfds"}
+# `GreedyNet`, `_Records`, `EpochDriver.start_at`, `Exporter(net, stage)`: a class (or
+# a CamelCase function) and the members named after it.
+CAMEL = re.compile(r"(_?[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*)((?:\.[A-Za-z_]\w*)*)")
+# `balanced_split_points(model, K)`, `driver.run()`: a call; `_fit_stage`: a private
+# function (recipe keys and JSON fields are snake_case too, but never private).
+CALL = re.compile(r"([a-z_]\w*(?:\.[A-Za-z_]\w*)*)\(")
+PRIVATE = re.compile(r"_[a-z][a-z0-9_]*")
+DOTTED = re.compile(r"kgreedy((?:\.[A-Za-z_]\w*)+)")
+
+
+class _Source:
+    """What the package's source defines, read with ast (nothing is imported):
+    every function, every class with its members (methods, class attributes,
+    attributes set on `self`, and its bases' from the package), and each module's
+    top-level names."""
+
+    def __init__(self, root):
+        self.root = root
+        self.functions, self.classes, self.top = set(), {}, {}
+        for path in [*root.glob("kgreedy/**/*.py"), *root.glob("tools/*.py")]:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            self.top[path] = _top_names(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    self.functions.add(node.name)
+                elif isinstance(node, ast.ClassDef):
+                    self.classes.setdefault(node.name, []).append(node)
+
+    def members(self, name, seen=()):
+        """What a class of that name defines or sets on `self`, its bases' too."""
+        found = set()
+        for node in self.classes.get(name, ()):
+            for child in ast.walk(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    found.add(child.name)
+                targets = (child.targets if isinstance(child, ast.Assign) else
+                           [child.target] if isinstance(child, ast.AnnAssign) else [])
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        found.add(target.id)
+                    elif (isinstance(target, ast.Attribute)
+                          and isinstance(target.value, ast.Name)
+                          and target.value.id == "self"):
+                        found.add(target.attr)
+            for base in node.bases:
+                base = base.id if isinstance(base, ast.Name) else None
+                if base in self.classes and base not in seen:
+                    found |= self.members(base, (*seen, name))
+        return found
+
+    def has_chain(self, name, attrs):
+        """Whether `name` is a class or function and `attrs[0]` is a member of it
+        (what follows may be an attribute of that member)."""
+        if name not in self.classes:
+            return name in self.functions and not attrs
+        return not attrs or attrs[0] in self.members(name)
+
+    def module(self, parts):
+        """The file of the longest module path `parts` starts with, and the rest."""
+        path, file = self.root / "kgreedy", self.root / "kgreedy" / "__init__.py"
+        for i, part in enumerate(parts):
+            if (path / part).is_dir():
+                path, file = path / part, path / part / "__init__.py"
+            elif (path / f"{part}.py").is_file():
+                return path / f"{part}.py", parts[i + 1:]
+            else:
+                return file, parts[i:]
+        return file, []
+
+    def has_dotted(self, dotted):
+        """`kgreedy.a.b.Name.member`: a module, then a name it defines, then
+        (for a class) a member."""
+        file, rest = self.module(dotted.split(".")[1:])
+        if not rest:
+            return True
+        if rest[0] not in self.top.get(file, ()):
+            return False
+        return len(rest) == 1 or self.has_chain(rest[0], rest[1:])
+
+
+def _top_names(tree):
+    """A module's top-level names: definitions, assignments, imports, and the
+    names a package loads on first use (kgreedy's `_LAZY`)."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+            if any(getattr(t, "id", None) == "_LAZY" for t in targets):
+                names.update(ast.literal_eval(node.value))
+    return names
+
+
+def missing_design_names(root):
+    """The names in backticks in docs/DESIGN.md's prose that look like Python
+    classes or functions of the package and that its source does not define."""
+    source = _Source(root)
+    _, _, spans = _parts((root / "docs" / "DESIGN.md").read_text(encoding="utf-8"))
+    missing = set()
+    for span in (" ".join(s.split()) for s in spans):
+        dotted, camel, call = DOTTED.match(span), CAMEL.match(span), CALL.match(span)
+        if dotted:
+            found = source.has_dotted(dotted.group(0))
+        elif camel:
+            name, attrs = camel.group(1), camel.group(2).split(".")[1:]
+            found = (name in FOREIGN or hasattr(builtins, name)
+                     or source.has_chain(name, attrs))
+        elif call:
+            parts = call.group(1).split(".")
+            found = (parts[0] in FOREIGN_MODULES or parts[-1] in FOREIGN
+                     or parts[-1] in source.functions)
+        elif PRIVATE.fullmatch(span):
+            found = (span in source.functions
+                     or any(span in names for names in source.top.values()))
+        else:
+            continue
+        if not found:
+            missing.add(span)
+    return sorted(missing)
+
+
+def test_design_names_what_exists():
+    """Every class or function DESIGN.md names in backticks (`GreedyNet`,
+    `EpochDriver.start_at`, `balanced_split_points(model, K)`, `_fit_stage`,
+    `kgreedy.serving.export.Exporter`) is defined in kgreedy/ or tools/, so the
+    design page follows renames."""
+    missing = missing_design_names(ROOT)
+    assert not missing, ("docs/DESIGN.md names what kgreedy/ and tools/ do not define "
+                         f"(or add it to FOREIGN with what it is): {missing}")
+
+
+def test_design_names_check_finds_a_stale_name(tmp_path):
+    """The check above catches each kind of name it reads."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "kgreedy" / "sub").mkdir(parents=True)
+    (tmp_path / "kgreedy" / "__init__.py").write_text('_LAZY = {"fit": "kgreedy.api"}\n')
+    (tmp_path / "kgreedy" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "kgreedy" / "sub" / "mod.py").write_text(
+        "class Base:\n    def run(self):\n        self.done = True\n\n\n"
+        "class Thing(Base):\n    size = 1\n\n\ndef _helper():\n    pass\n\n\n_cache = {}\n")
+    kept = ("`Thing`, `Thing.run`, `Thing.done`, `Thing.size`, `Thing(x=1)`, `_helper`, "
+            "`_helper()`, `_cache`, `kgreedy.sub.mod.Thing.run`, `kgreedy.fit(...)`, "
+            "`kgreedy.sub`, `keras.Model(...)`, `ValueError`, `NaN`, `train.mode`, "
+            "`RUN_DIR/.lock`")
+    stale = ("`Gone`, `Thing.gone`, `_gone`, `gone(x)`, `kgreedy.sub.mod.Gone`, "
+             "`kgreedy.sub.mod.Thing.gone`, `kgreedy.gone(...)`, `driver.gone()`")
+    (tmp_path / "docs" / "DESIGN.md").write_text(f"Kept: {kept}.\n\nStale: {stale}.\n")
+    assert missing_design_names(tmp_path) == sorted(s.strip("`") for s in stale.split(", "))
 
 
 RUN_FILES = {"recipe.json", "summary.json", "dataset.json", "probes.json", "tuning.json",
