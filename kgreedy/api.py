@@ -21,10 +21,11 @@ import keras
 import numpy as np
 
 from kgreedy import fitting
-from kgreedy import heads as designs
 from kgreedy.base.errors import KgreedyError, format_value
+from kgreedy.config.designs import HeadDesign
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.data.external import external_spec
+from kgreedy.heads import Conv
 from kgreedy.model import split as splitting
 from kgreedy.model.network import GreedyNet, pool_problem, stage_table
 from kgreedy.model.objectives import objective_for
@@ -41,7 +42,7 @@ class SplitNet(GreedyNet):
 
     Args:
         modules: per stage, a Keras layer or model (see `GreedyNet`).
-        heads: per stage, a design dictionary or a Keras layer.
+        heads: per stage, a `kgreedy.config.designs.HeadDesign` or a Keras layer.
         image_shape: (height, width, channels) of the input.
         num_classes: classes of the task.
         mean: per-channel mean subtracted inside the net.
@@ -306,16 +307,15 @@ def _check_top(top, num_classes):
 
 
 def _design(value, key):
-    if isinstance(value, designs.DESIGNS):
-        return value.to_design()
-    if isinstance(value, keras.layers.Layer):
+    if isinstance(value, keras.layers.Layer) or (isinstance(value, HeadDesign)
+                                                 and value.kind != "model"):
         return value
     raise ValueError(f"`{key}` must be a design of kgreedy.heads (Conv, MlpSr, Linear, "
                      f"Vgg) or a Keras layer. Received: {key}={format_value(value)}")
 
 
 def _heads(head, last_head, top, count):
-    head = designs.Conv() if head is None else head
+    head = Conv() if head is None else head
     if isinstance(head, (list, tuple)):
         if len(head) != count:
             raise ValueError(f"`head` as a list needs one head per stage ({count}). "
@@ -330,11 +330,11 @@ def _heads(head, last_head, top, count):
         heads[-1] = top
     elif last_head is not None:
         heads[-1] = _design(last_head, "last_head")
-    layers = [h for h in heads if not isinstance(h, dict)]
+    layers = [h for h in heads if not isinstance(h, HeadDesign)]
     if len({id(h) for h in layers}) != len(layers):
         raise ValueError("A head layer appears for two stages; each stage needs its own. "
                          f"Received: heads {[h.name for h in layers]}")
-    return [dict(h) if isinstance(h, dict) else h for h in heads]
+    return heads
 
 
 def _statistic(key, value, channels):

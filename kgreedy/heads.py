@@ -1,9 +1,10 @@
 """Head designs for the Python API: `kgreedy.heads.Conv(k=2, width=128)`.
 
-A design says what auxiliary classifier each stage gets; `kgreedy.split` turns it
-into the plain design dictionary that `kgreedy.model.head_layers.make_head` builds a
-layer from (docs/DESIGN.md, "The method"). Designs are frozen, checked when made,
-and need no TensorFlow: `import kgreedy.heads` stays light.
+A design says what auxiliary classifier each stage gets; each function here makes
+the `kgreedy.config.designs.HeadDesign` that a recipe's aux.* also give and that
+`kgreedy.model.head_layers.make_head` builds a layer from
+(docs/DESIGN.md, "The method"). Designs are frozen, checked when made, and need no
+TensorFlow: `import kgreedy.heads` stays light.
 
 - `Conv`: the paper's auxiliary problem (k-1 conv3x3-BN-ReLU of constant width,
   average pool to `pool_size`, BN, linear);
@@ -15,33 +16,15 @@ and need no TensorFlow: `import kgreedy.heads` stays light.
 `width="auto"` is the output channels of the stage's module.
 """
 
-import dataclasses
-import typing
+from kgreedy.config.designs import HeadDesign
 
 __all__ = ["Conv", "Linear", "MlpSr", "Vgg"]
 
-
-def _positive(name, value, optional=False):
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer"
-                         + (" or None" if optional else "")
-                         + f". Received: {name}={value!r}")
+# CapWords like the classes they were, and like `keras.Input`: a design reads as a
+# thing made (`head=kgreedy.heads.Conv(k=2)`), and all four make one type.
 
 
-def _width(value):
-    if value != "auto":
-        try:
-            _positive("width", value)
-        except ValueError:
-            raise ValueError("`width` must be a positive integer or 'auto' (the "
-                             f"module's output channels). Received: width={value!r}") \
-                from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
+def Conv(k=2, width=128, pool_size=2, reduction=None):
     """The paper's auxiliary problem on top of a stage's module.
 
     Args:
@@ -50,29 +33,17 @@ class Conv:
         width: channels of the head's convs, or "auto" (the module's channels).
         pool_size: the head averages the map to pool_size x pool_size.
         reduction: first average the map to 1/reduction of its side (None: keep it).
+
+    Returns:
+        A `HeadDesign` of kind `conv`.
+
+    Raises:
+        ValueError: an argument is not a positive integer (width: or "auto").
     """
-
-    k: int = 2
-    width: typing.Union[int, str] = 128
-    pool_size: int = 2
-    reduction: typing.Optional[int] = None
-
-    kind: typing.ClassVar[str] = "conv"
-
-    def __post_init__(self):
-        _positive("k", self.k)
-        _width(self.width)
-        _positive("pool_size", self.pool_size)
-        _positive("reduction", self.reduction, optional=True)
-
-    def to_design(self):
-        """The design dictionary of `kgreedy.model.network.GreedyNet`."""
-        return {"kind": self.kind, "k": self.k, "width": self.width,
-                "pool_size": self.pool_size, "reduction": self.reduction}
+    return HeadDesign("conv", k, width, pool_size, reduction)
 
 
-@dataclasses.dataclass(frozen=True)
-class MlpSr(Conv):
+def MlpSr(k=2, width=128, pool_size=2, reduction=None):
     """Decoupled Greedy Learning's MLP-SR head (cheap next to `Conv`).
 
     Args:
@@ -81,42 +52,35 @@ class MlpSr(Conv):
         width: channels of the conv1x1 layers, or "auto".
         pool_size: side of the pooled map fed to the MLP.
         reduction: the first pool divides the map's side by this (None: 4).
+
+    Returns:
+        A `HeadDesign` of kind `mlp_sr`.
+
+    Raises:
+        ValueError: an argument is not a positive integer (width: or "auto").
     """
+    return HeadDesign("mlp_sr", k, width, pool_size, reduction)
 
-    kind: typing.ClassVar[str] = "mlp_sr"
 
-
-@dataclasses.dataclass(frozen=True)
-class Linear:
+def Linear(pool_size=2):
     """Average pool to pool_size x pool_size and one linear layer (no BN).
 
     Args:
         pool_size: side of the pooled map.
+
+    Returns:
+        A `HeadDesign` of kind `linear`.
+
+    Raises:
+        ValueError: `pool_size` is not a positive integer.
     """
-
-    pool_size: int = 2
-
-    kind: typing.ClassVar[str] = "linear"
-
-    def __post_init__(self):
-        _positive("pool_size", self.pool_size)
-
-    def to_design(self):
-        """The design dictionary of `kgreedy.model.network.GreedyNet`."""
-        return {"kind": self.kind, "k": None, "width": None,
-                "pool_size": self.pool_size, "reduction": None}
+    return HeadDesign("linear", pool_size=pool_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class Vgg:
-    """VGG's classifier: max-pool, flatten, FC-4096 x2 with dropout 0.5, linear."""
+def Vgg():
+    """VGG's classifier: max-pool, flatten, FC-4096 x2 with dropout 0.5, linear.
 
-    kind: typing.ClassVar[str] = "vgg"
-
-    def to_design(self):
-        """The design dictionary of `kgreedy.model.network.GreedyNet`."""
-        return {"kind": self.kind, "k": None, "width": None, "pool_size": None,
-                "reduction": None}
-
-
-DESIGNS = (Conv, MlpSr, Linear, Vgg)
+    Returns:
+        A `HeadDesign` of kind `vgg`.
+    """
+    return HeadDesign("vgg")

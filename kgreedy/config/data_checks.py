@@ -45,7 +45,7 @@ def check_against_data(recipe, image_size, num_replicas=1):
     # A split model's feature maps are known once it is built:
     # kgreedy.model.from_recipe checks its heads against them.
     for i, design in enumerate(head_designs(recipe)[:len(sides)]):
-        if design["kind"] == "vgg" and sides[i] < 2:
+        if design.kind == "vgg" and sides[i] < 2:
             key = ("aux.last_head" if i == last and recipe.aux.last_head == "vgg" else
                    f"aux.per_stage[{i}].head" if i < len(recipe.aux.per_stage)
                    and recipe.aux.per_stage[i].head == "vgg" else "aux.head")

@@ -1,10 +1,76 @@
-"""What a recipe's aux.* keys mean for each stage: its head's width and design.
+"""Head designs: what auxiliary classifier a stage gets (`HeadDesign`), and what a
+recipe's aux.* keys mean for each stage (`head_designs`).
 
-Plain dictionaries out of a recipe, so the model is built from them without knowing
-the recipe (`kgreedy.model.from_recipe`).
+A `HeadDesign` is the one description of a head: the recipe's aux.* give one per
+stage, the Python API's `kgreedy.heads` make them, and
+`kgreedy.model.head_layers.make_head` builds the layer from one, so the model is
+built without knowing the recipe (`kgreedy.model.from_recipe`). No TensorFlow here.
 """
 
+import dataclasses
+import typing
+
 from kgreedy.base.errors import RecipeError
+from kgreedy.config.vocabulary import LAST_HEAD_TYPES
+
+# The fields each kind of head is built from. The others are carried but unused: a
+# recipe keeps aux.k and aux.width when aux.head is linear. "model" is a split
+# model's own classifier, the layer itself.
+HEAD_FIELDS = {"conv": ("k", "width", "pool_size", "reduction"),
+               "mlp_sr": ("k", "width", "pool_size", "reduction"),
+               "linear": ("pool_size",), "vgg": (), "model": ()}
+_OPTIONAL = ("reduction",)  # None: the head layer's own default
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadDesign:
+    """One stage's head (docs/DESIGN.md, "The method"), checked when made.
+
+    Args:
+        kind: `conv` (the paper's auxiliary problem), `mlp_sr` (Decoupled Greedy
+            Learning's MLP-SR), `linear` (pool and one linear layer), `vgg` (VGG's
+            classifier) or `model` (a split model's own classifier).
+        k: hidden layers of the auxiliary problem, the module included (conv,
+            mlp_sr: k-1 conv layers in the head).
+        width: channels of the head's convs, or "auto" (the module's output
+            channels).
+        pool_size: the head averages the map to pool_size x pool_size.
+        reduction: first average the map to 1/reduction of its side (None: the
+            layer's default, conv 1, mlp_sr 4).
+
+    Raises:
+        ValueError: an unknown kind, or a field the kind needs is missing or not a
+            positive integer (width: or "auto").
+    """
+
+    kind: str
+    k: typing.Optional[int] = None
+    width: typing.Union[int, str, None] = None
+    pool_size: typing.Optional[int] = None
+    reduction: typing.Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in LAST_HEAD_TYPES:
+            raise ValueError(f"`kind` must be one of {LAST_HEAD_TYPES}. "
+                             f"Received: kind={self.kind!r}")
+        for name in ("k", "width", "pool_size", "reduction"):
+            value = getattr(self, name)
+            needed = name in HEAD_FIELDS[self.kind] and name not in _OPTIONAL
+            if value is None and not needed:
+                continue
+            if name == "width" and value == "auto":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer"
+                                 + (" or 'auto' (the module's output channels)"
+                                    if name == "width" else "")
+                                 + (" or None" if not needed else "")
+                                 + f". Received: {name}={value!r}")
+
+    @property
+    def pools(self):
+        """Whether the head averages the map to `pool_size` (conv, mlp_sr, linear)."""
+        return "pool_size" in HEAD_FIELDS[self.kind]
 
 
 def head_widths(recipe):
@@ -40,9 +106,8 @@ def head_widths(recipe):
 
 
 def head_designs(recipe):
-    """Per stage: the head's `kind`, `k`, `width`, `pool_size` and `reduction` (aux.*,
-    with the stage's aux.per_stage entry where one is given; aux.last_head for the
-    last stage).
+    """Per stage: the head's `HeadDesign` (aux.*, with the stage's aux.per_stage entry
+    where one is given; aux.last_head for the last stage).
 
     Raises:
         RecipeError: aux.per_stage has more entries than there are blocks.
@@ -59,8 +124,7 @@ def head_designs(recipe):
             value = None if own is None else getattr(own, key)
             return getattr(aux, key) if value is None else value
 
-        designs.append({"kind": pick("head"), "k": pick("k"), "width": width,
-                        "pool_size": pick("pool_size"), "reduction": aux.reduction})
-    if aux.last_head is not None:
-        designs[-1]["kind"] = aux.last_head
+        last = j == recipe.num_stages - 1 and aux.last_head is not None
+        designs.append(HeadDesign(aux.last_head if last else pick("head"), pick("k"),
+                                  width, pick("pool_size"), aux.reduction))
     return designs

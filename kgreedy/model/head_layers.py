@@ -1,11 +1,11 @@
-"""The head layers: auxiliary classifiers that train each new module, built by name
-with `make_head` (the Python API's designs are `kgreedy.heads`)."""
+"""The head layers: auxiliary classifiers that train each new module, built from a
+`kgreedy.config.designs.HeadDesign` by `make_head`."""
 
-import inspect
 import math
 
 import keras
 
+from kgreedy.config.designs import HeadDesign
 from kgreedy.config.vocabulary import HEAD_TYPES
 from kgreedy.model.layers import ConvBlock, batch_norm_layer
 
@@ -312,34 +312,44 @@ class VggHead(keras.layers.Layer):
 
 # The recipe's head names (config.vocabulary.HEAD_TYPES), in its order, to their layers.
 HEADS = dict(zip(HEAD_TYPES, (AuxHead, MlpSrHead, LinearHead, VggHead)))
-_BASE_ARGUMENTS = {"name", "dtype", "trainable", "autocast"}
 
 
-def _arguments(cls):
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+def make_head(design, num_classes, *, channels=None, batch_norm=True,
+              sync_batch_norm=False, name=None):
+    """Builds the head layer of a `HeadDesign`: `conv` (the paper's auxiliary
+    problem), `mlp_sr` (DGL's MLP-SR), `linear` or `vgg` (VGG's classifier).
 
+    Each kind takes the design's fields it uses (`HEAD_FIELDS`); a `reduction` of
+    None leaves the layer's default (conv 1, mlp_sr 4).
 
-def make_head(kind, **kwargs):
-    """Builds a head by name: `conv` (the paper's auxiliary problem), `mlp_sr`
-    (DGL's MLP-SR), `linear` or `vgg` (VGG's classifier).
-
-    One call site passes a stage's whole design, so an argument that another head
-    takes but this one does not is left out (`linear` takes neither `k` nor
-    `width`), and so is an argument given as None (the head's default applies). An
-    argument that no head takes is an error: a misspelt `widht=` must not vanish.
+    Args:
+        design: a `kgreedy.config.designs.HeadDesign`.
+        num_classes: outputs of the head (logits).
+        channels: the module's output channels, what width "auto" means.
+        batch_norm: BN in conv and mlp_sr heads.
+        sync_batch_norm: BN statistics over all replicas, in those heads.
+        name: the layer's name (like `stage2_head`).
 
     Raises:
-        ValueError: `kind` is not a head, or an argument is unknown to every head.
+        ValueError: `design` is not a HeadDesign, its kind is `model` (the split
+            model's own classifier, a layer already), or width "auto" without
+            `channels`.
     """
-    if kind not in HEADS:
-        raise ValueError(f"Unknown head {kind!r}; known heads: {sorted(HEADS)}. "
-                         f"Received: kind={kind!r}")
-    known = set().union(*map(_arguments, HEADS.values())) | _BASE_ARGUMENTS
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ValueError(f"make_head() got arguments no head takes: {unknown}; known: "
-                         f"{sorted(known)}. Received: "
-                         + ", ".join(f"{k}={kwargs[k]!r}" for k in unknown))
-    cls = HEADS[kind]
-    accepted = _arguments(cls) | _BASE_ARGUMENTS
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+    if not isinstance(design, HeadDesign):
+        raise ValueError(f"`design` must be a HeadDesign. Received: design={design!r}")
+    if design.kind not in HEADS:
+        raise ValueError(f"Head {design.kind!r} is a model's own classifier, not a layer "
+                         f"made from a design; known heads: {sorted(HEADS)}. "
+                         f"Received: kind={design.kind!r}")
+    if design.kind == "vgg":
+        return VggHead(num_classes, name=name)
+    if design.kind == "linear":
+        return LinearHead(num_classes, pool_size=design.pool_size, name=name)
+    width = channels if design.width == "auto" else design.width
+    if width is None:
+        raise ValueError("Width 'auto' is the module's output channels: pass `channels`. "
+                         f"Received: width={design.width!r}, channels=None")
+    default = {} if design.reduction is None else {"reduction": design.reduction}
+    return HEADS[design.kind](num_classes, k=design.k, width=width,
+                              pool_size=design.pool_size, batch_norm=batch_norm,
+                              sync_batch_norm=sync_batch_norm, name=name, **default)

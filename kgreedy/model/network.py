@@ -6,6 +6,7 @@ which are frozen, and `deployed_model` assembles what is exported.
 
 import keras
 
+from kgreedy.config.designs import HeadDesign
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.model.head_layers import make_head
 from kgreedy.model.layers import Standardize
@@ -29,8 +30,8 @@ class GreedyNet:
 
     Args:
         modules: per stage, a Keras layer or model, in the order the data passes.
-        heads: per stage, a head design `{"kind", "k", "width", "pool_size",
-            "reduction"}` (`kgreedy.model.head_layers.make_head`; width "auto" is the
+        heads: per stage, a `kgreedy.config.designs.HeadDesign`
+            (`kgreedy.model.head_layers.make_head` builds it; width "auto" is the
             module's output channels), or a Keras layer used as the head itself.
         image_shape: (height, width, channels) of the model input.
         num_classes: classes of the task.
@@ -70,12 +71,13 @@ class GreedyNet:
                 raise ValueError(f"Module {j} ({module.name!r}) outputs shape {shape}, not "
                                  "a feature map (batch, height, width, channels). "
                                  f"Received: modules[{j - 1}]={module.name!r}")
-            if isinstance(head, dict):
-                width = shape[-1] if head.get("width") == "auto" else head.get("width")
-                head = make_head(head["kind"], num_classes=num_classes, k=head.get("k"),
-                                 width=width, pool_size=head.get("pool_size"),
-                                 reduction=head.get("reduction"), batch_norm=batch_norm,
-                                 sync_batch_norm=sync_batch_norm, name=f"stage{j}_head")
+            if isinstance(head, HeadDesign):
+                head = make_head(head, num_classes, channels=shape[-1],
+                                 batch_norm=batch_norm, sync_batch_norm=sync_batch_norm,
+                                 name=f"stage{j}_head")
+            elif not isinstance(head, keras.layers.Layer):
+                raise ValueError(f"A head is a HeadDesign or a Keras layer. Received: "
+                                 f"heads[{j - 1}]={head!r}")
             if not head.built:
                 head.build(shape)
             self.heads.append(head)
@@ -236,9 +238,9 @@ def pool_problem(modules, heads, image_shape):
     """
     for j, (shape, head) in enumerate(zip(output_shapes(modules, image_shape), heads),
                                       start=1):
-        if not isinstance(head, dict) or head.get("kind") == "vgg" or len(shape) != 4:
+        if not isinstance(head, HeadDesign) or not head.pools or len(shape) != 4:
             continue
-        pool = head.get("pool_size") or 1
+        pool = head.pool_size
         sides = [d for d in shape[1:3] if d is not None]
         if sides and min(sides) < pool:
             return j, shape, pool

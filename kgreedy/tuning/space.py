@@ -202,9 +202,9 @@ def pool_problem(recipe, sides, first, last):
     designs = head_designs(recipe)
     for j, side in enumerate(sides, start=1):
         design = designs[j - 1]
-        if not first <= j <= last or design["kind"] == "model":  # the model's own top
+        if not first <= j <= last or design.kind == "model":  # the model's own top
             continue
-        pool = design["pool_size"]
+        pool = design.pool_size
         if side < pool:
             return (f"aux.pool_size {pool} is larger than the {side}x{side} feature map "
                     f"of stage {j}")

@@ -1,16 +1,19 @@
 """Auxiliary head types (conv, mlp_sr, linear), aux.head and aux.per_stage."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from kgreedy.base.errors import RecipeError
-from kgreedy.config.designs import head_designs, head_widths
+from kgreedy.config.designs import HeadDesign, head_designs, head_widths
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.config.vocabulary import HEAD_TYPES
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.model.head_layers import HEADS, AuxHead, LinearHead, MlpSrHead, make_head
+from kgreedy.model.head_layers import (HEADS, AuxHead, LinearHead, MlpSrHead, VggHead,
+                                      make_head)
 
 
 def _recipe(aux):
@@ -63,25 +66,56 @@ def test_get_config_round_trips(layer):
     assert restored.get_config() == config
 
 
-def test_make_head_drops_arguments_a_head_does_not_take():
-    head = make_head("linear", num_classes=3, k=2, width=64, pool_size=2, batch_norm=True,
+def test_make_head_builds_from_the_fields_its_kind_uses():
+    # A recipe's linear design keeps aux.k and aux.width; the linear head uses neither.
+    head = make_head(HeadDesign("linear", k=2, width=64, pool_size=2), 3, batch_norm=True,
                      sync_batch_norm=False, name="stage1_head")
     assert isinstance(head, LinearHead) and head.name == "stage1_head"
-    assert isinstance(make_head("mlp_sr", num_classes=3, k=2, width=4), MlpSrHead)
-    with pytest.raises(ValueError, match="Unknown head"):
-        make_head("mlp", num_classes=3)
+    assert head.pool_size == 2
+    mlp = make_head(HeadDesign("mlp_sr", k=2, width="auto", pool_size=2), 3, channels=6)
+    assert isinstance(mlp, MlpSrHead) and (mlp.width, mlp.reduction) == (6, 4)
+    conv = make_head(HeadDesign("conv", k=3, width=4, pool_size=1, reduction=2), 3,
+                     batch_norm=False)
+    assert (type(conv), conv.k, conv.width, conv.reduction, conv.bn) == (AuxHead, 3, 4, 2,
+                                                                         None)
+    assert make_head(HeadDesign("conv", k=2, width=4, pool_size=1), 3).reduction == 1
+    with pytest.raises(ValueError, match=r"pass `channels`.*Received: width='auto'"):
+        make_head(HeadDesign("conv", k=2, width="auto", pool_size=2), 3)
+    with pytest.raises(ValueError, match=r"own classifier.*Received: kind='model'"):
+        make_head(HeadDesign("model"), 3)
+    with pytest.raises(ValueError, match=r"HeadDesign. Received: design='conv'"):
+        make_head("conv", 3)
 
 
-def test_make_head_refuses_an_argument_no_head_takes():
-    with pytest.raises(ValueError, match=r"arguments no head takes: \['widht'\].*"
-                                         r"Received: widht=64"):
-        make_head("conv", num_classes=3, k=2, widht=64)
+@pytest.mark.parametrize("fields, message", [
+    ({"kind": "mlp"}, r"`kind` must be one of \('conv', .*Received: kind='mlp'"),
+    ({"kind": "conv", "width": 8, "pool_size": 2}, r"`k` must be a positive integer. "
+                                                   r"Received: k=None"),
+    ({"kind": "conv", "k": True, "width": 8, "pool_size": 2}, r"Received: k=True"),
+    ({"kind": "mlp_sr", "k": 2, "width": "wide", "pool_size": 2},
+     r"'auto' \(the module's output channels\). Received: width='wide'"),
+    ({"kind": "conv", "k": 2, "width": 8, "pool_size": 2, "reduction": 0},
+     r"positive integer or None. Received: reduction=0"),
+    ({"kind": "linear"}, r"Received: pool_size=None"),
+    ({"kind": "linear", "pool_size": 2, "k": 0}, r"or None. Received: k=0"),
+])
+def test_a_head_design_checks_itself(fields, message):
+    with pytest.raises(ValueError, match=message):
+        HeadDesign(**fields)
+
+
+def test_head_designs_are_frozen_and_compare_by_value():
+    design = HeadDesign("vgg")
+    assert design == HeadDesign("vgg") and not design.pools
+    assert HeadDesign("linear", pool_size=3).pools
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        design.kind = "conv"
 
 
 @pytest.mark.parametrize("kind", sorted(set(HEAD_TYPES) - {"vgg"}))  # vgg has no pool_size
 def test_pool_size_one_trains_in_a_traced_step(kind):
     # Keras 3.15's AdaptiveAveragePooling2D(1) fails inside tf.function.
-    head = make_head(kind, num_classes=4, k=2, width=4, pool_size=1)
+    head = make_head(HeadDesign(kind, k=2, width=4, pool_size=1), 4)
     head.build((None, 8, 8, 3))
 
     @tf.function
@@ -120,10 +154,11 @@ def test_per_stage_overrides_the_aux_keys_for_their_stage():
     recipe = _recipe({"pool_size": 2, "per_stage": [
         {"head": "linear", "pool_size": 4}, {"width": 5}, {}]})
     assert head_widths(recipe) == [4, 5, 16]  # given as is; the others still doubled
-    assert head_designs(recipe) == [
-        {"kind": "linear", "k": 2, "width": 4, "pool_size": 4, "reduction": None},
-        {"kind": "conv", "k": 2, "width": 5, "pool_size": 2, "reduction": None},
-        {"kind": "conv", "k": 2, "width": 16, "pool_size": 2, "reduction": None}]
+    assert head_designs(recipe) == [HeadDesign("linear", 2, 4, 4), HeadDesign("conv", 2, 5, 2),
+                                    HeadDesign("conv", 2, 16, 2)]
+    last = _recipe({"last_head": "vgg", "last_width": 32, "reduction": 2})
+    assert head_designs(last)[1:] == [HeadDesign("conv", 2, 8, 2, 2),
+                                      HeadDesign("vgg", 2, 32, 2, 2)]
     net = from_recipe(recipe, (8, 8, 1), 10, [0.0], [1.0])
     assert [type(h) for h in net.heads] == [LinearHead, AuxHead, AuxHead]
     assert net.heads[0].pool_size == 4 and net.heads[1].width == 5
@@ -160,8 +195,7 @@ def test_mlp_sr_and_linear_heads_restore_from_a_checkpoint(tmp_path):
 
 
 def test_vgg_head_trains_with_dropout_and_round_trips():
-    head = make_head("vgg", num_classes=3, k=3, width=8, pool_size=2, units=16,
-                     name="stage8_head")
+    head = VggHead(num_classes=3, units=16, name="stage8_head")
     head.build((None, 4, 4, 5))
     assert head.fc1.kernel.shape == (2 * 2 * 5, 16)
     x = tf.random.normal([6, 4, 4, 5])
