@@ -11,7 +11,7 @@ too short for its BatchNormalization layers' momentum is warned about
 (`check_batch_norm`).
 """
 
-import json
+import contextlib
 import math
 import numbers
 import os
@@ -20,18 +20,19 @@ import warnings
 import keras
 import tensorflow as tf
 
-from kgreedy.base.files import read_json, write_json
+from kgreedy.base.errors import KgreedyError
+from kgreedy.base.files import write_json
 from kgreedy.config.recipe import OptimizerConfig, TrainConfig
 from kgreedy.config.vocabulary import MODES, ONE_STAGE_MODES
 from kgreedy.data.external import ExternalDatasets, check_pipeline
 from kgreedy.model.layers import BN_MOMENTUM
 from kgreedy.model.network import parameter_table
+from kgreedy.training import run
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.keras_hooks import KerasCallbacks, ProgbarProgress, StageHistory
 from kgreedy.training.rundir import RunDir
-from kgreedy.training.runlock import RunLock, contents
 
-FIT_FILE = "fit.json"  # in a run directory of kgreedy.fit, instead of recipe.json
+RESUME_HINT = "pass resume=True"
 
 
 def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode,
@@ -54,7 +55,11 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
                         optimizer=OptimizerConfig(weight_decay=0.0))
     for message in check_batch_norm(net, epochs_per_stage, steps, mode):
         warnings.warn(message, UserWarning, stacklevel=3)  # at the caller of kgreedy.fit
-    run = _prepare_run(run_dir, resume) if run_dir is not None else None
+    path = None if run_dir is None else os.fspath(run_dir)
+    if path is not None:
+        with _keras_errors():
+            run.check_run_dir(path, resume=resume, record=RunDir.FIT,
+                              resume_hint=RESUME_HINT)
     if objective is not None:  # every argument is known good now
         net.set_objective(objective)
     datasets = ExternalDatasets(train_ds, validation_data, net.spec, steps)
@@ -66,21 +71,25 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
         keras.callbacks.CallbackList([*callbacks, history], verbose=verbose,
                                      epochs=epochs, steps=steps),
         net, epochs_per_stage, one_stage)
-    trainer = GreedyTrainer(None, datasets, run, tf.distribute.get_strategy(), progress,
-                            actions=[progress, hooks], net=net, train=train,
+    trainer = GreedyTrainer(net, datasets, None if path is None else RunDir(path),
+                            tf.distribute.get_strategy(), train, progress=progress,
+                            actions=[progress, hooks],
                             optimizer=_optimizer_factory(optimizer))
     try:
-        if run is None:
+        if path is None:
             hooks.train_begin(trainer.stages()[0])
             summary = trainer.fit()
         else:
             # The directory is made and locked in one step, and checked again under
             # the lock: another process may have started a fit there in between.
-            with RunLock(run.root, create=True) as lock:
-                if lock.warning:
-                    progress.warning(lock.warning)
-                _prepare_run(run.root, resume, locked=True)
-                _record_or_compare(run, _settings(net, train), resume)
+            with _keras_errors(), run.locked_run_dir(
+                    path, resume=resume, record=RunDir.FIT, resume_hint=RESUME_HINT,
+                    progress=progress):
+                record = RunDir(path).path(RunDir.FIT)
+                if resume:
+                    run.compare_record(record, _settings(net, train), what="fit")
+                else:
+                    write_json(record, _settings(net, train))
                 hooks.train_begin(trainer.stages()[0])
                 summary = trainer.fit(resume=resume)
     except tf.errors.OutOfRangeError:
@@ -90,6 +99,26 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
     hooks.train_end()
     history.summary = summary
     return history
+
+
+@contextlib.contextmanager
+def _keras_errors():
+    """The run path's errors about the run directory (`kgreedy.training.run`), in
+    Keras' words: a `ValueError` naming the argument and what was received."""
+    try:
+        yield
+    except KgreedyError as e:
+        if e.path == "run_dir":
+            raise ValueError(f"`run_dir` {e.message}. Received: "
+                             f"run_dir={e.received!r}") from None
+        if e.path == "resume" and isinstance(e.received, dict):  # settings differ
+            raise ValueError(f"{e.message[0].upper()}{e.message[1:]}. Received: "
+                             + ", ".join(f"{k}={v!r}" for k, v in e.received.items())
+                             ) from None
+        if e.path == "resume":
+            raise ValueError(f"`resume=True` {e.message}. Received: "
+                             f"run_dir={e.received!r}") from None
+        raise
 
 
 def _check_options(epochs_per_stage, optimizer, mode, steps_per_epoch, callbacks,
@@ -169,23 +198,6 @@ def _optimizer_factory(optimizer):
     return factory
 
 
-def _prepare_run(run_dir, resume, locked=False):
-    """The `RunDir`, checked before any work and again under the run lock (`locked`:
-    the lock file is then ours): new or empty, or a kgreedy.fit run to resume. Creates
-    nothing."""
-    path = os.fspath(run_dir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"`run_dir` exists and is not a directory. Received: "
-                         f"run_dir={path!r}")
-    if resume and not os.path.isfile(os.path.join(path, FIT_FILE)):
-        raise ValueError(f"`resume=True` needs a run directory of kgreedy.fit (with "
-                         f"{FIT_FILE}). Received: run_dir={path!r}")
-    if not resume and contents(path, locked):
-        raise ValueError("`run_dir` is not empty: pass resume=True to continue that fit, "
-                         f"or choose another directory. Received: run_dir={path!r}")
-    return RunDir(path)
-
-
 def _settings(net, train):
     """What fit.json holds: what a resumed fit must match."""
     return {"format": "kgreedy.fit", "name": net.name,
@@ -196,23 +208,8 @@ def _settings(net, train):
                                                     net.heads)],
             "mode": train.mode, "epochs_per_stage": train.epochs_per_stage,
             "steps_per_epoch": train.steps_per_epoch, "batch_size": train.batch_size,
-            # As JSON gives it back (tuples as lists), for the comparison on resume.
-            "objective": json.loads(json.dumps({"name": net.objective.name,
-                                                **net.objective.get_config()})),
+            "objective": {"name": net.objective.name, **net.objective.get_config()},
             "pixel_max": net.pixel_max}
-
-
-def _record_or_compare(run, settings, resume):
-    path = run.path(FIT_FILE)
-    if not resume:
-        write_json(path, settings)
-        return
-    saved = read_json(path, FIT_FILE)
-    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-    if differ:
-        raise ValueError(f"This fit differs from the one in {path} in {differ}; resume "
-                         "with the same net and arguments. Received: "
-                         + ", ".join(f"{k}={settings.get(k)!r}" for k in differ))
 
 
 def batch_norms(layer):

@@ -27,18 +27,15 @@ import keras
 from kgreedy import cli, data
 from kgreedy.model.network import stage_table
 from kgreedy.base import faults
-from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving.export import Exporter
-from kgreedy.training import distribute, memory, precision, session
+from kgreedy.training import distribute, memory, precision, run, session
 from kgreedy.training.cache import check_cache_workers
-from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.rundir import RunDir
-from kgreedy.training.runlock import RunLock, contents
 
 
 def parse_args(argv):
@@ -99,28 +96,8 @@ def _buffer_mb(net, size, train):
     return memory.replay_buffer_bytes(net, train, size) / 2 ** 20
 
 
-def prepare_output(path, resume, locked=False):
-    """Checks the run directory; creates nothing.
-
-    Called twice: before any work, reading only, so that a directory in use, not
-    empty or not resumable is refused at once and untouched (a stale lock stays for
-    --resume to report); and again with `locked` once this process holds the run
-    lock, since another process may have written there in between.
-    """
-    exists = os.path.isdir(path)
-    if os.path.exists(path) and not exists:
-        raise KgreedyError("--output", "exists and is not a directory", path)
-    if not locked:
-        RunLock(path).check()
-    if resume and not (exists and os.path.isfile(os.path.join(path, "recipe.json"))):
-        raise KgreedyError("--resume", "needs an existing run directory with recipe.json",
-                           path)
-    if not resume and contents(path, locked):
-        raise KgreedyError("--output", "is not empty; pass --resume to continue that run "
-                           "or choose another directory", path)
-
-
-FLAGS = {"overrides": "--set", "run_dir": "--output"}
+FLAGS = {"overrides": "--set", "run_dir": "--output", "resume": "--resume"}
+RESUME_HINT = "pass --resume"
 
 
 def main(argv=None):
@@ -135,7 +112,7 @@ def _main(args):
     spec, strategy = session.start(recipe)
     check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
     worker = distribute.WorkerInfo(strategy)
-    check_cache_workers(recipe, worker.num_workers)
+    check_cache_workers(recipe.train, worker.num_workers)
     output = args.output or os.path.join("runs", recipe.name)
     recipe, chose = precision.resolve(
         recipe, _saved_precision(output) if args.resume else None)
@@ -154,7 +131,8 @@ def _main(args):
     memory.check(stages, available)
     del net
     if worker.is_chief:
-        prepare_output(output, args.resume)
+        run.check_run_dir(output, resume=args.resume, record=RunDir.RECIPE,
+                          resume_hint=RESUME_HINT)
 
     keras.utils.set_random_seed(recipe.seed)
     progress = Progress()
@@ -168,31 +146,31 @@ def _main(args):
             with _faults(scratch, output), \
                     _load_data(recipe, spec, scratch, None) as datasets:
                 own = RunDir(scratch)
-                GreedyTrainer(recipe, datasets, own, strategy, progress,
-                              source=RunDir(output),
-                              export=_exporter(recipe, datasets.spec, own)
-                              ).fit(resume=args.resume)
+                run.fit_recipe(recipe, datasets, own, strategy, resume=args.resume,
+                               progress=progress, source=RunDir(output),
+                               export=_exporter(recipe, datasets.spec, own))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return cli.EXIT_OK
-    run = RunDir(output)
+    run_dir = RunDir(output)
     # The directory and the lock come first, in one step, and everything after
     # (the checks again, the disk image cache, training) runs under the lock: a
     # second process is refused before it writes or removes anything in --output.
-    with _faults(output, output), RunLock(output, create=True) as lock:
-        if lock.warning:
-            progress.warning(lock.warning)
-        prepare_output(output, args.resume, locked=True)
+    with _faults(output, output), \
+            run.locked_run_dir(output, resume=args.resume, record=RunDir.RECIPE,
+                               resume_hint=RESUME_HINT, progress=progress):
         if args.resume:
-            _check_same_recipe(output, recipe)
+            run.compare_record(run_dir.recipe, recipe.to_dict(), what="recipe",
+                               normalize=lambda saved: recipe_from_dict(saved).to_dict(),
+                               advice="resume with the same recipe and --set values")
         with _load_data(recipe, spec, output, progress) as datasets:
-            summary = GreedyTrainer(recipe, datasets, run, strategy, progress,
-                                    export=_exporter(recipe, datasets.spec, run)).fit(
-                resume=args.resume)
+            _, summary = run.fit_recipe(recipe, datasets, run_dir, strategy,
+                                        resume=args.resume, progress=progress,
+                                        export=_exporter(recipe, datasets.spec, run_dir))
     final = summary["final"]
     if not summary.get("already_finished"):
         print(f"done: stage {final['stage']} val accuracy {final['val_accuracy']:.4f}; "
-              f"summary {run.summary}")
+              f"summary {run_dir.summary}")
     return cli.EXIT_OK
 
 
@@ -252,26 +230,12 @@ def _remove_empty_cache(cache_dir):
 def _saved_precision(output):
     """The precision a run to resume trained in (None where there is no run: the
     checks after this one say so)."""
-    path = os.path.join(output, "recipe.json")
+    path = RunDir(output).recipe
     if not os.path.isfile(path):
         return None
     raw = read_json(path, "--resume")
     train = raw.get("train") if isinstance(raw, dict) else None
     return train.get("mixed_precision") if isinstance(train, dict) else None
-
-
-def _check_same_recipe(output, recipe):
-    saved = read_json(os.path.join(output, "recipe.json"), "--resume")
-    # Compared after loading, so a run written before a key was added (and so
-    # without it in recipe.json) still resumes when the key is at its default.
-    try:
-        saved = recipe_from_dict(saved).to_dict()
-    except KgreedyError:
-        pass  # not loadable as a recipe any more: differs, reported below
-    if saved != recipe.to_dict():
-        raise KgreedyError("--resume", f"the recipe differs from the one in "
-                           f"{output}/recipe.json; resume with the same recipe and --set "
-                           "values", recipe.name)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ import time
 
 from kgreedy import cli, data
 from kgreedy.base.errors import KgreedyError
-from kgreedy.base.files import read_json, write_json
+from kgreedy.base.files import write_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.tune_recipe import check_base, load_tune_recipe
-from kgreedy.training import memory, session
-from kgreedy.training.runlock import RunLock, contents
+from kgreedy.training import memory, run, session
 from kgreedy.tuning.runner import BEST_RECIPE, TUNE_RECIPE, TUNING, AuxTuning
 from kgreedy.tuning.search import ConfigError, quiet_trial_tracebacks
 from kgreedy.tuning.space import stage_sides
@@ -56,36 +55,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _comparable(tune_dict):
-    return {k: v for k, v in tune_dict.items() if k not in RESUMABLE_CHANGES}
-
-
-def prepare_output(path, tune, locked=False):
-    """Checks the output directory; creates nothing. Returns whether it resumes.
-
-    Called before any work, reading only (a directory in use or holding something
-    else is refused untouched), and again with `locked` once this process holds
-    the run lock, since another process may have written there in between.
-    """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise KgreedyError("--output", "exists and is not a directory", path)
-    if not locked:
-        RunLock(path).check()
-    if not contents(path, locked):
-        return False
-    saved_path = os.path.join(path, TUNE_RECIPE)
-    if not os.path.isfile(saved_path):
-        raise KgreedyError("--output", f"is not empty and holds no {TUNE_RECIPE}; choose "
-                           "a new or empty directory", path)
-    saved = read_json(saved_path, "--output")
-    if _comparable(saved) != _comparable(tune.to_dict()):
-        raise KgreedyError("--output", "holds a search with another tune recipe (only "
-                           f"{' and '.join(RESUMABLE_CHANGES)} may change when resuming); "
-                           "choose another directory", path)
-    return True
-
-
-FLAGS = {"overrides": "--set", "run_dir": "--output"}
+FLAGS = {"overrides": "--set", "run_dir": "--output", "resume": "--output"}
+# A search resumes by rerunning the command into its directory.
+RESUME_HINT = "rerun with the same tune recipe"
 
 
 def main(argv=None):
@@ -105,15 +77,15 @@ def _main(args):
     sides = stage_sides(base, spec.image_shape, spec.num_classes)
     check_memory(base, spec)
     output = args.output or os.path.join("runs", tune.name)
-    prepare_output(output, tune)
+    _check_output(output, tune)
     progress = Progress()
     # The directory and the lock in one step before anything else touches --output;
     # the checks again under it. A data error then removes only the lock and the
     # directory this process made, if it is still empty.
-    with RunLock(output, create=True) as lock:
-        if lock.warning:
-            progress.warning(lock.warning)
-        prepare_output(output, tune, locked=True)
+    with run.locked_run_dir(output, resume=None, record=TUNE_RECIPE,
+                            resume_hint=RESUME_HINT, progress=progress) as resuming:
+        if resuming:
+            _compare(output, tune)
         datasets = data.load(base.data, spec, batch_size=base.train.batch_size,
                              eval_batch_size=base.train.eval_batch_size, seed=base.seed,
                              progress=progress)
@@ -121,6 +93,20 @@ def _main(args):
             return _search(tune, datasets, strategy, output, progress, sides)
         finally:
             datasets.close()
+
+
+def _check_output(output, tune):
+    """Refuses, before any work, an output directory in use or holding something
+    other than this search (`kgreedy.training.run.check_run_dir`)."""
+    if run.check_run_dir(output, resume=None, record=TUNE_RECIPE, resume_hint=RESUME_HINT):
+        _compare(output, tune)
+
+
+def _compare(output, tune):
+    run.compare_record(os.path.join(output, TUNE_RECIPE), tune.to_dict(),
+                       ignore=RESUMABLE_CHANGES, what="tune recipe",
+                       advice=f"only {' and '.join(RESUMABLE_CHANGES)} may change when "
+                              "resuming a search; choose another directory")
 
 
 def check_memory(base, spec):

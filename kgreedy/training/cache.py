@@ -54,20 +54,20 @@ def module_flops(module, output_shape):
     return total
 
 
-def check_cache_workers(recipe, num_workers):
+def check_cache_workers(train, num_workers):
     """Refuses `train.cache_features` 'on' with several workers: each worker would
     cache only its own shard, which the data order does not allow for.
 
     Raises:
         RecipeError: 'on' with more than one worker.
     """
-    if recipe.train.cache_features == "on" and num_workers != 1:
+    if train.cache_features == "on" and num_workers != 1:
         raise RecipeError("train.cache_features", f"'on' needs a single worker, and this "
                           f"run has {num_workers}; use 'auto' (off with several "
                           "workers) or 'off'", "on")
 
 
-def use_cache(recipe, datasets, stage, num_workers, net):
+def use_cache(train, datasets, stage, num_workers, net):
     """Whether stage `stage` trains on cached features (`train.cache_features`).
 
     `auto` caches when there is a prefix to skip, the inputs are not augmented, the
@@ -80,15 +80,15 @@ def use_cache(recipe, datasets, stage, num_workers, net):
     Raises:
         RecipeError: 'on' with more than one worker.
     """
-    check_cache_workers(recipe, num_workers)
-    mode = recipe.train.cache_features
-    if mode == "off" or stage < 2 or recipe.train.mode != "greedy":
+    check_cache_workers(train, num_workers)
+    mode = train.cache_features
+    if mode == "off" or stage < 2 or train.mode != "greedy":
         return False
     if mode == "on":
         return True
     if datasets.augmented or num_workers != 1 or net.objective.needs_images:
         return False
-    in_memory = feature_bytes(net, stage, datasets) <= recipe.train.cache_memory_mb * 2 ** 20
+    in_memory = feature_bytes(net, stage, datasets) <= train.cache_memory_mb * 2 ** 20
     per_byte = prefix_flops(net, stage) / (4 * np.prod(net.stage_shapes[stage - 2]))
     return per_byte >= MIN_FLOPS_PER_BYTE["memory" if in_memory else "disk"]
 

@@ -3,23 +3,17 @@
 `EpochDriver` owns what an epoch is: where it starts (from the stage's own step
 counter and the count of epochs finished), the train data positioned there, the
 steps, the non-finite check, the evaluation and the epoch's record. Everything
-else plugs in as an action, as orbit's Controller takes its actions: the trainer
-adds checkpoints, preemption, records and progress lines; the tuner adds its
-callbacks; `kgreedy.fit` adds Keras callbacks. An action is any object with some
-of these methods:
-
-- `before_epoch(driver, epoch)`: before an epoch's first step (also a resumed
-  epoch's);
-- `after_chunk(driver, epoch, done, images_per_second)`: after every chunk of
-  traced steps (`done` steps of the epoch so far);
-- `after_epoch(driver, record)`: after an epoch's evaluation, once the driver
-  counts the epoch as finished. An action may set `driver.stop` to end the stage
-  there (a Keras callback's `model.stop_training`).
+else plugs in as an `Action` (`kgreedy.training.actions`: its `before_epoch`,
+`after_chunk` and `after_epoch` hooks), as orbit's Controller takes its actions:
+the trainer adds checkpoints, preemption, records and progress lines; the tuner
+adds its trial's reports; `kgreedy.fit` adds Keras callbacks.
 """
 
 import time
 
 import tensorflow as tf
+
+from kgreedy.training.actions import Action, check_actions
 
 
 class EpochDriver:
@@ -32,7 +26,7 @@ class EpochDriver:
         eval_data: the distributed eval dataset (images, or cached features), or
             None to train without evaluating (the records' val_* are then None).
         train_source: the cached features' train split, or None for images.
-        actions: see the module docstring; called in order.
+        actions: `Action`s, called in order.
         nonfinite: called as `nonfinite(epoch, step_in_epoch)` when a loss was not
             finite; returns the exception to raise.
         align: chunks end at multiples of this many steps (mid-epoch checkpoints).
@@ -45,7 +39,7 @@ class EpochDriver:
         self.epochs = epochs
         self.eval_data = eval_data
         self.train_source = train_source
-        self.actions = list(actions)
+        self.actions = check_actions(actions)
         self.nonfinite = nonfinite or _nonfinite_error
         self.align = align
         self.stop = False
@@ -90,8 +84,7 @@ class EpochDriver:
         first, start_step = self.position()
         for epoch in range(first, (last_epoch or self.epochs) + 1):
             for action in self.actions:
-                if hasattr(action, "before_epoch"):
-                    action.before_epoch(self, epoch)
+                action.before_epoch(self, epoch)
             # The epoch's cost as users pay it: this process's CPU seconds (every
             # thread) and wall seconds, training and evaluation together.
             cpu_start, wall_start = time.process_time(), time.perf_counter()
@@ -102,8 +95,7 @@ class EpochDriver:
 
             def after_chunk(done, images_per_second, epoch=epoch):
                 for action in self.actions:
-                    if hasattr(action, "after_chunk"):
-                        action.after_chunk(self, epoch, done, images_per_second)
+                    action.after_chunk(self, epoch, done, images_per_second)
 
             result = loop.train_epoch(train_data, start_step, after_chunk, align=self.align)
             self.check_finite()
@@ -115,8 +107,7 @@ class EpochDriver:
                       "wall_seconds": time.perf_counter() - wall_start}
             self.epochs_done.assign(epoch)
             for action in self.actions:
-                if hasattr(action, "after_epoch"):
-                    action.after_epoch(self, record)
+                action.after_epoch(self, record)
             start_step = 0
             if self.stop:
                 break
@@ -127,7 +118,7 @@ def _nonfinite_error(epoch, step):
     return FloatingPointError(f"epoch {epoch}, step {step}: the loss is not finite")
 
 
-class LiveSteps:
+class LiveSteps(Action):
     """Rewrites the live step line at most twice a second (on a terminal only).
 
     Reading the metrics syncs with the device and, across workers, is a collective

@@ -1,7 +1,7 @@
 """Keras' progress bar, callbacks and `History` on the engine (`kgreedy.fit`).
 
-The engine reports through a `Progress` and epoch-driver actions
-(`kgreedy.training.driver`); these classes translate both into what a Keras user
+The engine reports through a `Progress` and `Action`s
+(`kgreedy.training.actions`); these classes translate both into what a Keras user
 knows from `Model.fit`:
 
 - `ProgbarProgress`: the `Progress` interface drawn with `keras.utils.Progbar`
@@ -16,6 +16,8 @@ knows from `Model.fit`:
 import sys
 
 import keras
+
+from kgreedy.training.actions import Action
 
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -36,7 +38,7 @@ def keras_logs(record):
     return logs
 
 
-class ProgbarProgress:
+class ProgbarProgress(Action):
     """Training progress in Keras' style: a header and a `Progbar` per epoch.
 
     Args:
@@ -127,7 +129,7 @@ class StageHistory(keras.callbacks.History):
         return found
 
 
-class KerasCallbacks:
+class KerasCallbacks(Action):
     """Epoch-driver action that drives a `keras.callbacks.CallbackList`.
 
     The epoch index handed to the hooks counts over the whole fit from 0: stage j's

@@ -143,7 +143,7 @@ def estimate(recipe, spec, num_workers=1, net=None):
     data = types.SimpleNamespace(spec=spec, augmented=recipe.data.augment != "none")
     stages = []
     for j in ([net.num_stages] if mode != "greedy" else range(1, net.num_stages + 1)):
-        cached = mode == "greedy" and use_cache(recipe, data, j, num_workers, net)
+        cached = mode == "greedy" and use_cache(recipe.train, data, j, num_workers, net)
         trained = ([*net.modules, *net.heads, *every_part] if mode == "decoupled" else
                    [*net.modules[:j], net.heads[j - 1], *_parts(net, j)]
                    if mode == "end_to_end" else

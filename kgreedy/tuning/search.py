@@ -25,6 +25,7 @@ from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params, parameter_table
 from kgreedy.training import precision
 from kgreedy.training.cache import FeatureCache, use_cache
+from kgreedy.training.actions import Action
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.stage import StageLoop
 from kgreedy.tuning.space import (candidate_recipe, declare, design_from, objective_from,
@@ -92,7 +93,7 @@ class Search:
         them and shared by the others (`remove_cache` frees them); joint: the trial's
         own, which the caller removes after the stage.
         """
-        if stage < 2 or not use_cache(recipe, self.datasets, stage, 1, net):
+        if stage < 2 or not use_cache(recipe.train, self.datasets, stage, 1, net):
             return None
         if self.trunk_net is None:
             return FeatureCache(net, stage, self.datasets,
@@ -138,7 +139,7 @@ class Search:
         driver.run(end)
 
 
-class _TunerEpochs:
+class _TunerEpochs(Action):
     """Hands each epoch's figures to the trial, in keras-tuner's metric names."""
 
     def __init__(self, on_epoch):

@@ -19,6 +19,7 @@ from kgreedy import train as train_cli
 from kgreedy.base.errors import KgreedyError, RecipeError
 from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
+from kgreedy.training import run
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file())
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -396,7 +397,11 @@ def test_resume_accepts_a_run_whose_recipe_json_predates_new_keys(tmp_path):
     saved = recipe.to_dict()
     del saved["train"]["cache_features"]  # as written before the key existed
     (tmp_path / "recipe.json").write_text(json.dumps(saved))
-    train_cli._check_same_recipe(str(tmp_path), recipe)  # no error
+    def compare(r):
+        run.compare_record(str(tmp_path / "recipe.json"), r.to_dict(), what="recipe",
+                           normalize=lambda saved: recipe_from_dict(saved).to_dict())
+
+    compare(recipe)  # no error
     changed = recipe_from_dict({"name": "old", "model": {"blocks": [{"width": 8}]}})
-    with pytest.raises(KgreedyError, match="the recipe differs"):
-        train_cli._check_same_recipe(str(tmp_path), changed)
+    with pytest.raises(KgreedyError, match=r"this recipe differs .* in \['model'\]"):
+        compare(changed)

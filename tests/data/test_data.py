@@ -471,7 +471,7 @@ def test_tfds_cifar10_describe_and_load(shared_tfds):
 @pytest.mark.slow
 def test_tfds_cifar10_trains_a_few_steps(shared_tfds, tmp_path):
     from kgreedy.base.progress import Progress
-    from kgreedy.training.controller import GreedyTrainer
+    from kgreedy.training.run import fit_recipe
     from kgreedy.training.rundir import RunDir
 
     recipe = recipe_from_dict({
@@ -489,8 +489,8 @@ def test_tfds_cifar10_trains_a_few_steps(shared_tfds, tmp_path):
     datasets = data.load(recipe.data, spec, batch_size=32, eval_batch_size=128, seed=0)
     (tmp_path / "run").mkdir()
     run = RunDir(tmp_path / "run")
-    summary = GreedyTrainer(recipe, datasets, run, tf.distribute.get_strategy(),
-                            progress=Progress(io.StringIO(), live=False)).fit()
+    _, summary = fit_recipe(recipe, datasets, run, tf.distribute.get_strategy(),
+                            progress=Progress(io.StringIO(), live=False))
     assert [s["stage"] for s in summary["stages"]] == [1]
     accuracy = summary["stages"][0]["val_accuracy"]
     assert isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0

@@ -14,7 +14,8 @@ from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.training.cache import FeatureCache, prefix_flops, use_cache
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.actions import Action
+from kgreedy.training.run import fit_recipe
 from kgreedy.training.rundir import RunDir
 
 
@@ -57,7 +58,7 @@ def test_cached_features_give_the_same_logits(tmp_path, memory_mb):
     assert not (tmp_path / "cache").exists()
 
 
-class Weights:
+class Weights(Action):
     def __init__(self):
         self.values = {}
         self.loops = {}
@@ -74,9 +75,8 @@ def train(r, run_dir):
     os.makedirs(run_dir)
     weights = Weights()
     stream = io.StringIO()
-    trainer = GreedyTrainer(r, load(r), RunDir(run_dir), tf.distribute.get_strategy(),
-                            progress=Progress(stream, live=False), callbacks=[weights])
-    summary = trainer.fit()
+    _, summary = fit_recipe(r, load(r), RunDir(run_dir), tf.distribute.get_strategy(),
+                            progress=Progress(stream, live=False), actions=[weights])
     return weights, summary, stream.getvalue()
 
 
@@ -102,18 +102,18 @@ def test_when_the_cache_is_used():
     # cached byte, worth caching; stage 2's (one 1->8 conv at 8x8) costs 4.5,
     # cheaper to recompute than to read back.
     assert prefix_flops(net, 3) / (4 * 4 * 4 * 16) == pytest.approx(153.0)
-    assert use_cache(recipe(), datasets, 3, num_workers=1, net=net)
-    assert not use_cache(recipe(), datasets, 2, num_workers=1, net=net)
-    assert use_cache(recipe("on"), datasets, 2, num_workers=1, net=net)
-    assert not use_cache(recipe(), datasets, 1, num_workers=1, net=net)  # nothing frozen
-    assert not use_cache(recipe(), datasets, 3, num_workers=2, net=net)
-    assert not use_cache(recipe("off"), datasets, 3, num_workers=1, net=net)
+    assert use_cache(recipe().train, datasets, 3, num_workers=1, net=net)
+    assert not use_cache(recipe().train, datasets, 2, num_workers=1, net=net)
+    assert use_cache(recipe("on").train, datasets, 2, num_workers=1, net=net)
+    assert not use_cache(recipe().train, datasets, 1, num_workers=1, net=net)  # nothing frozen
+    assert not use_cache(recipe().train, datasets, 3, num_workers=2, net=net)
+    assert not use_cache(recipe("off").train, datasets, 3, num_workers=1, net=net)
     augmented = recipe(augment="cifar")
-    assert not use_cache(augmented, load(augmented), 3, num_workers=1, net=net)
+    assert not use_cache(augmented.train, load(augmented), 3, num_workers=1, net=net)
     with pytest.raises(RecipeError, match=r"train.cache_features: 'on' needs data.augment "
                                           r"'none'.*received 'on'"):
         recipe("on", augment="cifar")
     # 'on' with several workers: each would cache only its own shard.
     with pytest.raises(RecipeError, match=r"^train.cache_features: 'on' needs a single "
                                           r"worker, and this run has 2"):
-        use_cache(recipe("on"), datasets, 2, num_workers=2, net=net)
+        use_cache(recipe("on").train, datasets, 2, num_workers=2, net=net)

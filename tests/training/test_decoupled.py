@@ -34,7 +34,8 @@ from kgreedy import train as train_cli
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.actions import Action
+from kgreedy.training.run import fit_recipe
 from kgreedy.training import memory
 from kgreedy.training.decoupled import DecoupledLoop, ReplayBuffer
 from kgreedy.training.stage import StageLoop
@@ -294,8 +295,8 @@ def test_fit_decoupled_calls_the_optimizer_factory_once_per_module():
 
 # -------------------------------------------- bfloat16 and XLA, in-process ----
 
-class _Keep:
-    """The epoch records (an epoch-driver action) and the loop (a trainer callback)."""
+class _Keep(Action):
+    """The epoch records and the loop."""
 
     def __init__(self):
         self.records, self.loop = [], None
@@ -325,10 +326,9 @@ def test_decoupled_trains_in_bfloat16_with_a_buffer_and_under_xla(train, objecti
     datasets = data.load(recipe.data, data.describe(recipe.data), batch_size=16, seed=1)
     kept = _Keep()
     try:
-        trainer = GreedyTrainer(recipe, datasets, None, tf.distribute.get_strategy(),
-                                progress=Progress(io.StringIO(), live=False),
-                                callbacks=[kept], actions=[kept])
-        summary = trainer.fit()
+        trainer, summary = fit_recipe(recipe, datasets, None, tf.distribute.get_strategy(),
+                                      progress=Progress(io.StringIO(), live=False),
+                                      actions=[kept])
         if "mixed_precision" in train:
             assert trainer.net.modules[0].compute_dtype == "bfloat16"
             # Module 1's bfloat16 outputs went through its buffer, stored in float32

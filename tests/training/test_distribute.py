@@ -19,7 +19,8 @@ from kgreedy.base.progress import Progress
 from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import DistributeConfig, recipe_from_dict
 from kgreedy.training import distribute
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.actions import Action
+from kgreedy.training.run import fit_recipe
 from kgreedy.training.rundir import RunDir
 
 
@@ -151,7 +152,7 @@ def test_per_replica_batches_make_up_the_global_batch():
 
 # ------------------------------------------------------------ equivalence ----
 
-class Weights:
+class Weights(Action):
     def on_stage_end(self, trainer, stage, loop):
         net = trainer.net
         self.values = {w.path: np.array(w.numpy())
@@ -164,9 +165,8 @@ def train_with(strategy, run_dir):
     datasets = load(r)
     os.makedirs(run_dir)
     weights = Weights()
-    trainer = GreedyTrainer(r, datasets, RunDir(run_dir), strategy,
-                            progress=Progress(io.StringIO(), live=False), callbacks=[weights])
-    summary = trainer.fit()
+    _, summary = fit_recipe(r, datasets, RunDir(run_dir), strategy,
+                            progress=Progress(io.StringIO(), live=False), actions=[weights])
     return weights.values, summary
 
 

@@ -13,7 +13,8 @@ from kgreedy import data
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.training import rundir
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.actions import Action
+from kgreedy.training.run import fit_recipe
 from kgreedy.training.optim import StageSchedule, l2_penalty, make_optimizer
 from kgreedy.training.rundir import RunDir
 
@@ -32,7 +33,7 @@ def tiny_recipe(**train):
     })
 
 
-class Snapshots:
+class Snapshots(Action):
     """Copies of every weight of the net at the end of each stage."""
 
     def __init__(self, fail_after=None):
@@ -55,10 +56,9 @@ def train(recipe, run_dir, callbacks=(), resume=False, stream=None):
     spec = data.describe(recipe.data)
     datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size, seed=0)
     os.makedirs(run_dir, exist_ok=True)
-    trainer = GreedyTrainer(recipe, datasets, RunDir(run_dir), tf.distribute.get_strategy(),
-                            progress=Progress(stream or io.StringIO(), live=False),
-                            callbacks=callbacks)
-    return trainer, trainer.fit(resume=resume)
+    return fit_recipe(recipe, datasets, RunDir(run_dir), tf.distribute.get_strategy(),
+                      resume=resume, progress=Progress(stream or io.StringIO(), live=False),
+                      actions=callbacks)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.actions import Action
+from kgreedy.training.run import fit_recipe
 from kgreedy.training.rundir import RunDir, load_trained
 
 
@@ -76,7 +77,7 @@ def recipe(**overrides):
     return recipe_from_dict(raw)
 
 
-class Weights:
+class Weights(Action):
     """Every weight of the net after each stage, by path."""
 
     def __init__(self, stop_after=None):
@@ -97,10 +98,10 @@ def fit(r, run_dir, strategy=None, callbacks=(), resume=False):
                          seed=r.seed)
     os.makedirs(run_dir, exist_ok=True)
     try:
-        return GreedyTrainer(r, datasets, RunDir(run_dir),
-                             strategy or tf.distribute.get_strategy(),
-                             progress=Progress(io.StringIO(), live=False),
-                             callbacks=callbacks).fit(resume=resume)
+        return fit_recipe(r, datasets, RunDir(run_dir),
+                          strategy or tf.distribute.get_strategy(), resume=resume,
+                          progress=Progress(io.StringIO(), live=False),
+                          actions=callbacks)[1]
     finally:
         datasets.close()
 

@@ -12,7 +12,7 @@ from kgreedy import data
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.serving.export import Exporter
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.run import recipe_trainer
 from kgreedy.training.rundir import RunDir
 
 
@@ -34,9 +34,9 @@ def test_precision_and_compilation_variants_train_and_export(tmp_path, train):
     os.makedirs(tmp_path / "run")
     try:
         run = RunDir(tmp_path / "run")
-        trainer = GreedyTrainer(r, datasets, run, tf.distribute.get_strategy(),
-                                progress=Progress(io.StringIO(), live=False),
-                                export=Exporter(datasets.spec, run.export_root("prec")))
+        trainer = recipe_trainer(r, datasets, run, tf.distribute.get_strategy(),
+                                 progress=Progress(io.StringIO(), live=False),
+                                 export=Exporter(datasets.spec, run.export_root("prec")))
         compute = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
             train.get("mixed_precision"), "float32")
         assert trainer.net.modules[0].conv.compute_dtype == compute

@@ -14,7 +14,7 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.progress import Progress
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.training import rundir
-from kgreedy.training.controller import GreedyTrainer
+from kgreedy.training.run import fit_recipe
 from kgreedy.training.rundir import RunDir
 
 RECIPE = {
@@ -31,8 +31,8 @@ def _fit(recipe, run_dir, resume=False):
     datasets = data.load(recipe.data, data.describe(recipe.data), batch_size=32, seed=0)
     os.makedirs(run_dir, exist_ok=True)
     try:
-        return GreedyTrainer(recipe, datasets, RunDir(run_dir), tf.distribute.get_strategy(),
-                             progress=Progress(io.StringIO(), live=False)).fit(resume=resume)
+        return fit_recipe(recipe, datasets, RunDir(run_dir), tf.distribute.get_strategy(),
+                          resume=resume, progress=Progress(io.StringIO(), live=False))[1]
     finally:
         datasets.close()
 

@@ -45,6 +45,7 @@ prefix, points, *argv = sys.argv[1:]
 points = points.split(",")
 quiet.install(argv)
 from kgreedy import cli, train
+from kgreedy.training import run
 from kgreedy.training.controller import GreedyTrainer
 
 def pause(point):
@@ -54,15 +55,16 @@ def pause(point):
         while not os.path.exists(f"{prefix}.{point}.go") and time.monotonic() < deadline:
             time.sleep(0.05)
 
-check = train.prepare_output
-def prepare_output(path, resume, *args, **kwargs):
-    first = not args and not kwargs.get("locked")
+check = run.check_run_dir
+def check_run_dir(path, **kwargs):
+    first = not kwargs.get("locked")
     if first:
         pause("before_check")
-    check(path, resume, *args, **kwargs)
+    resumes = check(path, **kwargs)
     if first:
         pause("after_check")
-train.prepare_output = prepare_output
+    return resumes
+run.check_run_dir = check_run_dir
 
 fit_stage = GreedyTrainer._fit_stage
 def _fit_stage(self, stage, *args, **kwargs):

@@ -10,6 +10,7 @@ import tensorflow as tf
 from kgreedy import data
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
+from kgreedy.training.actions import Action
 from kgreedy.training.driver import EpochDriver
 from kgreedy.training.rundir import stage_checkpoint
 from kgreedy.training.stage import StageLoop
@@ -96,7 +97,7 @@ def test_skipped_loss_scaled_steps_leave_epoch_position_metrics_and_data_order(
         loop.optimizer.dynamic_scale.assign(2.0 ** 40)
         records = []
         driver = EpochDriver(loop, datasets, 3, datasets.distributed_eval(strategy),
-                             actions=[type("Keep", (), {"after_epoch": staticmethod(
+                             actions=[type("Keep", (Action,), {"after_epoch": staticmethod(
                                  lambda d, record: records.append(record))})()])
         calls = _spy_positions(datasets, monkeypatch)
         driver.run(2)
@@ -115,7 +116,7 @@ def test_skipped_loss_scaled_steps_leave_epoch_position_metrics_and_data_order(
         driver.align = 4
         saved = {}
 
-        class StopAfter4:
+        class StopAfter4(Action):
             def after_chunk(self, d, epoch, done, images_per_second):
                 if done == 4:
                     checkpoint = stage_checkpoint(net, 1, **d.state())

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -166,7 +167,8 @@ def test_output_holding_another_search_is_refused(joint, capsys):
         cli.run(tune.main, [recipe, "--output", joint["output"],
                             "--set", "epochs_per_trial=2"])
     assert e.value.code == 2
-    assert "--output: holds a search with another tune recipe" in capsys.readouterr().err
+    assert re.search(r"--output: this tune recipe differs from the one in .* in "
+                     r"\['epochs_per_trial'\]; only max_trials", capsys.readouterr().err)
 
 
 @pytest.mark.slow
