@@ -58,6 +58,11 @@ class SplitNet(GreedyNet):
         self.std = [float(s) for s in std]
         self.class_names = class_names
 
+    def get_config(self):
+        """`GreedyNet.get_config` and the class names; `SplitNet.from_config`
+        rebuilds the untrained net."""
+        return {**super().get_config(), "class_names": self.class_names}
+
     @property
     def spec(self):
         """The `DatasetSpec` an export and a run directory's dataset.json hold."""

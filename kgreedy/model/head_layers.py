@@ -29,6 +29,14 @@ def reduced_side(side, reduction, pool_size):
     return min(side, max(math.ceil(side / reduction), pool_size))
 
 
+def _check_depth(k, reduction):
+    """The checks of a conv or MLP-SR head's `k` and `reduction`."""
+    if k < 1:
+        raise ValueError(f"`k` must be >= 1. Received: k={k!r}")
+    if reduction < 1:
+        raise ValueError(f"`reduction` must be >= 1. Received: reduction={reduction!r}")
+
+
 @keras.saving.register_keras_serializable(package="kgreedy")
 class AuxHead(keras.layers.Layer):
     """The paper's auxiliary problem on top of a new block (docs/DESIGN.md, "The method").
@@ -53,10 +61,7 @@ class AuxHead(keras.layers.Layer):
     def __init__(self, num_classes, k=2, width=128, pool_size=2, batch_norm=True,
                  sync_batch_norm=False, reduction=1, **kwargs):
         super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"`k` must be >= 1. Received: k={k!r}")
-        if reduction < 1:
-            raise ValueError(f"`reduction` must be >= 1. Received: reduction={reduction!r}")
+        _check_depth(k, reduction)
         self.num_classes = num_classes
         self.k = k
         self.width = width
@@ -142,10 +147,7 @@ class MlpSrHead(keras.layers.Layer):
     def __init__(self, num_classes, k=2, width=128, pool_size=2, mlp_layers=3, reduction=4,
                  batch_norm=True, sync_batch_norm=False, **kwargs):
         super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"`k` must be >= 1. Received: k={k!r}")
-        if reduction < 1:
-            raise ValueError(f"`reduction` must be >= 1. Received: reduction={reduction!r}")
+        _check_depth(k, reduction)
         self.num_classes = num_classes
         self.k = k
         self.width = width

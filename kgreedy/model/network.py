@@ -1,16 +1,21 @@
 """The greedy network: a trunk of modules with one auxiliary head per stage.
 
 Models know nothing of training. `GreedyNet` owns the layers; the engine decides
-which are frozen, and `deployed_model` assembles what is exported.
+which are frozen, and `deployed_model` assembles what is exported. `get_config`
+and `from_config` rebuild a net without the recipe or the code that made it;
+`parameter_table` and `stage_table` count its parameters per stage.
 """
 
 import keras
 
 from kgreedy.config.designs import HeadDesign
 from kgreedy.config.vocabulary import EXPORT_HEADS
+# For its Keras registration (ZeroPadShortcut): `from_config` rebuilds a recipe's
+# ResNet modules in a process that never built one.
+from kgreedy.model import resnets  # noqa: F401
 from kgreedy.model.head_layers import make_head
 from kgreedy.model.layers import Standardize
-from kgreedy.model.objectives import CrossEntropy
+from kgreedy.model.objectives import CrossEntropy, make_objective
 from kgreedy.model.split import layer_span
 
 # Raw pixel value of white when nothing says otherwise: 8-bit images.
@@ -216,6 +221,44 @@ class GreedyNet:
             x = module(x, training=False)
             outputs[f"stage{j}"] = x
         return keras.Model(inputs, outputs, name=f"{self.name}_backbone")
+
+    def get_config(self):
+        """What `from_config` rebuilds this net from, JSON-serialisable: every module
+        and head as Keras serialises it (layers, names, shapes; no weights), the
+        input, the task, the standardisation and the objective.
+
+        The rebuilt net is untrained: a checkpoint (`checkpoint_objects`) or copied
+        weights make it this one. Its objective's parts are made afresh, as
+        `set_objective` makes them. A module or head of the caller's own Keras
+        classes needs them registered (`keras.saving.register_keras_serializable`).
+        """
+        serialize = keras.saving.serialize_keras_object
+        return {"modules": [serialize(module) for module in self.modules],
+                "heads": [serialize(head) for head in self.heads],
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                "mean": list(self.standardize.mean), "std": list(self.standardize.std),
+                "objective": {"name": self.objective.name,
+                              "config": self.objective.get_config()},
+                "objective_stages": self.objective_stages, "pixel_max": self.pixel_max,
+                "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        """The untrained net of `get_config`'s config (also once read back from JSON).
+
+        Raises:
+            TypeError: Keras cannot rebuild a module or head (a class it does not
+                know).
+            ValueError: the objective is not one of
+                `kgreedy.model.objectives.OBJECTIVES`.
+        """
+        config = dict(config)
+        objective = config.pop("objective")
+        for key in ("modules", "heads"):
+            config[key] = [keras.saving.deserialize_keras_object(layer)
+                           for layer in config[key]]
+        return cls(**config, objective=make_objective(objective["name"],
+                                                      **objective["config"]))
 
 
 def output_shapes(modules, image_shape):
