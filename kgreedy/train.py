@@ -31,7 +31,6 @@ from kgreedy.base.files import read_json
 from kgreedy.base.progress import Progress
 from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving.export import Exporter
 from kgreedy.training import distribute, memory, precision, run, session
 from kgreedy.training.cache import check_cache_workers
@@ -55,15 +54,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def print_dry_run(recipe, spec, net=None, stages=None, available=None, note=None,
+def print_dry_run(recipe, spec, net, stages=None, available=None, note=None,
                   unchecked=None):
-    """Prints the recipe's stages; with `stages` (`kgreedy.training.memory.estimate`),
-    each stage's memory and what is available (None: `unchecked` says why), else
-    `note` (why there is no estimate)."""
-    if net is None:
-        channels = spec.image_shape[2]
-        net = from_recipe(recipe, spec.image_shape, spec.num_classes, [0.0] * channels,
-                          [1.0] * channels)
+    """Prints the recipe's stages of `net`; with `stages`
+    (`kgreedy.training.memory.estimate`), each stage's memory and what is available
+    (None: `unchecked` says why), else `note` (why there is no estimate)."""
     print(f"recipe {recipe.name}: {recipe.train.mode}, {net.num_stages} stages, "
           f"k={recipe.aux.k}, input {'x'.join(map(str, spec.image_shape))}, "
           f"{spec.num_classes} classes")
@@ -116,11 +111,13 @@ def _main(args):
     output = args.output or os.path.join("runs", recipe.name)
     recipe, chose = precision.resolve(
         recipe, _saved_precision(output) if args.resume else None)
-    # Sized before anything is allocated, read or written: a block trunk is built
-    # without weights, and a split model is built here anyway, so that one that
-    # cannot be loaded or split (a crossing split point, a file Keras cannot load)
-    # stops the run now. Dropped; the trainer builds its own net in scope.
-    net, stages, note = memory.estimate(recipe, spec, worker.num_workers)
+    # The net is built once, here, and sized before any data is read or anything
+    # written: a model that cannot be loaded or split (a crossing split point, a file
+    # Keras cannot load) stops the run now. Its weights are allocated before the
+    # memory check: a small share of a stage's need, which is mostly activations.
+    keras.utils.set_random_seed(recipe.seed)  # the initial weights
+    net = run.build_net(recipe, spec, strategy)
+    net, stages, note = memory.estimate(recipe, spec, worker.num_workers, net=net)
     available, unchecked = memory.available_for_training()
     if args.dry_run:
         print_dry_run(recipe, spec, net, stages, available, note, unchecked)
@@ -129,12 +126,10 @@ def _main(args):
         memory.check(stages, available)
         return cli.EXIT_OK
     memory.check(stages, available)
-    del net
     if worker.is_chief:
         run.check_run_dir(output, resume=args.resume, record=RunDir.RECIPE,
                           resume_hint=RESUME_HINT)
 
-    keras.utils.set_random_seed(recipe.seed)
     progress = Progress()
     if chose:
         progress.message(chose)
@@ -146,8 +141,8 @@ def _main(args):
             with _faults(scratch, output), \
                     _load_data(recipe, spec, scratch, None) as datasets:
                 own = RunDir(scratch)
-                run.fit_recipe(recipe, datasets, own, strategy, resume=args.resume,
-                               progress=progress, source=RunDir(output),
+                run.fit_recipe(recipe, datasets, own, strategy, net=net,
+                               resume=args.resume, progress=progress, source=RunDir(output),
                                export=_exporter(recipe, datasets.spec, own))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -164,7 +159,7 @@ def _main(args):
                                normalize=lambda saved: recipe_from_dict(saved).to_dict(),
                                advice="resume with the same recipe and --set values")
         with _load_data(recipe, spec, output, progress) as datasets:
-            _, summary = run.fit_recipe(recipe, datasets, run_dir, strategy,
+            _, summary = run.fit_recipe(recipe, datasets, run_dir, strategy, net=net,
                                         resume=args.resume, progress=progress,
                                         export=_exporter(recipe, datasets.spec, run_dir))
     final = summary["final"]

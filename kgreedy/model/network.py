@@ -91,6 +91,14 @@ class GreedyNet:
         self.objective_stages = objective_stages or self.num_stages
         self.set_objective(objective or CrossEntropy())
 
+    def set_statistics(self, mean, std):
+        """Sets the per-channel statistics of the `standardize` layer: a net built
+        before its data were read (the command line builds it first, to check it)
+        gets them once they are measured. Call it before the first step is traced:
+        the layer applies them as constants."""
+        self.standardize.mean = [float(m) for m in mean]
+        self.standardize.std = [float(s) for s in std]
+
     def set_objective(self, objective):
         """Makes (and builds) every module's parts for `objective`; they start fresh."""
         self.objective = objective

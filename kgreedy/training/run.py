@@ -111,23 +111,30 @@ def compare_record(path, settings, *, normalize=None, ignore=(), what="run",
 
 
 def build_net(recipe, spec, strategy):
-    """A recipe's `GreedyNet`, built in `strategy`'s scope with the recipe's precision.
+    """A recipe's `GreedyNet`, built in `strategy`'s scope with the recipe's precision,
+    normalised with `spec`'s statistics (0 and 1 where they are not measured yet).
 
     Keras' dtype policy is global state: it is set on every build, so one run's
     policy never leaks into the next in the same process.
     """
     keras.mixed_precision.set_global_policy(
         precision.policy_name(recipe.train.mixed_precision))
+    channels = spec.image_shape[2]
     with strategy.scope():
-        return from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean,
-                           spec.std)
+        # Statistics not measured yet (read with the data): `recipe_trainer` sets them.
+        return from_recipe(recipe, spec.image_shape, spec.num_classes,
+                           spec.mean or [0.0] * channels, spec.std or [1.0] * channels)
 
 
-def recipe_trainer(recipe, datasets, run, strategy, *, progress=None, actions=(),
-                   source=None, export=None):
-    """The `GreedyTrainer` of a recipe: its net (`build_net`) on `datasets`, with its
-    `train` config and seed. Arguments as `GreedyTrainer`'s."""
-    net = build_net(recipe, datasets.spec, strategy)
+def recipe_trainer(recipe, datasets, run, strategy, *, net=None, progress=None,
+                   actions=(), source=None, export=None):
+    """The `GreedyTrainer` of a recipe: its net (`net`, built by the caller with
+    `build_net`, or built here) on `datasets`, with its `train` config and seed.
+    Other arguments as `GreedyTrainer`'s."""
+    if net is None:
+        net = build_net(recipe, datasets.spec, strategy)
+    else:  # built before the data were read
+        net.set_statistics(datasets.spec.mean, datasets.spec.std)
     return GreedyTrainer(net, datasets, run, strategy, recipe.train, progress=progress,
                          actions=actions, source=source, export=export, seed=recipe.seed)
 
