@@ -2,7 +2,9 @@
 
 The CPU is split into two logical devices before TensorFlow runs its first op, so
 MirroredStrategy tests can run in this process without GPUs (a split cannot be
-made later). Code on the default strategy uses the first device only.
+made later). Code on the default strategy uses the first device only. This happens
+when the session starts, before collection imports the test files, in each process
+that runs tests; pytest-xdist's controller runs none and never loads TensorFlow.
 
 The suite runs in two processes (setup.cfg: pytest-xdist, one file per process at a
 time). Each then gets one thread for TensorFlow's ops, as do the command lines its
@@ -17,15 +19,34 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
         os.environ.setdefault(_name, "1")
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+def pytest_sessionstart(session):
+    plugins = session.config.pluginmanager
+    # pytest-xdist's controller runs no test. Loaded there, TensorFlow wrote its
+    # start-up lines (ending, on a machine without a GPU, in CUDA's `failed call to
+    # cuInit`: TensorFlow then runs on the CPU) into pytest's capture while it
+    # loaded this file, and pytest printed them after the run's summary.
+    if plugins.hasplugin("dsession"):
+        return
+    # Captured like a test's output: the lines go with the first test file's
+    # collection report, shown if that fails.
+    capture = plugins.getplugin("capturemanager")
+    if capture:
+        capture.resume_global_capture()
+    try:
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    finally:
+        if capture:
+            capture.suspend_global_capture()
 
 # Files by their time on 2 cores, longest first (measured with --durations).
 # Starting every subprocess-heavy file at once oversubscribes the two cores: the suite
@@ -57,4 +78,6 @@ def _float32_policy_after_each_test():
     (the default) makes it bfloat16 on CPUs with AVX512-BF16 or AMX: reset it, so a
     later test in the same process that builds Keras layers itself gets float32."""
     yield
+    import keras
+
     keras.mixed_precision.set_global_policy("float32")
