@@ -25,18 +25,15 @@ import re
 
 from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
-
-_VERSION_RE = re.compile(r"[0-9]+")
+from kgreedy.serving.versions import existing_versions
 
 
 def _model_dir(path):
     """The version directory to load: `path` itself, or its newest version."""
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
-    versions = sorted(int(name) for name in os.listdir(path)
-                      if _VERSION_RE.fullmatch(name) and int(name) > 0 and os.path.isfile(
-                          os.path.join(path, name, "saved_model.pb"))) \
-        if os.path.isdir(path) else []
+    versions = [v for v in existing_versions(path)
+                if os.path.isfile(os.path.join(path, str(v), "saved_model.pb"))]
     if not versions:
         raise KgreedyError("EXPORT_DIR", "not an exported model: neither a version "
                            "directory with saved_model.pb nor a model base path with "

@@ -23,17 +23,16 @@ or bytes that are not a JPEG, PNG, GIF, BMP or WebP file
 (`kgreedy.data.images.declared_size`).
 
 Every version directory also holds `assets.extra/tf_serving_warmup_requests`, the
-warm-up requests TF Serving replays at load time, and the object graph keeps the
-class names as `class_names` and the pixel limit as `max_pixels` (one-variable
-collections) for `kgreedy.predict`.
+warm-up requests TF Serving replays at load time (`kgreedy.serving.warmup_file`), and
+the object graph keeps the class names as `class_names` and the pixel limit as
+`max_pixels` (one-variable collections) for `kgreedy.predict`. Versions are listed
+and pruned by `kgreedy.serving.versions`.
 
 """
 
 import os
-import re
 import shutil
 import tempfile
-import uuid
 import warnings
 
 import keras
@@ -44,24 +43,12 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import umask_mode
 from kgreedy.config.recipe import DataConfig
 from kgreedy.config.vocabulary import EXPORT_HEADS
+from kgreedy.serving import versions, warmup_file
 
 DEFAULT_MAX_PIXELS = DataConfig().max_pixels  # the recipe's data.max_pixels default
 
-_VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit also accepts '²'
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-_DELETING = ".deleting-"  # prefix of versions being pruned: not an integer, so ignored
-
 
 # ---------------------------------------------------------------- versions ----
-
-def existing_versions(export_root):
-    """Integer version directories below `export_root`, ascending (empty if none)."""
-    if not os.path.isdir(export_root):
-        return []
-    return sorted(int(name) for name in os.listdir(export_root)
-                  if _VERSION_RE.fullmatch(name) and int(name) > 0
-                  and os.path.isdir(os.path.join(export_root, name)))
-
 
 def _check_version(version):
     # bool is an int subclass; True is not a version anyone means.
@@ -72,54 +59,6 @@ def _check_version(version):
 def _exists_error(version, export_root):
     return KgreedyError("version", f"version {version} already exists in {export_root}; "
                         "exported versions are never overwritten", version)
-
-
-def _check_keep_versions(keep_versions):
-    if keep_versions is not None and (isinstance(keep_versions, bool)
-                                      or not isinstance(keep_versions, int)
-                                      or keep_versions < 1):
-        raise KgreedyError("keep_versions", "must be a positive integer or None",
-                           keep_versions)
-
-
-def prune_versions(export_root, keep_versions, protect=()):
-    """Deletes all versions below `export_root` but the newest `keep_versions`.
-
-    A version goes in two steps: it is renamed to a name that is not an integer
-    (TF Serving then sees it vanish whole and unloads it), and only then deleted, so
-    no server ever loads a half-deleted version. Leftovers of an interrupted prune
-    (`.deleting-*`) are removed too.
-
-    Args:
-        export_root: TF Serving's model base path.
-        keep_versions: how many of the newest versions to keep (>= 1).
-        protect: versions never deleted whatever their number (the one just
-            written, which may be older than others when `version` was given).
-
-    Returns:
-        The deleted versions, ascending.
-
-    Raises:
-        OSError: a version could not be renamed or deleted.
-    """
-    _check_keep_versions(keep_versions)
-    versions = existing_versions(export_root)
-    keep = set(versions[-keep_versions:]) | set(protect)
-    deleted = []
-    for version in versions:
-        if version in keep:
-            continue
-        doomed = os.path.join(export_root, f"{_DELETING}{version}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(os.path.join(export_root, str(version)), doomed)
-        except FileNotFoundError:
-            continue  # a concurrent prune took it
-        shutil.rmtree(doomed)
-        deleted.append(version)
-    for name in os.listdir(export_root):
-        if name.startswith(_DELETING):
-            shutil.rmtree(os.path.join(export_root, name), ignore_errors=True)
-    return deleted
 
 
 # -------------------------------------------------------------- signatures ----
@@ -238,67 +177,6 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
     return archive
 
 
-# ----------------------------------------------------------------- warm-up ----
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-def _field(number, payload):
-    """One length-delimited protobuf field (wire type 2)."""
-    if isinstance(payload, str):
-        payload = payload.encode("utf-8")
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _prediction_log(model_name, signature_name, inputs):
-    """A serialized `tensorflow.serving.PredictionLog` holding one PredictRequest.
-
-    tensorflow-serving-api is a test dependency only, and exporting must not need
-    it, so the few fields are encoded by hand; the wire format is protobuf's stable
-    one, and the tests parse these bytes with the real protos. Field numbers:
-    PredictionLog.predict_log = 6, PredictLog.request = 1, PredictRequest.model_spec
-    = 1 and .inputs = 2 (a map: entries with key = 1, value = 2), ModelSpec.name = 1
-    and .signature_name = 3.
-    """
-    model_spec = _field(1, model_name) + _field(3, signature_name)
-    request = _field(1, model_spec) + b"".join(
-        _field(2, _field(1, name) + _field(2, tf.make_tensor_proto(value).SerializeToString()))
-        for name, value in inputs.items())
-    return _field(6, _field(1, request))
-
-
-def write_warmup_requests(version_dir, model_name, image_shape):
-    """Writes `assets.extra/tf_serving_warmup_requests` into `version_dir`.
-
-    TF Serving replays these requests when it loads the version, before it is
-    marked available, so the first client does not pay for graph optimisation and
-    kernel set-up; a request that fails makes the load fail. One record per
-    signature: a batch of one all-zero image, as pixels for `serving_default` and as
-    a PNG for `serve_encoded`, both of the model's input size (which every export
-    accepts, resizing or not).
-
-    Args:
-        version_dir: the (temporary) version directory.
-        model_name: recorded as the requests' `model_spec.name`.
-        image_shape: (height, width, channels) of the model input.
-    """
-    zeros = tf.zeros([1, *image_shape], tf.float32)
-    png = tf.io.encode_png(tf.zeros(image_shape, tf.uint8))
-    path = os.path.join(version_dir, WARMUP_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tf.io.TFRecordWriter(path) as writer:
-        writer.write(_prediction_log(model_name, "serving_default", {"images": zeros}))
-        writer.write(_prediction_log(model_name, "serve_encoded",
-                                     {"image_bytes": tf.reshape(png, [1])}))
-
-
 # ------------------------------------------------------------------ export ----
 
 def export_saved_model(net, spec, export_root, stage=None, version=None,
@@ -335,13 +213,13 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     """
     if stage is not None and not (isinstance(stage, int) and 1 <= stage <= net.num_stages):
         raise KgreedyError("stage", f"must be between 1 and {net.num_stages}", stage)
-    _check_keep_versions(keep_versions)
+    versions.check_keep_versions(keep_versions)
     if heads not in EXPORT_HEADS:
         raise KgreedyError("heads", "must be one of " + ", ".join(map(repr, EXPORT_HEADS)),
                            heads)
     export_root = os.path.abspath(export_root)
     if version is None:
-        version = (existing_versions(export_root) or [0])[-1] + 1
+        version = (versions.existing_versions(export_root) or [0])[-1] + 1
     _check_version(version)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise KgreedyError("max_pixels", "must be a positive integer", max_pixels)
@@ -355,7 +233,8 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     try:
         os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide it from TF Serving
         archive.write_out(tmp, verbose=False)
-        write_warmup_requests(tmp, os.path.basename(export_root), spec.image_shape)
+        warmup_file.write_warmup_requests(tmp, os.path.basename(export_root),
+                                          spec.image_shape)
         # Another export may have taken the version meanwhile. rename() would
         # replace an empty directory, so check again just before it; a non-empty
         # one makes rename() fail instead of overwriting.
@@ -372,7 +251,7 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
         raise
     if keep_versions is not None:
         try:
-            prune_versions(export_root, keep_versions, protect=[version])
+            versions.prune_versions(export_root, keep_versions, protect=[version])
         except OSError as e:
             warnings.warn(f"exported {target}, but deleting old versions failed: {e}",
                           stacklevel=2)

@@ -1,13 +1,18 @@
-"""The warm-up file `assets.extra/tf_serving_warmup_requests`, as TF Serving reads it.
+"""The warm-up file `assets.extra/tf_serving_warmup_requests`: kgreedy writes it into
+every export, and checks it as TF Serving reads it.
 
 TF Serving replays this file's requests when it loads a version, before the version
 takes traffic, so that the first real requests do not pay for graph optimisation and
 memory allocation. It refuses to load a version whose file is not a TFRecord of
 `PredictionLog`s, or has more than 1000 records, and a record naming an unknown
-signature or the wrong inputs fails the load too. These checks read the file here
-without a server; `kgreedy.serving.tf_server` replays the records in the server
-process. The records also tell the sample size of a model whose signature leaves the
-image size open.
+signature or the wrong inputs fails the load too. `write_warmup_requests` writes one
+record per signature (`kgreedy.serving.export` calls it); the checks read the file
+here without a server, and `kgreedy.serving.tf_server` replays the records in the
+server process. The records also tell the sample size of a model whose signature
+leaves the image size open.
+
+TensorFlow is imported where it is needed: the checks read the export directory
+before it loads (`signatures.read_saved_model`).
 """
 
 import os
@@ -15,21 +20,87 @@ import os
 from kgreedy.serving.signatures import SIGNATURES
 from kgreedy.serving.tf_server import dtype_name
 
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000  # TF Serving refuses to load a model with more
-
-
-def _warmup_file():
-    # Imported when needed: kgreedy.serving.export imports TensorFlow, which must wait
-    # until the export directory has been checked (signatures.read_saved_model).
-    from kgreedy.serving.export import WARMUP_FILE
-
-    return WARMUP_FILE
 
 
 def warmup_path(export_dir):
     """The warm-up file's path in the version directory `export_dir`."""
-    return os.path.join(export_dir, _warmup_file())
+    return os.path.join(export_dir, WARMUP_FILE)
 
+
+# ----------------------------------------------------------------- writing ----
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def _field(number, payload):
+    """One length-delimited protobuf field (wire type 2)."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _prediction_log(model_name, signature_name, inputs):
+    """A serialized `tensorflow.serving.PredictionLog` holding one PredictRequest.
+
+    tensorflow-serving-api is a test dependency only, and exporting must not need
+    it, so the few fields are encoded by hand; the wire format is protobuf's stable
+    one, and the tests parse these bytes with the real protos. Field numbers:
+    PredictionLog.predict_log = 6, PredictLog.request = 1, PredictRequest.model_spec
+    = 1 and .inputs = 2 (a map: entries with key = 1, value = 2), ModelSpec.name = 1
+    and .signature_name = 3.
+
+    Args:
+        model_name: the request's `model_spec.name`.
+        signature_name: the request's `model_spec.signature_name`.
+        inputs: {input name: serialized `TensorProto`}.
+    """
+    model_spec = _field(1, model_name) + _field(3, signature_name)
+    request = _field(1, model_spec) + b"".join(
+        _field(2, _field(1, name) + _field(2, tensor)) for name, tensor in inputs.items())
+    return _field(6, _field(1, request))
+
+
+def write_warmup_requests(version_dir, model_name, image_shape):
+    """Writes `assets.extra/tf_serving_warmup_requests` into `version_dir`.
+
+    TF Serving replays these requests when it loads the version, before it is
+    marked available, so the first client does not pay for graph optimisation and
+    kernel set-up; a request that fails makes the load fail. One record per
+    signature: a batch of one all-zero image, as pixels for `serving_default` and as
+    a PNG for `serve_encoded`, both of the model's input size (which every export
+    accepts, resizing or not).
+
+    Args:
+        version_dir: the (temporary) version directory.
+        model_name: recorded as the requests' `model_spec.name`.
+        image_shape: (height, width, channels) of the model input.
+    """
+    import tensorflow as tf
+
+    def tensor(value):
+        return tf.make_tensor_proto(value).SerializeToString()
+
+    zeros = tf.zeros([1, *image_shape], tf.float32)
+    png = tf.io.encode_png(tf.zeros(image_shape, tf.uint8))
+    path = warmup_path(version_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(_prediction_log(model_name, "serving_default",
+                                     {"images": tensor(zeros)}))
+        writer.write(_prediction_log(model_name, "serve_encoded",
+                                     {"image_bytes": tensor(tf.reshape(png, [1]))}))
+
+
+# ----------------------------------------------------------------- reading ----
 
 def _records(path):
     """The file's records as PredictionLogs (raises on a malformed file)."""
@@ -77,14 +148,13 @@ def check_warmup_file(export_dir, specs):
     """
     import tensorflow as tf
 
-    warmup_file = _warmup_file()
     path = warmup_path(export_dir)
     if not os.path.isfile(path):
-        return False, f"{warmup_file} is missing", []
+        return False, f"{WARMUP_FILE} is missing", []
     try:
         records = _records(path)
     except (tf.errors.OpError, ValueError) as e:  # DecodeError is a ValueError
-        return False, f"{warmup_file} is not a TFRecord of PredictionLogs: {e}", []
+        return False, f"{WARMUP_FILE} is not a TFRecord of PredictionLogs: {e}", []
     problems, covered = _record_problems(records, specs)
     missing = [s for s in SIGNATURES if s not in covered]
     if missing:

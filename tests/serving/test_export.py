@@ -21,7 +21,7 @@ from kgreedy import export as export_cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.serving import export
+from kgreedy.serving import export, versions, warmup_file
 from kgreedy.training import rundir
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
@@ -246,7 +246,7 @@ def test_versions_count_up_and_are_never_overwritten(trained, tmp_path):
     root = tmp_path / "a" / "b"  # parents are created
     assert export.export_saved_model(net, spec, str(root)) == str(root / "1")
     assert export.export_saved_model(net, spec, str(root)) == str(root / "2")
-    assert export.existing_versions(str(root)) == [1, 2]
+    assert versions.existing_versions(str(root)) == [1, 2]
     before = _tree(root)
     marker = root / "1" / "saved_model.pb"
     mtime = marker.stat().st_mtime_ns
@@ -265,7 +265,7 @@ def test_next_version_ignores_non_versions(trained, tmp_path):
     for name in ("3", "10", ".tmp-40-abc", "abc", "0"):
         (tmp_path / name).mkdir()
     (tmp_path / "77").write_text("a file, not a version")
-    assert export.existing_versions(str(tmp_path)) == [3, 10]
+    assert versions.existing_versions(str(tmp_path)) == [3, 10]
     assert export.export_saved_model(net, spec, str(tmp_path)) == str(tmp_path / "11")
     assert export.export_saved_model(net, spec, str(tmp_path), version=5) == str(
         tmp_path / "5")
@@ -446,13 +446,13 @@ def test_every_version_has_warmup_written_before_the_rename(trained, tmp_path, m
     seen = []
 
     def checking_rename(src, dst):
-        seen.append(os.path.isfile(os.path.join(src, export.WARMUP_FILE)))
+        seen.append(os.path.isfile(os.path.join(src, warmup_file.WARMUP_FILE)))
         rename(src, dst)
 
     monkeypatch.setattr(export.os, "rename", checking_rename)
     for version in (1, 2):
         path = export.export_saved_model(net, spec, str(root))
-        assert os.path.getsize(os.path.join(path, export.WARMUP_FILE)) > 0
+        assert os.path.getsize(os.path.join(path, warmup_file.WARMUP_FILE)) > 0
     assert seen == [True, True]
 
 
@@ -466,7 +466,7 @@ def test_keep_versions_prunes_the_oldest(trained, tmp_path):
     (tmp_path / "notes").mkdir()  # not a version: left alone
     path = export.export_saved_model(net, spec, str(tmp_path), keep_versions=2)
     assert path == str(tmp_path / "4")
-    assert export.existing_versions(str(tmp_path)) == [3, 4]
+    assert versions.existing_versions(str(tmp_path)) == [3, 4]
     assert sorted(os.listdir(tmp_path)) == ["3", "4", "notes"]
     tf.saved_model.load(path)  # the new one is whole
 
@@ -478,7 +478,7 @@ def test_keep_versions_never_deletes_the_version_just_written(trained, tmp_path)
         export.export_saved_model(net, spec, str(tmp_path), version=version)
     path = export.export_saved_model(net, spec, str(tmp_path), version=2, keep_versions=1)
     assert path == str(tmp_path / "2")
-    assert export.existing_versions(str(tmp_path)) == [2, 6]
+    assert versions.existing_versions(str(tmp_path)) == [2, 6]
 
 
 @pytest.mark.slow
@@ -493,11 +493,11 @@ def test_pruning_renames_away_before_deleting(trained, tmp_path, monkeypatch):
     def watching_rmtree(path, *args, **kwargs):
         # By the time anything is deleted, TF Serving no longer sees the version.
         assert not os.path.basename(path).isdigit()
-        deleted.append((os.path.basename(path), export.existing_versions(str(tmp_path))))
+        deleted.append((os.path.basename(path), versions.existing_versions(str(tmp_path))))
         rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(export.shutil, "rmtree", watching_rmtree)
-    assert export.prune_versions(str(tmp_path), 1) == [1]
+    assert versions.prune_versions(str(tmp_path), 1) == [1]
     assert deleted[0][0].startswith(".deleting-1-") and deleted[0][1] == [2]
     assert sorted(os.listdir(tmp_path)) == ["2"]
 
@@ -513,7 +513,7 @@ def test_failed_pruning_warns_and_keeps_the_new_version(trained, tmp_path, monke
     monkeypatch.setattr(export.shutil, "rmtree", failing_rmtree)
     with pytest.warns(UserWarning, match="deleting old versions failed"):
         path = export.export_saved_model(net, spec, str(tmp_path), keep_versions=1)
-    assert path == str(tmp_path / "2") and export.existing_versions(str(tmp_path)) == [2]
+    assert path == str(tmp_path / "2") and versions.existing_versions(str(tmp_path)) == [2]
 
 
 @pytest.mark.parametrize("keep", [0, -1, True, "2", 1.5])
@@ -531,7 +531,7 @@ def test_cli_keep_versions(run_dir, tmp_path, capsys):
     for _ in range(2):
         assert cli.run(export_cli.main, [str(run_dir), "--keep-versions", "1"]) == 0
     newest = capsys.readouterr().out.strip().splitlines()[-1]
-    assert export.existing_versions(root) == [int(os.path.basename(newest))]
+    assert versions.existing_versions(root) == [int(os.path.basename(newest))]
     with pytest.raises(SystemExit) as info:
         cli.run(export_cli.main, [str(run_dir), "--keep-versions", "0"])
     assert info.value.code == 2

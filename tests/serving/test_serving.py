@@ -19,7 +19,7 @@ from kgreedy import cli, predict
 from kgreedy import data
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.config.recipe import recipe_from_dict
-from kgreedy.serving import export
+from kgreedy.serving import export, warmup_file
 from kgreedy.serving import tf_server as check_serving
 from kgreedy.serving.checks import check
 
@@ -155,7 +155,7 @@ def test_malformed_image_bytes_get_errors(trained, exported):
 def test_warmup_records_parse_and_run(exported):
     path, loaded = exported
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
-               for r in tf.data.TFRecordDataset(os.path.join(path, export.WARMUP_FILE))]
+               for r in tf.data.TFRecordDataset(os.path.join(path, warmup_file.WARMUP_FILE))]
     requests = [log.predict_log.request for log in records]
     assert [log.WhichOneof("log_type") for log in records] == ["predict_log"] * 2
     assert [(r.model_spec.name, r.model_spec.signature_name) for r in requests] == [
@@ -278,7 +278,7 @@ def _fake_export(path, signatures=("serving_default", "serve_encoded"), flip=Fal
     functions = {"serving_default": serving_default, "serve_encoded": serve_encoded}
     tf.saved_model.save(tf.Module(), str(path),
                         signatures={k: functions[k] for k in signatures})
-    export.write_warmup_requests(str(path), "fake", (8, 8, 1))
+    warmup_file.write_warmup_requests(str(path), "fake", (8, 8, 1))
     return str(path)
 
 

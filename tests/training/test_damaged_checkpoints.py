@@ -23,7 +23,7 @@ import tensorflow as tf
 from kgreedy import cli, data, export, train
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
-from kgreedy.serving import export as serving_export
+from kgreedy.serving import warmup_file
 from kgreedy.training import controller, rundir
 
 pytestmark = pytest.mark.slow  # real (tiny) training runs
@@ -225,13 +225,13 @@ def test_sigterm_after_the_last_chunk_stops_with_75_and_resume_exports(
         if where == "after-training":
             m.setattr(controller._EpochLines, "after_epoch", _sigterm_at_last_epoch)
         else:
-            original = serving_export.write_warmup_requests
+            original = warmup_file.write_warmup_requests
 
             def warmup(*args):
                 original(*args)  # the temporary version is written whole by now
                 os.kill(os.getpid(), signal.SIGTERM)
 
-            m.setattr(serving_export, "write_warmup_requests", warmup)
+            m.setattr(warmup_file, "write_warmup_requests", warmup)
         assert status(train.main, [recipe, "--output", str(run_dir)]) == 75
     err = capsys.readouterr().err.strip().splitlines()[-1]
     when = ("before scoring the heads and exporting" if where == "after-training"
