@@ -32,6 +32,7 @@ import numpy as np
 from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
+from kgreedy.training.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("none", "memory")
@@ -112,7 +113,7 @@ def training_figures(folder, args, mode):
         wall = time.perf_counter() - start
         if result.returncode != 0:
             raise RuntimeError(f"training with data.cache={mode} failed:\n{result.stderr}")
-        with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
+        with open(RunDir(run).metrics, encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
     return {"wall_seconds": wall, "epoch_seconds": [r["seconds"] for r in records],
             "images_per_second": [r["images_per_second"] for r in records]}

@@ -86,9 +86,11 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--json", help="also write the rows and the machine here")
     args = parser.parse_args(argv)
+    from kgreedy.training.rundir import RunDir
+
     for run in args.runs:
-        if not os.path.isfile(os.path.join(run, "summary.json")):
-            parser.error(f"not a finished run directory (no summary.json): {run}")
+        if not os.path.isfile(RunDir(run).summary):
+            parser.error(f"not a finished run directory (no {RunDir.SUMMARY}): {run}")
     rows = [run_row(run) for run in args.runs]
     info = machine()
     print(f"Machine: {info['cpu']}, {info['cores']} cores; TensorFlow {info['tensorflow']}, "

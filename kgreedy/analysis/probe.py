@@ -198,9 +198,8 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
               "eval_examples": int(len(eval_y)), "pooled_to": [POOL, POOL],
               "max_iter": MAX_ITER, "unit": unit, "blocks": blocks,
               "ensemble_val_accuracy": report.ensemble_accuracy(summary)}
-    report.save_png(report.depth_figure(summary, result),
-                    os.path.join(run.root, "probes.png"))
-    write_json(os.path.join(run.root, "probes.json"), result)
+    report.save_png(report.depth_figure(summary, result), run.probes_plot)
+    write_json(run.probes, result)
     return result
 
 

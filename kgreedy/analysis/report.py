@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json, read_jsonl, write_atomic, write_text
+from kgreedy.training.rundir import RunDir
 
 PLOTS = ("loss", "accuracy", "learning_rate", "depth")
 
@@ -54,19 +55,21 @@ def read_run(run_dir):
     """
     if not os.path.isdir(run_dir):
         raise KgreedyError("run_dir", "is not a directory", run_dir)
+    # Paths as the caller gave the folder (not RunDir's absolute ones): messages
+    # name them so.
     paths = {name: os.path.join(run_dir, name)
-             for name in ("recipe.json", "metrics.jsonl", "summary.json", "probes.json")}
-    for name in ("recipe.json", "metrics.jsonl", "summary.json"):
+             for name in (RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY, RunDir.PROBES)}
+    for name in (RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY):
         if not os.path.isfile(paths[name]):
             raise KgreedyError("run_dir", f"not a kgreedy run directory with results: "
                                f"{name} is missing", run_dir)
-    summary = read_json(paths["summary.json"], "summary.json")
+    summary = read_json(paths[RunDir.SUMMARY], RunDir.SUMMARY)
     if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
-        raise KgreedyError("summary.json", "has no 'stages' list", paths["summary.json"])
-    probes = (read_json(paths["probes.json"], "probes.json")
-              if os.path.isfile(paths["probes.json"]) else None)
-    return {"recipe": read_json(paths["recipe.json"], "recipe.json"),
-            "metrics": _read_metrics(paths["metrics.jsonl"]),
+        raise KgreedyError(RunDir.SUMMARY, "has no 'stages' list", paths[RunDir.SUMMARY])
+    probes = (read_json(paths[RunDir.PROBES], RunDir.PROBES)
+              if os.path.isfile(paths[RunDir.PROBES]) else None)
+    return {"recipe": read_json(paths[RunDir.RECIPE], RunDir.RECIPE),
+            "metrics": _read_metrics(paths[RunDir.METRICS]),
             "summary": summary, "probes": probes}
 
 
@@ -332,7 +335,7 @@ def write_report(run_dir, output=None):
             not a directory.
     """
     run = read_run(run_dir)
-    output = os.path.abspath(output or os.path.join(run_dir, "report"))
+    output = os.path.abspath(output or RunDir(run_dir).report)
     if os.path.exists(output) and not os.path.isdir(output):
         raise KgreedyError("output", "exists and is not a directory", output)
     os.makedirs(output, exist_ok=True)

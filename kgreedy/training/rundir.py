@@ -1,18 +1,22 @@
 """The run directory (docs/DESIGN.md, "Run directory"): its paths, and rebuilding a
-trained net from it."""
+trained net from it.
+
+TensorFlow, the data and the model are imported by the functions that restore or
+rebuild a net: `RunDir`'s paths also serve `kgreedy.report` and the analysis tools,
+which read a run's JSON files and never load TensorFlow.
+"""
 
 import os
 import sys
 
-import tensorflow as tf
-
-from kgreedy import data
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.config.recipe import recipe_from_dict
-from kgreedy.model.from_recipe import from_recipe
-from kgreedy.training.checkpoints import (checkpoint_paths, describe, quarantine,
-                                          readable_checkpoint, restore, save_checkpoint)
+
+
+def _file(name):
+    """A `RunDir` property: the absolute path of `name` in the run directory."""
+    return property(lambda self: self.path(name), doc=f"RUN_DIR/{name}")
 
 
 class RunDir:
@@ -22,34 +26,27 @@ class RunDir:
         root: the directory given as `--output`.
     """
 
+    # The files' names, for readers that name a file as the user gave its folder
+    # (the properties below are absolute paths).
     RECIPE = "recipe.json"  # a command-line run's record, written first
     FIT = "fit.json"  # a kgreedy.fit run's record, instead of recipe.json
+    DATASET = "dataset.json"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    PROBES = "probes.json"  # kgreedy.probe's figures
+    PROBES_PLOT = "probes.png"
+    REPORT = "report"  # kgreedy.report's default output directory
+
+    recipe, fit, dataset = _file(RECIPE), _file(FIT), _file(DATASET)
+    metrics, summary = _file(METRICS), _file(SUMMARY)
+    probes, probes_plot, report = _file(PROBES), _file(PROBES_PLOT), _file(REPORT)
+    tensorboard = _file("tensorboard")
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
-
-    @property
-    def recipe(self):
-        return self.path(self.RECIPE)
-
-    @property
-    def dataset(self):
-        return self.path("dataset.json")
-
-    @property
-    def metrics(self):
-        return self.path("metrics.jsonl")
-
-    @property
-    def summary(self):
-        return self.path("summary.json")
-
-    @property
-    def tensorboard(self):
-        return self.path("tensorboard")
 
     def checkpoints(self, stage):
         """Checkpoint directory of one stage (`checkpoints/stage{j}`)."""
@@ -66,6 +63,8 @@ class RunDir:
     def newest_checkpoint(self):
         """The newest checkpoint of the last stage that has one (its prefix), or None:
         what a resume goes on from (or restores before starting the next stage)."""
+        from kgreedy.training.checkpoints import checkpoint_paths
+
         root = self.path("checkpoints")
         stages = sorted((int(name[5:]), name) for name in
                         (os.listdir(root) if os.path.isdir(root) else ())
@@ -88,6 +87,8 @@ def temporary_versions(export_root):
 def stage_checkpoint(net, stage, **training_state):
     """The `tf.train.Checkpoint` of one stage: blocks and heads 1..stage, plus
     `training_state` (optimizer, epoch counter, metric sums) while it trains."""
+    import tensorflow as tf
+
     return tf.train.Checkpoint(**net.checkpoint_objects(stage), **training_state)
 
 
@@ -124,6 +125,8 @@ def stage_weights(run, stage, num_stages, greedy, finished, warn):
     Raises:
         KgreedyError: no checkpoint of the stage reads (and no later one holds it).
     """
+    from kgreedy.training.checkpoints import describe, readable_checkpoint
+
     directory = run.checkpoints(stage)
     prefix, damaged = readable_checkpoint(directory)
     if not damaged:
@@ -177,6 +180,11 @@ def check_resume(source, stages, finished, net, warn, *, greedy, writable):
         ({stage: prefix or None}, redo): where each stage's weights come from (None:
         its initial weights), and the first finished stage to train again, or None.
     """
+    import tensorflow as tf
+
+    from kgreedy.training.checkpoints import (describe, quarantine, readable_checkpoint,
+                                              restore, save_checkpoint)
+
     weights, redo, holder = {}, None, None
     for stage in reversed(stages):
         directory = source.checkpoints(stage)
@@ -234,6 +242,10 @@ def load_trained(run_dir, stage=None, warn=_warn):
         KgreedyError: not a run directory, no finished stage (and none asked for),
             or the stage is out of range or has no readable checkpoint.
     """
+    from kgreedy import data
+    from kgreedy.model.from_recipe import from_recipe
+    from kgreedy.training.checkpoints import checkpoint_paths, restore
+
     run = RunDir(run_dir)
     for needed in (run.recipe, run.dataset):
         if not os.path.isfile(needed):
