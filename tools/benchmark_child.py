@@ -20,8 +20,6 @@ parent passes on.
 import inspect
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -32,6 +30,7 @@ import time
 from kgreedy import cli
 from kgreedy.base.errors import DataError
 from kgreedy.base.files import write_json
+from kgreedy.base.machine import machine
 from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import recipe_from_dict
 
@@ -147,16 +146,11 @@ def stage_flops(tf, net):
 
 
 def machine_info(tf, keras):
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
+    """`base.machine.machine` with the GPU's name and the library versions."""
     gpus = tf.config.list_physical_devices("GPU")
     gpu = gpus and tf.config.experimental.get_device_details(gpus[0]).get("device_name",
                                                                           gpus[0].name)
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu or None,
-            "tensorflow": tf.__version__, "keras": keras.__version__}
+    return machine(gpu=gpu or None, tensorflow=tf.__version__, keras=keras.__version__)
 
 
 def roofline(tf, repeats):

@@ -32,6 +32,7 @@ import numpy as np
 from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
+from kgreedy.base.machine import machine
 from kgreedy.training.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,20 +120,6 @@ def training_figures(folder, args, mode):
             "images_per_second": [r["images_per_second"] for r in records]}
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import tensorflow as tf
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
-            "python": platform.python_version()}
-
-
 def print_table(report):
     print(f"{report['folder']}: {report['files']} files, image_size {report['image_size']}, "
           f"augment {report['augment']}, batch {report['batch_size']}; "
@@ -169,10 +156,14 @@ def main(argv=None):
     if training:
         epoch = {m: float(np.median(training[m]["epoch_seconds"])) for m in MODES}
         ratios["training epoch, none / memory"] = epoch["none"] / epoch["memory"]
+    import tensorflow as tf  # the pipeline runs have loaded it
+
     report = {"folder": args.folder or f"--make {args.make}", "files": files,
               "image_size": args.image_size, "augment": args.augment,
-              "batch_size": args.batch_size, "machine": machine(), "pipeline": pipeline,
-              "training": training, "ratios": ratios}
+              "batch_size": args.batch_size,
+              "machine": machine(tensorflow=tf.__version__,
+                                 python=platform.python_version()),
+              "pipeline": pipeline, "training": training, "ratios": ratios}
     print_table(report)
     if args.json:
         write_json(args.json, report)

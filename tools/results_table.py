@@ -15,23 +15,6 @@ import platform
 import sys
 
 
-def machine():
-    """CPU model, cores and library versions of this machine."""
-    import tensorflow as tf
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
-            "python": platform.python_version()}
-
-
 def run_row(run_dir):
     """One table row for a finished run directory."""
     from kgreedy import data
@@ -92,7 +75,11 @@ def main(argv=None):
         if not os.path.isfile(RunDir(run).summary):
             parser.error(f"not a finished run directory (no {RunDir.SUMMARY}): {run}")
     rows = [run_row(run) for run in args.runs]
-    info = machine()
+    import tensorflow as tf
+
+    from kgreedy.base.machine import machine
+
+    info = machine(tensorflow=tf.__version__, python=platform.python_version())
     print(f"Machine: {info['cpu']}, {info['cores']} cores; TensorFlow {info['tensorflow']}, "
           f"Python {info['python']}\n")
     print(markdown(rows))

@@ -1,8 +1,10 @@
-"""What this machine offers a run: the memory a process may still allocate, and
-byte counts as people read them. No TensorFlow: the command line's fault messages
-use it after memory ran out, when importing more would fail in turn."""
+"""What this machine offers a run: the memory a process may still allocate, byte
+counts as people read them, and the machine as the tools record it beside their
+figures. No TensorFlow: the command line's fault messages use it after memory ran
+out, when importing more would fail in turn."""
 
 import os
+import platform
 
 # Where the available memory is read (module constants: tests point them elsewhere).
 MEMINFO = "/proc/meminfo"
@@ -11,6 +13,7 @@ CGROUP_V2 = "/sys/fs/cgroup"
 CGROUP_V1 = "/sys/fs/cgroup/memory"
 # cgroup v1 writes "no limit" as a huge number (2^63 rounded down to a page).
 _NO_LIMIT = 2 ** 60
+CPUINFO = "/proc/cpuinfo"  # where the CPU's model name is read
 
 
 def format_bytes(n):
@@ -33,6 +36,26 @@ def available_bytes():
     is less; None where neither is known."""
     known = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
     return min(known) if known else None
+
+
+def machine(**facts):
+    """This machine as the tools record it in their JSON (docs/BENCHMARKS.md,
+    docs/RESULTS.md): `{"cpu": model name, "cores": count, **facts}`.
+
+    Args:
+        **facts: what only the caller can tell, in the order it is recorded:
+            library versions (`tensorflow=tf.__version__`), the GPU; base/ imports
+            no TensorFlow.
+    """
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), **facts}
+
+
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo, else what `platform` says of it."""
+    for line in (_read(CPUINFO) or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _read(path):
