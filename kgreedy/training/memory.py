@@ -28,10 +28,9 @@ import types
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import global_state  # the deferred-variable list
 
 from kgreedy.base.errors import KgreedyError
-from kgreedy.base.machine import available_bytes, format_bytes  # noqa: F401 (API)
+from kgreedy.base.machine import available_bytes, format_bytes
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params
 from kgreedy.training.cache import feature_bytes, use_cache
@@ -80,6 +79,12 @@ def _deferred_variables():
     StatelessScope closes outside any other: the list is put back as it was, so a
     later scope never allocates this net's (possibly enormous) weights.
     """
+    # Private, and only here: Keras has no public way to put its list of deferred
+    # variables back. keras.utils.clear_session would empty it, but also every other
+    # model's state and the layer-name counters; and Keras' own symbolic calls
+    # (compute_output_spec) close a StatelessScope, so the list must not keep them.
+    from keras.src.backend.common import global_state
+
     saved = list(global_state.get_global_attribute("uninitialized_variables") or [])
     try:
         with keras.StatelessScope(initialize_variables=False):

@@ -216,7 +216,7 @@ def test_the_dry_run_prints_each_stage_then_refuses(tmp_path, capsys, machine):
 
 
 def test_unknown_memory_never_refuses(capsys, machine):
-    assert memory.available_bytes() is None
+    assert base_machine.available_bytes() is None
     memory.check([memory.StageMemory(1, 64, 10 ** 15, 0, 0, 0)], None)
     assert cli.run(train.main, [QUICKSTART, "--dry-run", *HUGE]) == 0
     assert "; available unknown, not checked" in capsys.readouterr().out
@@ -251,14 +251,14 @@ def test_tune_refuses_a_base_that_cannot_fit(machine):
 
 def test_available_memory_from_meminfo_and_cgroups(machine):
     machine("meminfo", "MemTotal: 8388608 kB\nMemAvailable: 6291456 kB\n")
-    assert memory.available_bytes() == 6 * GiB  # no cgroup files: meminfo alone
+    assert base_machine.available_bytes() == 6 * GiB  # no cgroup files: meminfo alone
     # cgroup v2 at the root: 4 GiB limit, 3 GiB used of which 1 GiB reclaimable cache.
     machine("cgroup_v2/memory.max", str(4 * GiB))
     machine("cgroup_v2/memory.current", str(3 * GiB))
     machine("cgroup_v2/memory.stat", f"anon 123\ninactive_file {GiB}\n")
-    assert memory.available_bytes() == 2 * GiB
+    assert base_machine.available_bytes() == 2 * GiB
     machine("cgroup_v2/memory.max", "max\n")
-    assert memory.available_bytes() == 6 * GiB
+    assert base_machine.available_bytes() == 6 * GiB
 
 
 def test_available_memory_from_this_process_cgroup_v1(machine):
@@ -266,11 +266,11 @@ def test_available_memory_from_this_process_cgroup_v1(machine):
     machine("proc_cgroup", "5:cpu,cpuacct:/\n4:memory:/jobs/one\n0::/\n")
     machine("cgroup_v1/memory.limit_in_bytes", "9223372036854771712\n")  # no limit
     machine("cgroup_v1/memory.usage_in_bytes", str(5 * GiB))
-    assert memory.available_bytes() == 6 * GiB
+    assert base_machine.available_bytes() == 6 * GiB
     machine("cgroup_v1/jobs/one/memory.limit_in_bytes", str(GiB))
     machine("cgroup_v1/jobs/one/memory.usage_in_bytes", str(GiB // 2))
     machine("cgroup_v1/jobs/one/memory.stat", f"total_inactive_file {GiB // 4}\n")
-    assert memory.available_bytes() == GiB - GiB // 4
+    assert base_machine.available_bytes() == GiB - GiB // 4
 
 
 def test_refusal_names_the_largest_part():
