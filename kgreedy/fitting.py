@@ -85,7 +85,7 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
             with _keras_errors(), run.locked_run_dir(
                     path, resume=resume, record=RunDir.FIT, resume_hint=RESUME_HINT,
                     progress=progress):
-                record = RunDir(path).path(RunDir.FIT)
+                record = RunDir(path).fit
                 if resume:
                     run.compare_record(record, _settings(net, train), what="fit")
                 else:

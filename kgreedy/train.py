@@ -28,6 +28,7 @@ from kgreedy import cli, data
 from kgreedy.model.network import stage_table
 from kgreedy.base import faults
 from kgreedy.base.files import read_json
+from kgreedy.base.machine import available_bytes, format_bytes
 from kgreedy.base.progress import Progress
 from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
@@ -81,9 +82,9 @@ def print_dry_run(recipe, spec, net, stages=None, available=None, note=None,
     if stages:
         worst = memory.largest(stages)
         print(f"memory: largest stage {worst.stage}, "
-              f"{memory.format_bytes(worst.total)}; available "
+              f"{format_bytes(worst.total)}; available "
               + ((unchecked or "unknown, not checked") if available is None
-                 else memory.format_bytes(available)))
+                 else format_bytes(available)))
 
 
 def _buffer_mb(net, size, train):
@@ -111,21 +112,23 @@ def _main(args):
     output = args.output or os.path.join("runs", recipe.name)
     recipe, chose = precision.resolve(
         recipe, _saved_precision(output) if args.resume else None)
-    # The net is built once, here, and sized before any data is read or anything
-    # written: a model that cannot be loaded or split (a crossing split point, a file
-    # Keras cannot load) stops the run now. Its weights are allocated before the
-    # memory check: a small share of a stage's need, which is mostly activations.
-    keras.utils.set_random_seed(recipe.seed)  # the initial weights
-    net = run.build_net(recipe, spec, strategy)
-    net, stages, note = memory.estimate(recipe, spec, worker.num_workers, net=net)
+    # Sized before anything is allocated, read or written, on the net built without
+    # its weights (a split model is loaded and split for real, so that one that
+    # cannot be, a crossing split point or a file Keras cannot load, stops the run
+    # now). Then the run's net is built, once, seeded, in scope.
+    sized, stages, note = memory.estimate(recipe, spec, worker.num_workers)
     available, unchecked = memory.available_for_training()
     if args.dry_run:
-        print_dry_run(recipe, spec, net, stages, available, note, unchecked)
+        print_dry_run(recipe, spec, sized or run.build_net(recipe, spec, strategy),
+                      stages, available, note, unchecked)
         if chose:
             print(chose)
         memory.check(stages, available)
         return cli.EXIT_OK
     memory.check(stages, available)
+    del sized
+    keras.utils.set_random_seed(recipe.seed)  # the initial weights
+    net = run.build_net(recipe, spec, strategy)
     if worker.is_chief:
         run.check_run_dir(output, resume=args.resume, record=RunDir.RECIPE,
                           resume_hint=RESUME_HINT)
@@ -180,7 +183,7 @@ def _faults(run_dir, output):
         resume=lambda: "--resume" if os.path.isfile(run.recipe) else None,
         smaller="a smaller train.batch_size or a narrower model (model.blocks[*].width, "
                 "aux.width) in a new run (--resume needs the same recipe)",
-        available_memory=memory.available_bytes)
+        available_memory=available_bytes)
 
 
 def _exporter(recipe, spec, run):

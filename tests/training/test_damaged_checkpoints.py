@@ -24,7 +24,7 @@ from kgreedy import cli, data, export, train
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving import warmup_file
-from kgreedy.training import controller, rundir
+from kgreedy.training import controller, run_actions, rundir
 
 pytestmark = pytest.mark.slow  # real (tiny) training runs
 
@@ -62,7 +62,7 @@ class _Stop(BaseException):
 def train_until(monkeypatch, recipe, run_dir, stage, epoch=None):
     """Trains until the end of (stage, epoch), its checkpoint written, and stops; with
     no epoch, once the stage is finished (in summary.json)."""
-    after_epoch, fit_stage = controller._EpochLines.after_epoch, \
+    after_epoch, fit_stage = run_actions.EpochLines.after_epoch, \
         controller.GreedyTrainer._fit_stage
 
     def epoch_end(self, driver, record):
@@ -76,7 +76,7 @@ def train_until(monkeypatch, recipe, run_dir, stage, epoch=None):
             raise _Stop()
 
     with monkeypatch.context() as m:
-        m.setattr(controller._EpochLines, "after_epoch", epoch_end)
+        m.setattr(run_actions.EpochLines, "after_epoch", epoch_end)
         m.setattr(controller.GreedyTrainer, "_fit_stage", stage_end)
         with pytest.raises(_Stop):
             train.main([recipe, "--output", str(run_dir)])
@@ -223,7 +223,7 @@ def test_sigterm_after_the_last_chunk_stops_with_75_and_resume_exports(
     root = run_dir / "export" / "damage"
     with monkeypatch.context() as m:
         if where == "after-training":
-            m.setattr(controller._EpochLines, "after_epoch", _sigterm_at_last_epoch)
+            m.setattr(run_actions.EpochLines, "after_epoch", _sigterm_at_last_epoch)
         else:
             original = warmup_file.write_warmup_requests
 
