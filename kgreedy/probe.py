@@ -8,10 +8,9 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     from kgreedy import quiet
     quiet.install(sys.argv[1:])
 
-import os
-
 from kgreedy import cli
 from kgreedy.analysis.probe import print_table, probe_run
+from kgreedy.training.rundir import RunDir
 
 FLAGS = {"run_dir": "RUN_DIR", "stage": "--stage", "max_train": "--max-train",
          "max_eval": "--max-eval"}
@@ -40,7 +39,7 @@ def main(argv=None):
         result = probe_run(args.run_dir, args.max_train, args.max_eval, args.stage,
                            args.seed)
     print_table(result)
-    print(f"wrote {os.path.join(result['run'], 'probes.json')} and probes.png")
+    print(f"wrote {RunDir(result['run']).probes} and {RunDir.PROBES_PLOT}")
     return cli.EXIT_OK
 
 
