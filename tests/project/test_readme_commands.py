@@ -74,18 +74,22 @@ class Tiny:
     """Run by this file: the commands of one `group` run in table order in one
     scratch directory, each with `extra` arguments appended ({tfds} is filled in).
     `each` = (name, values): the command uses the shell variable $name, as in a
-    `for name in ...` loop of the page, and runs once per value."""
+    `for name in ...` loop of the page, and runs once per value. `dry_run`, where
+    set, says why the command runs with --dry-run (its recipe, flags and network
+    are checked, nothing trains): under the tiny overrides it would train exactly
+    what a command before it in the group trained."""
     group: str
     extra: tuple
     each: tuple = ()
+    dry_run: str = ""
 
 
 def covered(where, *needles):
     return Covered(where, needles)
 
 
-def tiny(group, *overrides, each=()):
-    return Tiny(group, tuple(a for o in overrides for a in ("--set", o)), each)
+def tiny(group, *overrides, each=(), dry_run=""):
+    return Tiny(group, tuple(a for o in overrides for a in ("--set", o)), each, dry_run)
 
 
 def multi_worker_command(index):
@@ -201,12 +205,15 @@ COMMANDS = {
         covered(RESNET32_TEST, "resnet32_cifar10_end_to_end.json", "runs/resnet32_end_to_end"),
     "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
     "--set train.mixed_precision=mixed_bfloat16 --output runs/cifar10_budget_${r}_bf16":
-        tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end"))),
+        tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end")),
+             dry_run="the budget runs above, in bfloat16 (trained in bfloat16 by "
+                     "test_precision.py)"),
     # docs/RESULTS.md, equal compute: 10 epochs per stage, the half-width pair, and the
     # time-to-accuracy figures regenerated from the committed records.
     "python -m kgreedy.train recipes/cifar10_budget_$r.json --set data.data_dir=../shared/tfds "
     "--set train.epochs_per_stage=10 --output runs/cifar10_budget_${r}_e10":
-        tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end"))),
+        tiny("results", *TINY_CIFAR10, each=("r", ("k3", "end_to_end")),
+             dry_run="the budget runs above: the tiny overrides set 1 epoch per stage"),
     "python -m kgreedy.train recipes/cifar10_budget_half_k3.json "
     "--set data.data_dir=../shared/tfds --output runs/cifar10_budget_half_k3":
         tiny("results", *TINY_CIFAR10),
@@ -660,6 +667,8 @@ def _check_outputs(argv, cwd, stdout):
         return
     if "--dry-run" in argv:  # prints the stage table, writes nothing
         assert "deployed model (trunk + stage" in stdout, stdout[-2000:]
+        if "--output" in argv:
+            assert not (cwd / argv[argv.index("--output") + 1]).exists()
         return
     scratch = cwd
     out = scratch / argv[argv.index("--output") + 1]
@@ -709,6 +718,8 @@ def test_documented_commands_run_on_tiny_data(group, tmp_path):
             assert argv[0] == "python" and not {"&&", "|", ";"} & set(argv), (
                 f"tiny() runs plain `python ...` commands only: {command}")
             argv += [arg.format(**values) for arg in how.extra]
+            if how.dry_run:
+                argv.append("--dry-run")
             proc = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, env=ENV,
                                   capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, (
