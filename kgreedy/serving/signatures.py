@@ -17,6 +17,7 @@ mistyped path gives one error line and not TensorFlow's start-up chatter as well
 import os
 
 from kgreedy.base.errors import KgreedyError
+from kgreedy.serving.versions import existing_versions
 from kgreedy.serving.tf_server import dtype_name
 
 SIGNATURES = ("serving_default", "serve_encoded")
@@ -34,9 +35,7 @@ def _check_export_dir(export_dir):
         raise KgreedyError("export_dir", "not a directory", export_dir)
     if not any(os.path.isfile(os.path.join(export_dir, name)) for name in _FILES):
         # The commonest slip is passing the model directory, one level too high.
-        versions = sorted(int(n) for n in os.listdir(export_dir)
-                          if n.isascii() and n.isdigit() and os.path.isdir(
-                              os.path.join(export_dir, n, "")))
+        versions = existing_versions(export_dir)
         hint = (f"; it holds versions {versions}: pass a version directory such as "
                 f"{os.path.join(export_dir, str(versions[-1]))}" if versions else "")
         raise KgreedyError("export_dir", f"not a SavedModel directory (no saved_model.pb)"

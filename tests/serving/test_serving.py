@@ -312,9 +312,18 @@ def test_check_serving_fails_a_missing_signature(tmp_path):
     assert any(line.startswith("FAIL  signature serve_encoded: missing") for line in checks)
 
 
+def _model_dir(root):
+    """A model base path passed for a version directory: versions 1 and 3 (and a 0
+    and a non-version, which TF Serving never loads)."""
+    for name in ("1", "3", "0", "x"):
+        (root / name).mkdir()
+    return root
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda root: root / "missing", "EXPORT_DIR: not a directory"),
     (lambda root: root, "EXPORT_DIR: not a SavedModel directory"),
+    (_model_dir, "it holds versions [1, 3]: pass a version directory such as "),
 ])
 def test_check_serving_bad_export_dir_exits_2(tmp_path, make, needle):
     proc = subprocess.run([sys.executable, CHECK_SERVING, str(make(tmp_path))], env=ENV,
