@@ -26,7 +26,7 @@ from kgreedy.config.recipe import OptimizerConfig, TrainConfig
 from kgreedy.config.vocabulary import MODES, ONE_STAGE_MODES
 from kgreedy.data.external import ExternalDatasets, check_pipeline
 from kgreedy.model.layers import BN_MOMENTUM
-from kgreedy.model.network import parameter_table
+from kgreedy.model.network import GreedyNet, parameter_table
 from kgreedy.training import run
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.keras_hooks import KerasCallbacks, ProgbarProgress, StageHistory
@@ -85,11 +85,13 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
             with _keras_errors(), run.locked_run_dir(
                     path, resume=resume, record=RunDir.FIT, resume_hint=RESUME_HINT,
                     progress=progress):
-                record = RunDir(path).fit
+                files = RunDir(path)
                 if resume:
-                    run.compare_record(record, _settings(net, train), what="fit")
+                    run.compare_record(files.fit, _settings(net, train), what="fit")
                 else:
-                    write_json(record, _settings(net, train))
+                    write_json(files.fit, _settings(net, train))
+                    # What `python -m kgreedy.export RUN_DIR` rebuilds the net from.
+                    write_json(files.net, GreedyNet.get_config(net))
                 hooks.train_begin(trainer.stages()[0])
                 summary = trainer.fit(resume=resume)
     except tf.errors.OutOfRangeError:

@@ -146,6 +146,11 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
     for flag, value in (("max_train", max_train), ("max_eval", max_eval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KgreedyError(flag, "must be a positive integer", value)
+    if rundir.fit_settings(run_dir) is not None:
+        raise KgreedyError("run_dir", "is a kgreedy.fit run: it records no data source "
+                           "to probe on (the data were the caller's tf.data pipelines); "
+                           "export it with python -m kgreedy.export, or train with "
+                           "python -m kgreedy.train to probe", run_dir)
     recipe, spec, net, available = rundir.load_trained(run_dir)
     unit = trunk_unit(recipe)
     if stage is None:

@@ -12,6 +12,7 @@ import sys
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json
 from kgreedy.config.recipe import recipe_from_dict
+from kgreedy.config.vocabulary import MODES
 
 
 def _file(name):
@@ -30,6 +31,7 @@ class RunDir:
     # (the properties below are absolute paths).
     RECIPE = "recipe.json"  # a command-line run's record, written first
     FIT = "fit.json"  # a kgreedy.fit run's record, instead of recipe.json
+    NET = "net.json"  # a kgreedy.fit run's untrained net (`GreedyNet.get_config`)
     DATASET = "dataset.json"
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
@@ -37,7 +39,7 @@ class RunDir:
     PROBES_PLOT = "probes.png"
     REPORT = "report"  # kgreedy.report's default output directory
 
-    recipe, fit, dataset = _file(RECIPE), _file(FIT), _file(DATASET)
+    recipe, fit, net, dataset = _file(RECIPE), _file(FIT), _file(NET), _file(DATASET)
     metrics, summary = _file(METRICS), _file(SUMMARY)
     probes, probes_plot, report = _file(PROBES), _file(PROBES_PLOT), _file(REPORT)
     tensorboard = _file("tensorboard")
@@ -222,11 +224,26 @@ def _warn(text):
     print(f"kgreedy: warning: {text}", file=sys.stderr, flush=True)
 
 
+def fit_settings(run_dir):
+    """A `kgreedy.fit` run's fit.json (its mode, stages and arguments), or None for a
+    run of `kgreedy.train` (one with recipe.json, or neither)."""
+    run = RunDir(run_dir)
+    if os.path.isfile(run.recipe) or not os.path.isfile(run.fit):
+        return None
+    settings = run.read_json(run.fit)
+    mode = settings.get("mode") if isinstance(settings, dict) else None
+    if mode not in MODES:
+        raise KgreedyError("run_dir", f"{RunDir.FIT} names no mode of {MODES}", mode)
+    return settings
+
+
 def load_trained(run_dir, stage=None, warn=_warn):
     """Rebuilds the net of a stage from a run directory.
 
     Args:
-        run_dir: a run directory written by `kgreedy.train`.
+        run_dir: a run directory written by `kgreedy.train` (rebuilt from its
+            recipe), or by `kgreedy.fit` (rebuilt from net.json; fit.json gives the
+            mode).
         stage: the stage whose newest checkpoint to restore (default: the last
             finished stage; a stage still training, whose newest checkpoint may be
             mid-epoch, only when asked for by number). In a decoupled run every
@@ -236,7 +253,8 @@ def load_trained(run_dir, stage=None, warn=_warn):
             (`stage_weights`); default: `kgreedy: warning: ...` on stderr.
 
     Returns:
-        (recipe, spec, net, stage) with the net's weights restored.
+        (recipe, spec, net, stage) with the net's weights restored; `recipe` is None
+        for a `kgreedy.fit` run (`fit_settings` reads its fit.json).
 
     Raises:
         KgreedyError: not a run directory, no finished stage (and none asked for),
@@ -244,16 +262,22 @@ def load_trained(run_dir, stage=None, warn=_warn):
     """
     from kgreedy import data
     from kgreedy.model.from_recipe import from_recipe
+    from kgreedy.model.network import GreedyNet
     from kgreedy.training.checkpoints import checkpoint_paths, restore
 
     run = RunDir(run_dir)
-    for needed in (run.recipe, run.dataset):
+    settings = fit_settings(run_dir)
+    for needed in ((run.net, run.dataset) if settings else (run.recipe, run.dataset)):
         if not os.path.isfile(needed):
             raise KgreedyError("run_dir", f"not a kgreedy run directory: {needed} is "
                                "missing", run_dir)
-    recipe = recipe_from_dict(run.read_json(run.recipe))
+    recipe = None if settings else recipe_from_dict(run.read_json(run.recipe))
     spec = data.load_spec(run.dataset)
-    num_stages = recipe.num_stages
+    if settings:
+        net = GreedyNet.from_config(run.read_json(run.net))
+        mode, num_stages = settings["mode"], net.num_stages
+    else:
+        mode, num_stages = recipe.train.mode, recipe.num_stages
     with_checkpoints = [j for j in range(1, num_stages + 1)
                         if checkpoint_paths(run.checkpoints(j))]
     finished = finished_stages(run)
@@ -268,16 +292,16 @@ def load_trained(run_dir, stage=None, warn=_warn):
         raise KgreedyError("stage", f"must be between 1 and {num_stages}", stage)
     # A decoupled run trains every module and head in its one stage (the last):
     # stage j's model is modules 1..j and head j of that stage's checkpoint.
-    source = num_stages if recipe.train.mode == "decoupled" else stage
+    source = num_stages if mode == "decoupled" else stage
     try:
-        prefix = stage_weights(run, source, num_stages, recipe.train.mode == "greedy",
-                               finished, warn)
+        prefix = stage_weights(run, source, num_stages, mode == "greedy", finished, warn)
     except KgreedyError as e:
         if asked:
             raise
         # The stage came from summary.json, not from a flag: name the run.
         raise KgreedyError("run_dir", e.message, run_dir) from None
-    net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
+    if recipe is not None:
+        net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
     # The file also holds the optimizer and counters (and, taken from a later stage,
     # more modules), which a trained net does not need; every weight of the net
     # must be found in it, though.

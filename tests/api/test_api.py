@@ -461,3 +461,29 @@ def test_the_head_ensemble_of_a_split_net_is_scored_and_exported(tmp_path):
                                tf.nn.softmax(expected).numpy(), atol=1e-5)
     last = tf.nn.softmax(net.deployed_model()(images, training=False)).numpy()
     assert np.abs(served["probabilities"].numpy() - last).max() > 1e-4
+
+
+def test_a_fit_run_directory_exports_from_the_command_line(tmp_path, capsys):
+    """kgreedy.fit writes net.json beside fit.json: `python -m kgreedy.export RUN_DIR`
+    rebuilds the net from it, restores the last stage and serves what the fitted net
+    computes; a probe, which needs the run's data source, is refused in one line."""
+    from kgreedy import cli, export, probe
+
+    net = tiny_net(batch_norm_momentum=0.5)
+    run_dir = tmp_path / "fit"
+    kgreedy.fit(net, digits(64), epochs_per_stage=2, run_dir=run_dir, verbose=0)
+    assert json.loads((run_dir / "net.json").read_text())["image_shape"] == [8, 8, 1]
+    capsys.readouterr()
+    assert cli.run(export.main, [str(run_dir)]) == 0
+    version = capsys.readouterr().out.strip()
+    assert version == str(run_dir / "export" / net.name / "1")
+    x = np.asarray(next(iter(digits(16)))[0])
+    served = tf.saved_model.load(version).signatures["serving_default"](
+        images=tf.constant(x))["probabilities"].numpy()
+    expected = tf.nn.softmax(net.deployed_model(2)(x, training=False)).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    with pytest.raises(SystemExit) as caught:
+        cli.run(probe.main, [str(run_dir)])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a kgreedy.fit run: it records no data source" in err

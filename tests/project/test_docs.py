@@ -365,7 +365,7 @@ def test_design_names_check_finds_a_stale_name(tmp_path):
 
 
 RUN_FILES = {"recipe.json", "summary.json", "dataset.json", "probes.json", "tuning.json",
-             "best_recipe.json", "tune_recipe.json", "fit.json"}
+             "best_recipe.json", "tune_recipe.json", "fit.json", "net.json"}
 
 
 @pytest.mark.parametrize("page", doc_pages(), ids=_name)
