@@ -73,7 +73,7 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
         net, epochs_per_stage, one_stage)
     trainer = GreedyTrainer(net, datasets, None if path is None else RunDir(path),
                             tf.distribute.get_strategy(), train, progress=progress,
-                            actions=[progress, hooks],
+                            actions=[progress, hooks], keep_net=True,
                             optimizer=_optimizer_factory(optimizer))
     try:
         if path is None:

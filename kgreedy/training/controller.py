@@ -50,8 +50,7 @@ class GreedyTrainer:
     needs to continue exactly where the run stopped.
 
     Args:
-        net: the `GreedyNet` to train, built in `strategy`'s scope; a finished run's
-            resume restores its trained weights into it.
+        net: the `GreedyNet` to train, built in `strategy`'s scope.
         datasets: `kgreedy.data.Datasets` (spec with normalisation statistics), or
             an object with its interface (`kgreedy.data.external.ExternalDatasets`).
         run: the `RunDir` to write into; it must exist. None: no run directory
@@ -67,10 +66,14 @@ class GreedyTrainer:
         optimizer: `optimizer(stage)` returns each stage's new Keras optimizer
             (`StageLoop`'s `optimizer`); default: `train.optimizer`'s.
         seed: the run's seed (a decoupled run's replay buffers draw with it).
+        keep_net: whether the caller goes on using `net` (`kgreedy.fit`): a resume
+            of a finished run then restores its trained weights into it; else it
+            reads nothing (the command line's net goes with the process).
     """
 
     def __init__(self, net, datasets, run, strategy, train, *, progress=None,
-                 actions=(), source=None, export=None, optimizer=None, seed=0):
+                 actions=(), source=None, export=None, optimizer=None, seed=0,
+                 keep_net=False):
         self.net = net
         self.datasets = datasets
         self.run = run
@@ -82,6 +85,7 @@ class GreedyTrainer:
         self.export = export
         self.optimizer = optimizer
         self.seed = seed
+        self.keep_net = keep_net
         self.worker = WorkerInfo(strategy)
         self.preemption = Preemption(strategy, self.worker.num_workers)
         self.table = parameter_table(net)
@@ -122,7 +126,8 @@ class GreedyTrainer:
             # Finished before: scoring and exporting again would only add a version.
             records.close()
             final = records.summary["final"]
-            self._restore_stage(final["stage"])  # the caller may keep the net
+            if self.keep_net:
+                self._restore_stage(final["stage"])
             self.progress.message(
                 f"the run in {self.source.root} finished before (stage {final['stage']}, "
                 f"val accuracy {final['val_accuracy']:.4f}"
