@@ -235,9 +235,10 @@ class GreedyTrainer:
                                            self.train.checkpoint_every_steps,
                                            self.preemption)
             own.append(checkpoints)
-        driver.actions = [*own, LiveSteps(self.progress,
-                                          live=self.worker.num_workers == 1),
-                          EpochLines(self.progress), *self.actions]
+        # Set after the driver exists: the checkpoint action saves the driver's counters.
+        driver.actions = check_actions([*own, LiveSteps(self.progress,
+                                                        live=self.worker.num_workers == 1),
+                                        EpochLines(self.progress), *self.actions])
         if resume:
             restored = self._weights.get(stage)
             if restored:
