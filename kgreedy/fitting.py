@@ -73,7 +73,7 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
         net, epochs_per_stage, one_stage)
     trainer = GreedyTrainer(net, datasets, None if path is None else RunDir(path),
                             tf.distribute.get_strategy(), train, progress=progress,
-                            actions=[progress, hooks], keep_net=True,
+                            actions=[progress, hooks],
                             optimizer=_optimizer_factory(optimizer))
     try:
         if path is None:
@@ -93,7 +93,7 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
                     # What `python -m kgreedy.export RUN_DIR` rebuilds the net from.
                     write_json(files.net, GreedyNet.get_config(net))
                 hooks.train_begin(trainer.stages()[0])
-                summary = trainer.fit(resume=resume)
+                summary = trainer.fit(resume=resume, restore_finished=True)
     except tf.errors.OutOfRangeError:
         raise ValueError(f"`train_ds` ran out of batches before the {steps} steps of an "
                          "epoch; lower steps_per_epoch, or repeat the dataset "

@@ -44,6 +44,8 @@ from kgreedy.base.files import umask_mode
 from kgreedy.config.recipe import DataConfig
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.serving import versions, warmup_file
+from kgreedy.training.actions import Action
+from kgreedy.training.preemption import Interrupted
 
 DEFAULT_MAX_PIXELS = DataConfig().max_pixels  # the recipe's data.max_pixels default
 
@@ -258,8 +260,15 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     return target
 
 
-class Exporter:
-    """The trainer's export action: `exporter(net, stage)` exports and returns the path.
+class Exporter(Action):
+    """The export as a run's last action (`kgreedy.training.actions`): once every
+    stage is done and scored (`on_finish`), it exports the last stage's modules with
+    `heads` and sets summary.json's `final["export_path"]` and `export_heads`.
+
+    A SIGTERM while it exports stops the run with nothing half-written: the
+    temporary version is removed (`export_saved_model` does it, and this action
+    does it for one made between its creation and that function's `try`). Once the
+    version is in place it is too late to stop.
 
     Args:
         spec: the `DatasetSpec` the net trains on.
@@ -280,6 +289,20 @@ class Exporter:
         self.max_pixels = max_pixels
 
     def __call__(self, net, stage):
+        """Exports modules 1..`stage` of `net`; returns the version's path."""
         return export_saved_model(net, self.spec, self.export_root, stage=stage,
                                   version=self.version, keep_versions=self.keep_versions,
                                   heads=self.heads, max_pixels=self.max_pixels)
+
+    def on_finish(self, trainer, final):
+        trainer.preemption.finishing = "while exporting"
+        before = versions.temporary_versions(self.export_root)
+        try:
+            final["export_path"] = self(trainer.net, final["stage"])
+        except Interrupted:
+            for path in versions.temporary_versions(self.export_root) - before:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        trainer.preemption.finishing = ""  # too late to stop: the version is whole
+        final["export_heads"] = self.heads
+        trainer.progress.message(f"exported {final['export_path']}")

@@ -71,3 +71,12 @@ def prune_versions(export_root, keep_versions, protect=()):
         if name.startswith(_DELETING):
             shutil.rmtree(os.path.join(export_root, name), ignore_errors=True)
     return deleted
+
+
+def temporary_versions(export_root):
+    """The temporary version directories (`.tmp-*`, paths) below an export root:
+    an export writes its version there and renames it into place."""
+    if not os.path.isdir(export_root):
+        return set()
+    return {os.path.join(export_root, name) for name in os.listdir(export_root)
+            if name.startswith(".tmp-")}

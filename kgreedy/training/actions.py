@@ -7,6 +7,10 @@ takes its actions: records and summaries, checkpoints and preemption, progress
 lines, Keras callbacks (`kgreedy.fit`), a trial's reports (`kgreedy.tune`), and
 tests that look between stages. The hooks, in the order a run calls them:
 
+- `stage_source(trainer, stage)`: before a stage's loop is made, a context manager
+  that yields None, or what the stage reads instead of images (the feature cache,
+  `kgreedy.training.cache.FeatureCaching`: `train_split` and `eval_split` holding the
+  output of modules 1..stage-1); it is left when the stage ends, however it ends;
 - `on_stage_start(trainer, stage, driver)`: a stage's loop and driver are made (and
   restored on resume), before its first epoch;
 - `before_epoch(driver, epoch)`: before an epoch's first step (also a resumed
@@ -17,17 +21,32 @@ tests that look between stages. The hooks, in the order a run calls them:
   the epoch as finished. An action may set `driver.stop` to end the stage there (a
   Keras callback's `model.stop_training`);
 - `on_stage_end(trainer, stage, loop)`: the stage's summary entry is written;
-- `on_run_end(trainer, final)`: every stage is done and scored (`final` is
-  summary.json's `final`); the export has run.
+- `on_finish(trainer, final)`: every stage is done and the heads are scored; an
+  action may fill in `final` (summary.json's `final`, written after this hook) and
+  does the run's last work, such as the export (`kgreedy.serving.export.Exporter`,
+  which sets `final["export_path"]`). SIGTERM interrupts it at once
+  (`kgreedy.training.preemption.Interrupted`) while `trainer.preemption.finishing`
+  says what the run is doing, and is too late once that is "";
+- `on_run_end(trainer, final)`: every stage is done and scored, every `on_finish` has
+  run and summary.json is final.
 
-Every hook does nothing by default: an action overrides the ones it needs. The
+Every hook does nothing by default (`stage_source` yields None): an action overrides the ones it needs. The
 driver and the trainer refuse anything that is not an `Action`, so a misspelt hook
 name cannot go unnoticed as it would with duck typing.
 """
 
+import contextlib
+
 
 class Action:
     """Base class of everything that plugs into a run (module docstring)."""
+
+    def stage_source(self, trainer, stage):
+        """A context manager yielding what stage `stage` reads instead of images (an
+        object with `train_split` and `eval_split`), or None. At most one action of a
+        run yields one."""
+        del trainer, stage
+        return contextlib.nullcontext()
 
     def on_stage_start(self, trainer, stage, driver):
         """A stage is about to train its first (or resumed) epoch."""
@@ -43,6 +62,9 @@ class Action:
 
     def on_stage_end(self, trainer, stage, loop):
         """Stage `stage` is finished and in summary.json."""
+
+    def on_finish(self, trainer, final):
+        """Every stage is done and scored; fill in `final` before it is written."""
 
     def on_run_end(self, trainer, final):
         """The run is finished; `final` is summary.json's `final`."""

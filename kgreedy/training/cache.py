@@ -4,8 +4,11 @@ During stage j, modules 1..j-1 are frozen and run in inference mode, so when the
 stage's inputs are deterministic (no augmentation) their output is the same every
 epoch. `FeatureCache` runs them once over the train and eval examples and stage j
 trains on the result: each step then costs only module j and its head.
+`FeatureCaching` is the run's action that decides per stage (`use_cache`), builds
+the cache before the stage's loop is made and removes it when the stage ends.
 """
 
+import contextlib
 import os
 import shutil
 import time
@@ -15,6 +18,7 @@ import tensorflow as tf
 
 from kgreedy.base.errors import RecipeError
 from kgreedy.data.stores import Examples, HasSplits, PackedStore
+from kgreedy.training.actions import Action
 
 
 # Prefix FLOPs per cached byte above which the cache pays for itself: the frozen
@@ -183,3 +187,34 @@ class FeatureCache(HasSplits):
         self.train_split = self.eval_split = None
         if not self.in_memory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class FeatureCaching(Action):
+    """The feature cache as a run's action (`kgreedy.training.actions`): each stage
+    that `use_cache` picks reads a `FeatureCache` built before its loop is made, in
+    RUN_DIR/cache/stage{j} where it spills to disk, and removed when the stage ends.
+
+    Args:
+        train: the run's `TrainConfig` (`cache_features`, `cache_memory_mb`).
+    """
+
+    def __init__(self, train):
+        self.train = train
+
+    @contextlib.contextmanager
+    def stage_source(self, trainer, stage):
+        if not use_cache(self.train, trainer.datasets, stage, trainer.worker.num_workers,
+                         trainer.net):
+            yield None
+            return
+        directory = None if trainer.run is None else trainer.run.path("cache",
+                                                                      f"stage{stage}")
+        cache = FeatureCache(trainer.net, stage, trainer.datasets, directory,
+                             self.train.cache_memory_mb)
+        try:
+            trainer.progress.message(f"stage {stage}: {cache.describe()}")
+            cache.build()
+            trainer.progress.message(f"stage {stage}: cached in {cache.seconds:.1f}s")
+            yield cache
+        finally:
+            cache.remove()

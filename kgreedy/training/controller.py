@@ -6,15 +6,16 @@ stage`) or `DecoupledLoop`, driven epoch by epoch by an `EpochDriver`
 (`kgreedy.training.driver`). Everything around the stages is an `Action`
 (`kgreedy.training.actions`): records and checkpoints (`kgreedy.training.
 run_actions`, added by the trainer when it has a run directory), progress lines,
-Keras callbacks, and whatever the caller adds. Preemption is
-`kgreedy.training.preemption`; the feature cache is asked for per stage; the export
-is a function the caller passes. Building the net, the global precision, the run
+Keras callbacks, and whatever the caller adds: for a recipe's run the feature cache
+(`kgreedy.training.cache.FeatureCaching`, a stage's source) and the export
+(`kgreedy.serving.export.Exporter`, at the run's finish). Preemption is
+`kgreedy.training.preemption`. Building the net, the global precision, the run
 directory and its lock are the caller's (`kgreedy.training.run`): the command line,
 the tuner and `kgreedy.fit` all reach this class through there.
 """
 
+import contextlib
 import os
-import shutil
 import time
 
 import tensorflow as tf
@@ -26,7 +27,6 @@ from kgreedy.config.vocabulary import ONE_STAGE_MODES
 from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.model.network import count_params, parameter_table
 from kgreedy.training.actions import check_actions
-from kgreedy.training.cache import FeatureCache, use_cache
 from kgreedy.training.checkpoints import restore
 from kgreedy.training.decoupled import DecoupledLoop
 from kgreedy.training.distribute import WorkerInfo
@@ -34,13 +34,12 @@ from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.preemption import Interrupted, Preemption
 from kgreedy.training.records import RunRecords
 from kgreedy.training.run_actions import EpochLines, EpochRecords, StageCheckpoints
-from kgreedy.training.rundir import (check_resume, stage_checkpoint, stage_weights,
-                                     temporary_versions)
+from kgreedy.training.rundir import check_resume, stage_checkpoint, stage_weights
 from kgreedy.training.stage import StageLoop
 
 
 class GreedyTrainer:
-    """Trains a net stage by stage (or end to end, or decoupled) and exports it.
+    """Trains a net stage by stage (or end to end, or decoupled).
 
     Checkpoints: `checkpoints/stage{j}` keeps the last two of stage j, written at
     every epoch end, every `train.checkpoint_every_steps` steps and on SIGTERM;
@@ -58,22 +57,17 @@ class GreedyTrainer:
         strategy: the `tf.distribute.Strategy` to train under.
         train: the `TrainConfig` (mode, epochs, optimizer, cache, checkpoints).
         progress: a `Progress` (default: stdout).
-        actions: more `Action`s for every stage (Keras callbacks, tests, tools).
+        actions: more `Action`s, called in this order after the run's own (the
+            feature cache, the export, Keras callbacks, tests, tools).
         source: the `RunDir` to resume from (default: `run`). A non-chief worker
             writes to a temporary directory but resumes from the chief's.
-        export: called as `export(net, stage)` once every stage is done; returns
-            the path it wrote (`kgreedy.serving.export.Exporter`), or None.
         optimizer: `optimizer(stage)` returns each stage's new Keras optimizer
             (`StageLoop`'s `optimizer`); default: `train.optimizer`'s.
         seed: the run's seed (a decoupled run's replay buffers draw with it).
-        keep_net: whether the caller goes on using `net` (`kgreedy.fit`): a resume
-            of a finished run then restores its trained weights into it; else it
-            reads nothing (the command line's net goes with the process).
     """
 
     def __init__(self, net, datasets, run, strategy, train, *, progress=None,
-                 actions=(), source=None, export=None, optimizer=None, seed=0,
-                 keep_net=False):
+                 actions=(), source=None, optimizer=None, seed=0):
         self.net = net
         self.datasets = datasets
         self.run = run
@@ -82,10 +76,8 @@ class GreedyTrainer:
         self.progress = progress or Progress()
         self.actions = check_actions(actions)
         self.source = source or run
-        self.export = export
         self.optimizer = optimizer
         self.seed = seed
-        self.keep_net = keep_net
         self.worker = WorkerInfo(strategy)
         self.preemption = Preemption(strategy, self.worker.num_workers)
         self.table = parameter_table(net)
@@ -107,8 +99,16 @@ class GreedyTrainer:
         num = self.net.num_stages
         return [num] if self.train.mode in ONE_STAGE_MODES else list(range(1, num + 1))
 
-    def fit(self, resume=False):
-        """Trains every stage not yet done, then exports. Returns the summary dict.
+    def fit(self, resume=False, *, restore_finished=False):
+        """Trains every stage not yet done, then scores the heads and finishes (the
+        actions' `on_finish`: the export). Returns the summary dict.
+
+        Args:
+            resume: continue the run in `source` from its checkpoints.
+            restore_finished: whether the caller goes on using the net
+                (`kgreedy.fit`): a resume of a finished run then restores its
+                trained weights into it; else it reads nothing (the command line's
+                net goes with the process).
 
         Raises:
             NonFiniteLoss: a loss was NaN/inf; the last good checkpoint is kept.
@@ -126,7 +126,7 @@ class GreedyTrainer:
             # Finished before: scoring and exporting again would only add a version.
             records.close()
             final = records.summary["final"]
-            if self.keep_net:
+            if restore_finished:
                 self._restore_stage(final["stage"])
             self.progress.message(
                 f"the run in {self.source.root} finished before (stage {final['stage']}, "
@@ -195,38 +195,35 @@ class GreedyTrainer:
         if stage > self.stages()[0] and self.preemption.agreed():
             # Between stages: the one before is saved whole and in summary.json.
             raise self._preempted(stage - 1, f"after stage {stage - 1}")
-        cache = None
-        if use_cache(self.train, self.datasets, stage, self.worker.num_workers, self.net):
-            cache = FeatureCache(self.net, stage, self.datasets,
-                                 self.run.path("cache", f"stage{stage}"),
-                                 self.train.cache_memory_mb)
-            self.progress.message(f"stage {stage}: {cache.describe()}")
-            cache.build()
-            self.progress.message(f"stage {stage}: cached in {cache.seconds:.1f}s")
-        try:
-            self._fit_stage_on(stage, records, resume, cache)
-        finally:
-            if cache is not None:
-                cache.remove()
+        with contextlib.ExitStack() as stack:
+            sources = [source for source in (
+                stack.enter_context(action.stage_source(self, stage))
+                for action in self.actions) if source is not None]
+            if len(sources) > 1:
+                raise ValueError(f"stage {stage} got {len(sources)} sources from its "
+                                 "actions; at most one action may give a stage's source. "
+                                 f"Received: sources={sources!r}")
+            self._fit_stage_on(stage, records, resume, sources[0] if sources else None)
 
-    def _loop(self, stage, cache):
+    def _loop(self, stage, source):
         steps = self.steps_per_epoch
         if self.decoupled:
             return DecoupledLoop(self.net, self.train, self.strategy, steps,
                                  optimizer=self.optimizer, seed=self.seed)
         return StageLoop(self.net, stage, self.train, self.strategy, steps,
-                         end_to_end=self.end_to_end, cached_features=cache is not None,
+                         end_to_end=self.end_to_end, cached_features=source is not None,
                          optimizer=self.optimizer)
 
-    def _fit_stage_on(self, stage, records, resume, cache):
+    def _fit_stage_on(self, stage, records, resume, source):
+        """Stage `stage` on images, or on `source`'s features of modules 1..stage-1."""
         epochs, steps = self.train.epochs_per_stage, self.steps_per_epoch
-        loop = self._loop(stage, cache)
-        eval_data = self.eval_data if cache is None else \
-            self.datasets.distributed_eval(self.strategy, cache.eval_split)
+        loop = self._loop(stage, source)
+        eval_data = self.eval_data if source is None else \
+            self.datasets.distributed_eval(self.strategy, source.eval_split)
         own = [EpochRecords(records, epochs)]
         driver = EpochDriver(
             loop, self.datasets, epochs, eval_data,
-            train_source=None if cache is None else cache.train_split,
+            train_source=None if source is None else source.train_split,
             nonfinite=self._nonfinite(stage), align=self.train.checkpoint_every_steps)
         checkpoints = None
         if self.run is not None:
@@ -295,8 +292,7 @@ class GreedyTrainer:
                  "cpu_seconds": sum(e.get("cpu_seconds", 0.0)
                                     for e in records.summary["stages"]),
                  "ensemble_val_accuracy": None, "head_val_accuracies": None,
-                 "export_heads": getattr(self.export, "heads", None),
-                 "export_path": None}
+                 "export_heads": None, "export_path": None}
         if not self.end_to_end and self.worker.is_chief and self.eval_data is not None:
             self.preemption.finishing = "while scoring the heads"
             # One pass through the frozen trunk scores every head and the paper's
@@ -310,32 +306,25 @@ class GreedyTrainer:
                 f"{len(scores['head_val_accuracies'])} (weights 2^j) "
                 f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
                 "eval examples")
-        if self.export is not None:
-            self.preemption.finishing = "while exporting"
-            final["export_path"] = self.export(self.net, last["stage"])
-        self.preemption.finishing = ""  # too late to stop: the version is whole
-        if final["export_path"]:
-            self.progress.message(f"exported {final['export_path']}")
+        self.preemption.finishing = "while finishing"
+        for action in self.actions:
+            action.on_finish(self, final)
+        self.preemption.finishing = ""  # too late to stop: summary.json is written next
         records.final(final)
         return final
 
     def _finish_or_stop(self, records):
         """`_finish`, stopped with `Preempted` by a SIGTERM during the last stage's last
-        epoch or during `_finish` itself (scoring, export), leaving no half version."""
+        epoch or during `_finish` itself (scoring, the actions' `on_finish`), which
+        leave nothing half-written (the export removes its temporary version)."""
         stage = records.summary["stages"][-1]["stage"]
         self.preemption.finishing = "before scoring the heads and exporting"
         if self.preemption.agreed():
             raise self._preempted(stage, f"after the last stage ({stage}), "
                                   + self.preemption.finishing)
-        root = getattr(self.export, "export_root", None)
-        before = temporary_versions(root)
         try:
             return self._finish(records)
         except Interrupted:
-            # The exporter removes its temporary version itself, unless the signal
-            # came between its creation and the exporter's `try`.
-            for path in temporary_versions(root) - before:
-                shutil.rmtree(path, ignore_errors=True)
             raise self._preempted(stage, f"after the last stage ({stage}), "
                                   + self.preemption.finishing) from None
         finally:

@@ -22,6 +22,7 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json, write_json
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.training import precision
+from kgreedy.training.cache import FeatureCaching
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.runlock import RunLock, contents
 
@@ -127,16 +128,18 @@ def build_net(recipe, spec, strategy):
 
 
 def recipe_trainer(recipe, datasets, run, strategy, *, net=None, progress=None,
-                   actions=(), source=None, export=None):
+                   actions=(), source=None):
     """The `GreedyTrainer` of a recipe: its net (`net`, built by the caller with
-    `build_net`, or built here) on `datasets`, with its `train` config and seed.
-    Other arguments as `GreedyTrainer`'s."""
+    `build_net`, or built here) on `datasets`, with its `train` config, its feature
+    cache (`FeatureCaching`, before `actions`) and seed. Other arguments as
+    `GreedyTrainer`'s; the export is one of `actions`."""
     if net is None:
         net = build_net(recipe, datasets.spec, strategy)
     else:  # built before the data were read
         net.set_statistics(datasets.spec.mean, datasets.spec.std)
     return GreedyTrainer(net, datasets, run, strategy, recipe.train, progress=progress,
-                         actions=actions, source=source, export=export, seed=recipe.seed)
+                         actions=[FeatureCaching(recipe.train), *actions], source=source,
+                         seed=recipe.seed)
 
 
 def fit_recipe(recipe, datasets, run_dir, strategy, *, resume=False, **trainer_args):

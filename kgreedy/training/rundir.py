@@ -78,14 +78,6 @@ class RunDir:
         return None
 
 
-def temporary_versions(export_root):
-    """The temporary version directories (`.tmp-*`, paths) below an export root."""
-    if export_root is None or not os.path.isdir(export_root):
-        return set()
-    return {os.path.join(export_root, name) for name in os.listdir(export_root)
-            if name.startswith(".tmp-")}
-
-
 def stage_checkpoint(net, stage, **training_state):
     """The `tf.train.Checkpoint` of one stage: blocks and heads 1..stage, plus
     `training_state` (optimizer, epoch counter, metric sums) while it trains."""

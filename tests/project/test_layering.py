@@ -49,6 +49,7 @@ RANKS = {"base": 0, "config": 1, "data": 2, "model": 2, "training": 3,
 TOP_LEVEL = {"kgreedy": "api", "api": "api",
              "fitting": "api_parts", "heads": "api_parts",
              "cli": "front_end_kit", "quiet": "front_end_kit",
+             "recipe_run": "front_end_kit",
              "train": "front_ends", "tune": "front_ends", "export": "front_ends",
              "probe": "front_ends", "report": "front_ends", "predict": "front_ends"}
 MAX_LINES = 450

@@ -11,7 +11,7 @@ import keras
 import pytest
 from keras.src.backend.common import global_state
 
-from kgreedy import cli, train
+from kgreedy import cli, recipe_run, train
 from kgreedy.base import machine as base_machine
 from kgreedy.config.recipe import load_recipe, recipe_from_dict
 from kgreedy.data.spec import DatasetSpec, describe
@@ -142,7 +142,7 @@ def test_one_stage_modes_and_the_replay_buffers():
     assert decoupled.replay_buffers == 64 * 256 * 4
     r = recipe(mode="decoupled", decoupled={"buffer_size": 64})
     net = memory.estimate(r, describe(r.data))[0]
-    assert train._buffer_mb(net, 64, r.train) * 2 ** 20 == decoupled.replay_buffers
+    assert recipe_run._buffer_mb(net, 64, r.train) * 2 ** 20 == decoupled.replay_buffers
 
 
 def test_the_feature_cache_counts_while_in_memory():

@@ -36,7 +36,7 @@ def test_precision_and_compilation_variants_train_and_export(tmp_path, train):
         run = RunDir(tmp_path / "run")
         trainer = recipe_trainer(r, datasets, run, tf.distribute.get_strategy(),
                                  progress=Progress(io.StringIO(), live=False),
-                                 export=Exporter(datasets.spec, run.export_root("prec")))
+                                 actions=[Exporter(datasets.spec, run.export_root("prec"))])
         compute = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
             train.get("mixed_precision"), "float32")
         assert trainer.net.modules[0].conv.compute_dtype == compute
