@@ -5,6 +5,10 @@ A `HeadDesign` is the one description of a head: the recipe's aux.* give one per
 stage, the Python API's `kgreedy.heads` make them, and
 `kgreedy.model.head_layers.make_head` builds the layer from one, so the model is
 built without knowing the recipe (`kgreedy.model.from_recipe`). No TensorFlow here.
+
+The tuner's trials draw them too (`kgreedy.tuning.space.design_from`), and
+`HeadDesign.to_dict` and `HeadDesign.from_dict` are their JSON form: the designs
+kgreedy.tune writes to tuning.json.
 """
 
 import dataclasses
@@ -20,6 +24,10 @@ HEAD_FIELDS = {"conv": ("k", "width", "pool_size", "reduction"),
                "mlp_sr": ("k", "width", "pool_size", "reduction"),
                "linear": ("pool_size",), "vgg": (), "model": ()}
 _OPTIONAL = ("reduction",)  # None: the head layer's own default
+# The JSON form's keys, in the recipe's spelling (aux.head, aux.k, ...), and the
+# fields they hold, in the order to_dict writes them.
+_JSON_KEYS = (("head", "kind"), ("k", "k"), ("width", "width"),
+              ("pool_size", "pool_size"), ("reduction", "reduction"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,29 @@ class HeadDesign:
     def pools(self):
         """Whether the head averages the map to `pool_size` (conv, mlp_sr, linear)."""
         return "pool_size" in HEAD_FIELDS[self.kind]
+
+    def to_dict(self):
+        """The design as JSON holds it, in the recipe's spelling: {"head": kind, "k",
+        "width", "pool_size", "reduction"}, in that order, a field that is None left
+        out (e.g. {"head": "conv", "k": 2, "width": 16, "pool_size": 2})."""
+        return {key: getattr(self, field) for key, field in _JSON_KEYS
+                if getattr(self, field) is not None}
+
+    @classmethod
+    def from_dict(cls, values):
+        """The design of a `to_dict` dict; a key left out is None.
+
+        Raises:
+            ValueError: `values` is not a dict, has a key other than head, k, width,
+                pool_size and reduction, has no head, or makes a design that
+                `HeadDesign` refuses.
+        """
+        keys = dict(_JSON_KEYS)
+        if not isinstance(values, dict) or "head" not in values or set(values) - set(keys):
+            raise ValueError(f"A head design must be a dict with the key 'head' and "
+                             f"optionally {', '.join(map(repr, list(keys)[1:]))}. "
+                             f"Received: values={values!r}")
+        return cls(**{keys[key]: value for key, value in values.items()})
 
 
 def head_widths(recipe):

@@ -6,6 +6,11 @@ kgreedy's own epoch driver (`kgreedy.tuning.search`). Results go to the output
 directory: `tune_recipe.json`, `tuner/` (keras-tuner projects: rerunning resumes
 them), `tuning.json` (trials by score) and `best_recipe.json` (a complete train
 recipe).
+
+A trial's design is a `kgreedy.config.designs.HeadDesign` (`design_from`);
+tuning.json, each trial's kgreedy.json and the context of a per_stage search hold
+it as `HeadDesign.to_dict` writes it, and the best designs are read back with
+`HeadDesign.from_dict` before they build the next search and the best recipe.
 """
 
 import os
@@ -13,6 +18,7 @@ import os
 from kgreedy.base.errors import SearchFailed
 from kgreedy.base.files import read_json, write_json
 from kgreedy.base.progress import Progress
+from kgreedy.config.designs import HeadDesign
 from kgreedy.config.recipe import ObjectiveWeightsConfig, recipe_from_dict
 from kgreedy.config.schema import to_plain
 from kgreedy.config.vocabulary import OBJECTIVES
@@ -54,17 +60,19 @@ class AuxTuning:
         tune = self.tune
         if tune.scope == "joint":
             best = self._search(tune.num_stages, context={})
-            designs, lr, local = [best["design"]], best["learning_rate"], self._local(best)
+            designs = [HeadDesign.from_dict(best["design"])]
+            lr, local = best["learning_rate"], self._local(best)
         else:
             designs, lr, local, trunk_net, context = [], None, None, None, {}
             for stage in range(1, tune.num_stages + 1):
                 best = self._search(stage, context, designs, lr, trunk_net, local)
-                designs.append(best["design"])
+                designs.append(HeadDesign.from_dict(best["design"]))
                 lr = best["learning_rate"] if lr is None else lr
                 local = local or self._local(best)
                 # What the next search builds on: this search and its best trial.
                 context = {"after": context, "stage": stage, "best_trial": best["trial_id"],
-                           "designs": list(designs), "learning_rate": lr,
+                           "designs": [d.to_dict() for d in designs],
+                           "learning_rate": lr,
                            "aux_objective": local[0], "objective_weights": local[1]}
                 if stage < tune.num_stages:
                     trunk_net = best_net(self.searches[-1][1])
@@ -188,14 +196,11 @@ class AuxTuning:
              + (f"{'aux.objective':<16} {'weights':<{wide}} " if local else "")
              + f"{'params':>10} {'seconds':>8}")
         for r in rows:
-            d = dict(r["design"] or {})
-            if d.get("head") == "linear":  # no hidden layers: k and width do not apply
-                d.update(k="-", width="-")
+            head, k, width, pool = _shown_design(r)
             params, seconds = r["deployed_params"], r["seconds"]
             show(f"{r['search']:<8} {r['trial_id']:>5}  {r['status']:<9} "
                  f"{'-' if r['score'] is None else format(r['score'], '.4f'):>12}  "
-                 f"{d.get('head', '-'):<6} {d.get('k', '-'):>2} {d.get('width', '-'):>5} "
-                 f"{d.get('pool_size', '-'):>4} {fmt(r['learning_rate'] or '-'):>8} "
+                 f"{head:<6} {k:>2} {width:>5} {pool:>4} {fmt(r['learning_rate'] or '-'):>8} "
                  + (f"{r['aux_objective'] or '-':<16} {_shown_weights(r):<{wide}} "
                     if local else "")
                  + f"{'-' if params is None else format(params, ','):>10} "
@@ -211,7 +216,7 @@ class AuxTuning:
     def _describe(self, designs, local):
         tune = self.tune
         chosen = "; ".join(f"stage {j}: " * (tune.scope == "per_stage")
-                           + ", ".join(f"{k} {v}" for k, v in d.items())
+                           + ", ".join(f"{k} {v}" for k, v in d.to_dict().items())
                            for j, d in enumerate(designs, start=1))
         objective, weights = local
         if objective != "cross_entropy" or tune.search.aux_objective is not None:
@@ -220,6 +225,19 @@ class AuxTuning:
                 chosen += f" (weights first {weights['first']}, last {weights['last']})"
         return (f"Found by kgreedy.tune {tune.name} ({tune.tuner}, scope {tune.scope}, "
                 f"objective {tune.objective}): {chosen}. Base: {tune.base.description}")
+
+
+def _shown_design(row):
+    """A row's (head, k, width, pool size) as the table shows them: "-" for none (a
+    trial that recorded no design) and for what does not apply (a linear head has
+    no hidden layers: its k and width)."""
+    if row["design"] is None:
+        return ("-",) * 4
+    design = HeadDesign.from_dict(row["design"])
+    layers = design.kind != "linear"
+    return tuple("-" if value is None else str(value) for value in (
+        design.kind, design.k if layers else None, design.width if layers else None,
+        design.pool_size))
 
 
 def _shown_weights(row):

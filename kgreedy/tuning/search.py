@@ -56,7 +56,7 @@ class Search:
         progress: a `Progress`.
         work_dir: where feature caches that do not fit in memory go.
         stage: joint: N, the last stage trained; per_stage: the stage searched.
-        fixed: per_stage: the designs chosen for stages 1..stage-1.
+        fixed: per_stage: the `HeadDesign`s chosen for stages 1..stage-1.
         learning_rate: per_stage after stage 1: the rate chosen with stage 1.
         local_objective: per_stage after stage 1: the (aux.objective,
             aux.objective_weights) chosen with stage 1
@@ -184,7 +184,8 @@ class AuxHyperModel(keras_tuner.HyperModel):
         problem = pool_problem(candidate, s.sides, *s.checked_stages())
         if problem and tune.scope == "joint":
             problem += " (the best recipe gives the design to every stage)"
-        self.report.update(design=design, learning_rate=recipe.train.optimizer.learning_rate,
+        self.report.update(design=design.to_dict(),  # tuning.json's form
+                           learning_rate=recipe.train.optimizer.learning_rate,
                            aux_objective=local[0], objective_weights=local[1])
         if problem:  # fit fails the trial; build must not (keras-tuner builds at start)
             model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])

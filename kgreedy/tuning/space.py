@@ -1,10 +1,11 @@
 """The search space in keras-tuner's terms: hyperparameters declared from a tune
-recipe, a trial's values turned into an auxiliary design and a local objective, and
-those into the complete train recipe a trial trains."""
+recipe, a trial's values turned into a head design (a
+`kgreedy.config.designs.HeadDesign`, the type the recipe and the model use) and a
+local objective, and those into the complete train recipe a trial trains."""
 
 import dataclasses
 
-from kgreedy.config.designs import head_designs, head_widths
+from kgreedy.config.designs import HeadDesign, head_designs, head_widths
 from kgreedy.config.recipe import AuxStageConfig, ObjectiveWeightsConfig
 from kgreedy.model.from_recipe import trunk_shapes
 
@@ -105,16 +106,17 @@ def objective_from(values, tune):
 
 
 def design_from(values, tune):
-    """A design {head, k, width, pool_size} from a trial's hyperparameter values.
+    """The `HeadDesign` of a trial's hyperparameter values: head, k, width, pool_size.
 
-    `linear` has no hidden layer: k is 1 and the width is the base's (unused).
+    `linear` has no hidden layer: k is 1 and the width is the base's (unused), as
+    tuning.json has always recorded them. `reduction` is not searched: it is None
+    here, and the trial's recipe keeps the base's aux.reduction (`candidate_recipe`),
+    so a design's JSON form (`HeadDesign.to_dict`) is {head, k, width, pool_size}.
     """
-    aux = tune.base.aux
     head = values["head"]
     if head == "linear":
-        return {"head": head, "k": 1, "width": aux.width, "pool_size": values["pool_size"]}
-    return {"head": head, "k": values["k"], "width": values["width"],
-            "pool_size": values["pool_size"]}
+        return HeadDesign(head, 1, tune.base.aux.width, values["pool_size"])
+    return HeadDesign(head, values["k"], values["width"], values["pool_size"])
 
 
 def searched_values(values):
@@ -123,15 +125,27 @@ def searched_values(values):
 
 
 def candidate_recipe(tune, designs, learning_rate=None, name=None, local_objective=None):
-    """The complete train recipe that uses `designs`.
+    """The complete train recipe that uses `designs`, `HeadDesign`s (`design_from`).
 
     Joint scope: one design, as aux.* (every stage uses it). Per-stage scope: one
     design per searched stage in aux.per_stage, with the widths the stages train
     (doubled at downsamplings as aux.grow_with_downsample says); later stages keep
-    the base recipe's aux.*. `local_objective` is an `objective_from` pair, written
-    as aux.objective and aux.objective_weights (None: the base's).
+    the base recipe's aux.*. A design's head, k, width and pool_size are used (None:
+    the base's); aux.reduction is the base's, for every stage. `local_objective` is
+    an `objective_from` pair, written as aux.objective and aux.objective_weights
+    (None: the base's).
+
+    Raises:
+        ValueError: a design is not a `HeadDesign`, or sets a reduction other than
+            the base's aux.reduction.
     """
     base = tune.base
+    for design in designs:
+        if not isinstance(design, HeadDesign):
+            raise ValueError(f"Each design must be a HeadDesign. Received: {design!r}")
+        if design.reduction not in (None, base.aux.reduction):
+            raise ValueError(f"A trial's recipe keeps the base's aux.reduction "
+                             f"({base.aux.reduction}). Received: {design!r}")
     if local_objective is not None:
         objective, weights = local_objective
         base = dataclasses.replace(base, aux=dataclasses.replace(
@@ -140,17 +154,19 @@ def candidate_recipe(tune, designs, learning_rate=None, name=None, local_objecti
                                         last=tuple(weights["last"]))))
     if tune.scope == "joint":
         design = designs[0]
-        aux = dataclasses.replace(base.aux, head=design["head"], k=design["k"],
-                                  width=design["width"], pool_size=design["pool_size"])
+        aux = dataclasses.replace(base.aux, **{
+            key: getattr(base.aux, key) if value is None else value
+            for key, value in (("head", design.kind), ("k", design.k),
+                               ("width", design.width), ("pool_size", design.pool_size))})
     else:
         # Each stage's growth factor, by the rule the network applies to aux.width.
         unit = dataclasses.replace(base, aux=dataclasses.replace(
             base.aux, width=1, per_stage=(), last_width=None))
         # A width of "auto" (each stage's own output channels) stays aux.width's.
-        entries = [AuxStageConfig(head=design["head"], k=design["k"],
-                                  width=None if design["width"] == "auto"
-                                  else design["width"] * factor,
-                                  pool_size=design["pool_size"])
+        entries = [AuxStageConfig(head=design.kind, k=design.k,
+                                  width=None if design.width in (None, "auto")
+                                  else design.width * factor,
+                                  pool_size=design.pool_size)
                    for design, factor in zip(designs, head_widths(unit))]
         aux = dataclasses.replace(base.aux, per_stage=tuple(entries))
     train = base.train
@@ -192,6 +208,13 @@ def stage_sides(recipe, image_shape, num_classes):
 
 def pool_problem(recipe, sides, first, last):
     """Why stages `first`..`last` of `recipe` cannot pool as their heads ask, or None.
+
+    Each head's pool_size is checked against its stage's map, a vgg head's too
+    although it does not pool (`kgreedy.model.network.pool_problem` skips it); a
+    split model's own classifier is not. For a trunk of blocks that is what
+    `kgreedy.config.data_checks.check_against_data` refuses in a train recipe
+    (aux.pool_size against every block's map, whatever the head), so a best
+    recipe this passes is one kgreedy.train accepts.
 
     Args:
         recipe: the candidate recipe.

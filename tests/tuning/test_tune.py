@@ -14,9 +14,11 @@ import pytest
 
 from kgreedy import cli, train, tune
 from kgreedy.base.errors import SearchFailed, TrainingStopped
+from kgreedy.config.designs import HeadDesign
 from kgreedy.config.recipe import load_recipe
-from kgreedy.config.tune_recipe import load_tune_recipe
+from kgreedy.config.tune_recipe import load_tune_recipe, tune_recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
+from kgreedy.tuning import runner, search, space
 from kgreedy.tuning.search import Search
 
 ROOT = str(next(p for p in Path(__file__).resolve().parents if (p / "setup.cfg").is_file()))
@@ -270,14 +272,57 @@ def test_bad_override_and_bad_json_exit_2(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
+def test_a_trials_design_is_a_head_design():
+    tuned = tune_recipe_from_dict({"name": "t", "base": BASE, "search": SPACE,
+                                   "scope": "per_stage"})
+    conv = space.design_from({"head": "conv", "k": 2, "width": 8, "pool_size": 1}, tuned)
+    assert conv == HeadDesign("conv", 2, 8, 1)
+    # linear: k 1 and the base's width, as tuning.json has always recorded them.
+    linear = space.design_from({"head": "linear", "pool_size": 2}, tuned)
+    assert linear.to_dict() == {"head": "linear", "k": 1, "width": 4, "pool_size": 2}
+    recipe = space.candidate_recipe(tuned, [conv, linear])
+    assert [(e.head, e.k, e.width, e.pool_size) for e in recipe.aux.per_stage] == [
+        ("conv", 2, 8, 1), ("linear", 1, 8, 2)]  # widths as trained: x2 after psi
+    for bad in ([conv.to_dict()], [conv, {"head": "linear", "pool_size": 2}]):
+        with pytest.raises(ValueError, match="must be a HeadDesign"):
+            space.candidate_recipe(tuned, bad)
+
+
+class RecipeSpy:
+    """Records the designs each caller of `candidate_recipe` (a trial's build in
+    `search`, the best recipe in `runner`) hands it."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"search": [], "runner": []}
+        for module in (search, runner):
+            def spy(tune, designs, *args, _name=module.__name__.split(".")[-1], **kwargs):
+                self.calls[_name].append(list(designs))
+                return space.candidate_recipe(tune, designs, *args, **kwargs)
+
+            monkeypatch.setattr(module, "candidate_recipe", spy)
+
+
 @pytest.mark.slow
-def test_per_stage_scope_picks_a_design_per_stage(tmp_path):
+def test_per_stage_scope_picks_a_design_per_stage(tmp_path, monkeypatch):
     recipe = write_recipes(tmp_path, scope="per_stage", max_trials=2)
+    designs = RecipeSpy(monkeypatch)
     status, stdout, spy = run_tune([recipe, "--output", str(tmp_path / "out")])
     assert status == 0
     results = load(tmp_path / "out" / "tuning.json")
     best = {b["search"]: b for b in results["best"]}
     assert sorted(best) == ["stage1", "stage2"]
+    # Trials and the best recipe hand HeadDesigns to the recipe builder, and
+    # tuning.json's designs (their to_dict, {head, k, width, pool_size}) read back
+    # as the same HeadDesigns: a trial's own, the fixed stage 1 of stage 2's trials.
+    built = designs.calls["search"]
+    assert built and all(isinstance(d, HeadDesign) for call in built for d in call)
+    chosen = [HeadDesign.from_dict(best[f"stage{j}"]["design"]) for j in (1, 2)]
+    for r in results["trials"]:
+        design = HeadDesign.from_dict(r["design"])
+        assert design.to_dict() == r["design"]
+        assert list(r["design"]) == ["head", "k", "width", "pool_size"]
+        assert [*chosen[:r["stage"] - 1], design] in built
+    assert designs.calls["runner"] == [chosen]
     # Stage 2 is searched on top of stage 1's best trunk, with stage 1's learning rate,
     # training stage 2 alone on the trunk's cached features.
     assert [c["stage"] for c in spy.calls if c["search"] == "stage2"] == [2, 2]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kgreedy import cli, tune
+from kgreedy.config.designs import HeadDesign
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.config.tune_recipe import tune_recipe_from_dict
 from kgreedy.model.from_recipe import from_recipe
@@ -62,8 +63,7 @@ def tune_of(base, **keys):
 
 def test_a_trial_trains_the_first_modules_of_the_whole_split(tmp_path):
     tuned = tune_of(RESNET, scope="per_stage", stages=2)
-    candidate = candidate_recipe(tuned, [{"head": "conv", "k": 2, "width": "auto",
-                                          "pool_size": 2}])
+    candidate = candidate_recipe(tuned, [HeadDesign("conv", 2, "auto", 2)])
     # A per_stage width of "auto" stays aux.width's: each module's own channels.
     assert candidate.aux.per_stage[0].width is None
     whole = from_recipe(candidate, SHAPE, 10, [0.0], [1.0])
