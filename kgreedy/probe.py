@@ -1,6 +1,12 @@
-"""`python -m kgreedy.probe RUN_DIR [--max-train N] [--max-eval N] [--stage N]
-[--seed S]`: fits a linear probe on the output of every module (block, or module
-of a split model) of a trained run (`kgreedy.analysis.probe`) and prints the table."""
+"""`python -m kgreedy.probe RUN_DIR [--data DATA.json] [--max-train N] [--max-eval N]
+[--stage N] [--seed S]`: fits a linear probe on the output of every module (block,
+or module of a split model) of a trained run (`kgreedy.analysis.probe`) and prints
+the table.
+
+`--data DATA.json` (a recipe, or a recipe's data section alone) gives the data to
+probe on: a `kgreedy.fit` run, which records no data source, needs it; for a run of
+`kgreedy.train` it replaces the recorded data (moved data, another split). The
+data's image shape and classes must be the net's."""
 
 import sys
 
@@ -13,7 +19,7 @@ from kgreedy.analysis.probe import print_table, probe_run
 from kgreedy.training.rundir import RunDir
 
 FLAGS = {"run_dir": "RUN_DIR", "stage": "--stage", "max_train": "--max-train",
-         "max_eval": "--max-eval"}
+         "max_eval": "--max-eval", "data": "--data"}
 
 
 def main(argv=None):
@@ -23,7 +29,13 @@ def main(argv=None):
         description="Fit a linear probe (logistic regression) on the output of every "
                     "module (block) of a trained run's trunk; write "
                     "RUN_DIR/probes.json and probes.png.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of kgreedy.train")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="run directory of kgreedy.train or kgreedy.fit")
+    parser.add_argument("--data", default=None, metavar="DATA.json",
+                        help="probe on these data: a recipe (its data section and "
+                             "seed) or a recipe's data section alone; required for a "
+                             "kgreedy.fit run, else replaces the run's recorded data; "
+                             "its image shape and classes must be the net's")
     parser.add_argument("--max-train", type=cli.positive_int, default=5000, metavar="N",
                         help="train examples to fit on, at most (default: 5000)")
     parser.add_argument("--max-eval", type=cli.positive_int, default=2000, metavar="N",
@@ -37,7 +49,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with cli.flags(**FLAGS):
         result = probe_run(args.run_dir, args.max_train, args.max_eval, args.stage,
-                           args.seed)
+                           args.seed, data=args.data)
     print_table(result)
     print(f"wrote {RunDir(result['run']).probes} and {RunDir.PROBES_PLOT}")
     return cli.EXIT_OK

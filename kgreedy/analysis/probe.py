@@ -8,10 +8,17 @@ greedy training makes every layer progressively more linearly separable. Both
 samples are taken without augmentation: the eval-time view of each split, the same
 pixels evaluation sees.
 
+The data are the run's own (recipe.json's `data` section), or those of a
+DATA.json given as `data` (`--data`): a recipe or a recipe's data section alone,
+whose images must have the shape and classes of the run's net. A `kgreedy.fit` run
+records no data source (its data were the caller's tf.data pipelines), so it is
+probed only with `data` (`read_data`, `probe_run`).
+
 Writes RUN_DIR/probes.json (the figures, next to each stage's head accuracy from
 summary.json) and RUN_DIR/probes.png (accuracy against depth), both atomically.
 """
 
+import dataclasses
 import os
 import time
 import warnings
@@ -27,10 +34,94 @@ from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 # it is needed, so --help and argument errors answer in a second.
 from kgreedy.analysis import report
 from kgreedy.base.errors import KgreedyError
-from kgreedy.base.files import write_json
+from kgreedy.base.files import read_json, write_json
+from kgreedy.config.recipe import DataConfig, TrainConfig, recipe_from_dict
+from kgreedy.config.schema import to_plain
 
 POOL = 2          # the heads' default pool side; features per module: 4 x channels
 MAX_ITER = 1000   # lbfgs iterations; digits and CIFAR samples converge well before
+# A data section alone is validated as the data of a recipe with this placeholder
+# trunk: the same keys, types, ranges and checks across keys as kgreedy.train's.
+_PLACEHOLDER = {"name": "probe_data", "model": {"blocks": [{"width": 1}]}}
+
+
+def read_data(data):
+    """The data to probe on, given as `probe_run`'s `data` (`--data DATA.json`).
+
+    DATA.json is read strictly, as `kgreedy.train` reads a recipe: a JSON object
+    with a "model" or "data" key is a recipe, validated whole, whose `data` section,
+    `seed` (the digits split, a folder's held-out fraction) and eval batch size are
+    used; any other object is a recipe's data section alone (the keys of a recipe's
+    `data`, checked the same way, errors naming `data.<key>`), with seed 0 and eval
+    batches of 128, a recipe's defaults. A `DataConfig` is checked and used as a
+    data section alone.
+
+    Returns:
+        (`DataConfig`, seed, eval batch size).
+
+    Raises:
+        KgreedyError: the file is missing or not JSON, or a key is unknown, of the
+            wrong type or out of range.
+    """
+    default = TrainConfig()
+    if isinstance(data, DataConfig):
+        raw = to_plain(dataclasses.asdict(data))
+    elif isinstance(data, (str, os.PathLike)):
+        raw = read_json(data, "data", kind="data file")
+        if isinstance(raw, dict) and ("model" in raw or "data" in raw):
+            recipe = recipe_from_dict(raw)
+            return (recipe.data, recipe.seed,
+                    recipe.train.eval_batch_size or recipe.train.batch_size)
+        if not isinstance(raw, dict):
+            raise KgreedyError("data", "must hold a JSON object: a recipe, or a "
+                               "recipe's data section", str(data))
+    else:
+        raise KgreedyError("data", "must be the path of a JSON file (a recipe, or a "
+                           "recipe's data section) or a DataConfig", data)
+    return (recipe_from_dict({**_PLACEHOLDER, "data": raw}).data, 0,
+            default.eval_batch_size or default.batch_size)
+
+
+def net_input(run, fit):
+    """(image shape, classes, file) of a run's net, read without TensorFlow: from
+    net.json for a `kgreedy.fit` run, else from dataset.json, which a recipe's net
+    is built from. None when the file is missing or lacks them: `load_trained`
+    then says what is wrong with the run."""
+    path = run.net if fit else run.dataset
+    if not os.path.isfile(path):
+        return None
+    saved = run.read_json(path)
+    try:
+        return (tuple(int(n) for n in saved["image_shape"]), int(saved["num_classes"]),
+                path)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_data(config, expected, data):
+    """The `DatasetSpec` of `config` (`data.describe`: no pixel read), checked
+    against the net's input (`net_input`).
+
+    Raises:
+        KgreedyError: the data's image shape or number of classes is not the net's
+            (`data` is what names them to the user), or the data cannot be found.
+    """
+    from kgreedy import data as data_room
+
+    spec = data_room.describe(config)
+    if expected is not None:
+        shape, classes, path = expected
+        if tuple(spec.image_shape) != shape or spec.num_classes != classes:
+            raise KgreedyError(
+                "data", f"gives {_shape(spec.image_shape)} images of {spec.num_classes} "
+                f"classes, but the run's net takes {_shape(shape)} images of {classes} "
+                f"classes ({path}); set data.image_size and data.channels to match, or "
+                "give data of the net's task", _named(data))
+    return spec
+
+
+def _named(data):
+    return str(data) if isinstance(data, (str, os.PathLike)) else data
 
 
 def sample(datasets, split, count, seed):
@@ -116,41 +207,62 @@ def fit_probe(train_x, train_y, eval_x, eval_y, seed):
             converged)
 
 
-def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=print):
+def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=print,
+              data=None):
     """Measures the linear separability of every module of a run's trunk (its blocks,
     or the modules of a split model); writes the results.
 
     Each entry of probes.json's "blocks" (the key kept from before modules) is one
     module, numbered by its "block" key; "unit" says what the trunk's pieces are
-    ("block" or "module").
+    ("block" or "module"; a `kgreedy.fit` run's trunk is modules).
+
+    `data` replaces the data a recipe run records rather than being refused: a run
+    is probed where it is read, and its recorded data may not be there (an image
+    folder or TFDS data_dir moved, a run copied to another machine), or another
+    split of the same task may be wanted. Only the net's input is bound to the run,
+    and it is checked: the data's image shape and classes must be the net's. The
+    net keeps its own standardisation; probes.json records the data section used.
 
     Args:
-        run_dir: a run directory written by `kgreedy.train`.
+        run_dir: a run directory written by `kgreedy.train`, or by `kgreedy.fit`
+            (which needs `data`).
         max_train: the most train examples to fit the probes on.
         max_eval: the most eval examples to measure them on.
         stage: probe modules 1..stage (default: every module the newest checkpoint
             holds; an end-to-end run's checkpoint holds all).
         seed: seeds the samples and the logistic regression.
         log: prints progress lines.
+        data: the data to probe on instead of the run's own: the path of a recipe
+            or of a recipe's data section alone, or a `DataConfig` (`read_data`).
+            Required for a `kgreedy.fit` run.
 
     Returns:
         The dict written to RUN_DIR/probes.json.
 
     Raises:
-        KgreedyError: not a run directory, `stage` out of range, or a sample with
+        KgreedyError: not a run directory, a `kgreedy.fit` run without `data`, bad
+            `data` or data whose image shape or classes are not the net's (before
+            the net or any image is loaded), `stage` out of range, or a sample with
             fewer than two classes to fit on.
     """
-    from kgreedy import data
     from kgreedy.training import rundir
 
     for flag, value in (("max_train", max_train), ("max_eval", max_eval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KgreedyError(flag, "must be a positive integer", value)
-    if rundir.fit_settings(run_dir) is not None:
+    run = rundir.RunDir(run_dir)
+    settings = rundir.fit_settings(run_dir)
+    if settings is not None and data is None:
         raise KgreedyError("run_dir", "is a kgreedy.fit run: it records no data source "
                            "to probe on (the data were the caller's tf.data pipelines); "
-                           "export it with python -m kgreedy.export, or train with "
-                           "python -m kgreedy.train to probe", run_dir)
+                           "give the data with --data DATA.json, a recipe or a recipe's "
+                           "data section (probe_run's data=)", run_dir)
+    given = None if data is None else read_data(data)
+    described = None if given is None else check_data(
+        given[0], net_input(run, settings is not None), data)
+
+    from kgreedy import data as data_room
+
     recipe, spec, net, available = rundir.load_trained(run_dir)
     unit = trunk_unit(recipe)
     if stage is None:
@@ -158,16 +270,25 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
     if not 1 <= stage <= available:
         raise KgreedyError("stage", f"must be between 1 and {available} (the "
                            f"{unit}s the newest checkpoint holds)", stage)
-    run = rundir.RunDir(run_dir)
     summary = run.read_json(run.summary) if os.path.isfile(run.summary) else {}
     heads = report.head_accuracies(summary)
 
+    if given is None:
+        config, data_seed = recipe.data, recipe.seed
+        train_batch = recipe.train.batch_size
+        batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    else:
+        # No train batch is drawn (1: any split is large enough); the pipelines
+        # yield raw pixels, so the net's statistics spare measuring the data's.
+        (config, data_seed, batch), train_batch = given, 1
+        spec = dataclasses.replace(described, mean=spec.mean, std=spec.std)
     log(f"probing {unit}s 1..{stage} of {run.root}: features of up to {max_train} train "
-        f"and {max_eval} eval examples")
+        f"and {max_eval} eval examples"
+        + ("" if given is None else f" of {config.source} data from "
+           + (str(data) if isinstance(data, (str, os.PathLike)) else "a DataConfig")))
     start = time.perf_counter()
-    batch = recipe.train.eval_batch_size or recipe.train.batch_size
-    datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
-                         eval_batch_size=batch, seed=recipe.seed)
+    datasets = data_room.load(config, spec, batch_size=train_batch, eval_batch_size=batch,
+                              seed=data_seed)
     try:
         train_f, train_y = block_features(
             net, stage, sample(datasets, datasets.train_split, max_train, seed))
@@ -198,7 +319,9 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
             f"head val acc {head} | {entry['seconds']:.1f}s"
             + ("" if converged else " (not converged)"))
 
-    result = {"run": run.root, "recipe": recipe.name, "mode": recipe.train.mode,
+    result = {"run": run.root, "recipe": None if recipe is None else recipe.name,
+              "mode": settings["mode"] if recipe is None else recipe.train.mode,
+              "data": None if given is None else to_plain(dataclasses.asdict(config)),
               "stage": stage, "seed": seed, "train_examples": int(len(train_y)),
               "eval_examples": int(len(eval_y)), "pooled_to": [POOL, POOL],
               "max_iter": MAX_ITER, "unit": unit, "blocks": blocks,
@@ -209,9 +332,9 @@ def probe_run(run_dir, max_train=5000, max_eval=2000, stage=None, seed=0, log=pr
 
 
 def trunk_unit(recipe):
-    """What a recipe's trunk is made of, in words: "module" for a split model,
-    "block" for `model.blocks`."""
-    return "module" if recipe.split else "block"
+    """What a recipe's trunk is made of, in words: "module" for a split model (and
+    for a `kgreedy.fit` run, `recipe` None), "block" for `model.blocks`."""
+    return "module" if recipe is None or recipe.split else "block"
 
 
 def _shape(shape):

@@ -1,5 +1,6 @@
 """kgreedy.probe (layer-wise linear probes) and kgreedy.report (plots and report.md)
-on a one-epoch-per-stage quickstart run."""
+on a one-epoch-per-stage quickstart run; kgreedy.probe --data on a kgreedy.fit run
+(fit.json and net.json, no recorded data source) and on the quickstart run."""
 
 import json
 import os
@@ -145,6 +146,135 @@ def test_probe_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert lines == [f"kgreedy: error: RUN_DIR: not a kgreedy run directory: "
                      f"{tmp_path / 'recipe.json'} is missing; received '{tmp_path}'"]
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------- --data ----
+
+QUICKSTART = str(ROOT / "recipes" / "quickstart.json")
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory):
+    """A kgreedy.fit run directory: a small conv model split into two modules, two
+    epochs per stage on 512 embedded digits (8x8x1, 10 classes) from a tf.data
+    pipeline, which the run cannot record."""
+    import keras
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    import kgreedy
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(h)
+    net = kgreedy.split(keras.Model(inputs, h), at=["conv1"], num_classes=10,
+                        head=kgreedy.heads.Conv(k=1, width=8), mean=4.9, std=6.0)
+    x, y = load_digits(return_X_y=True)
+    train = tf.data.Dataset.from_tensor_slices(
+        (x[:512].reshape(-1, 8, 8, 1).astype("float32"), y[:512])).batch(32)
+    run = tmp_path_factory.mktemp("fit") / "run"
+    kgreedy.fit(net, train, epochs_per_stage=2, run_dir=run, verbose=0)
+    assert (run / "fit.json").is_file() and not (run / "recipe.json").exists()
+    return run
+
+
+def _files(folder):
+    """{name: bytes} of a folder's files: what a refused probe must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_fit_run_is_probed_on_the_data_of_a_recipe(fit_run):
+    stdout = _main_ok(probe.main, [str(fit_run), "--data", QUICKSTART,
+                                   "--max-train", "400", "--max-eval", "200"])
+    result = json.loads((fit_run / "probes.json").read_text())
+    assert (result["recipe"], result["mode"], result["unit"]) == (None, "greedy", "module")
+    assert result["data"]["source"] == "digits" and result["data"]["eval_fraction"] == 0.2
+    assert (result["train_examples"], result["eval_examples"]) == (400, 200)
+    modules = result["blocks"]
+    assert [m["block"] for m in modules] == [1, 2]
+    assert [m["output_shape"] for m in modules] == [[8, 8, 16], [8, 8, 16]]
+    for m in modules:
+        assert m["features"] == 64  # 2x2 x 16 channels
+        assert 0.0 <= m["probe_train_accuracy"] <= 1.0
+        assert 0.0 <= m["probe_eval_accuracy"] <= 1.0
+    assert modules[-1]["probe_eval_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert "module 2/2" in stdout and "probe eval" in stdout
+    assert _is_png(fit_run / "probes.png")
+    assert not [p for p in os.listdir(fit_run) if p.startswith(".tmp-")]
+
+
+def test_a_data_section_alone_is_enough(fit_run, tmp_path):
+    section = tmp_path / "digits.json"
+    section.write_text(json.dumps({"source": "digits", "eval_fraction": 0.5}))
+    _main_ok(probe.main, [str(fit_run), "--data", str(section), "--stage", "1",
+                          "--max-train", "300", "--max-eval", "100"])
+    result = json.loads((fit_run / "probes.json").read_text())
+    assert result["data"]["eval_fraction"] == 0.5 and result["stage"] == 1
+    assert [m["block"] for m in result["blocks"]] == [1]
+    assert result["blocks"][0]["probe_eval_accuracy"] > 0.5
+
+
+def test_a_fit_run_without_data_is_refused_naming_the_flag(fit_run, capsys):
+    before = _files(fit_run)
+    err = _usage_error(probe.main, [str(fit_run)], capsys)
+    assert err.startswith("kgreedy: error: RUN_DIR: is a kgreedy.fit run: it records no "
+                          "data source") and "--data DATA.json" in err
+    assert _files(fit_run) == before
+
+
+def _classes_folder(root, count):
+    """An image folder of `count` classes, one 8x8 grey PNG each."""
+    from PIL import Image
+
+    for c in range(count):
+        (root / f"class{c}").mkdir(parents=True)
+        Image.new("L", (8, 8), 40 * c).save(root / f"class{c}" / "a.png")
+    return root
+
+
+@pytest.mark.parametrize("section, needle", [
+    ({"source": "digits", "image_size": 16},
+     "--data: gives 16x16x1 images of 10 classes, but the run's net takes 8x8x1 images "
+     "of 10 classes ("),
+    ({"source": "digits", "channels": 3}, "gives 8x8x3 images of 10 classes"),
+    ({"source": "image_folder", "image_size": 8, "channels": 1, "data_dir": "{folder}"},
+     "gives 8x8x1 images of 3 classes, but the run's net takes 8x8x1 images of 10"),
+    ({"source": "digits", "colour": True}, "data.colour: unknown key; known keys are source,"),
+    ({"source": "digits", "eval_fraction": 1.5}, "data.eval_fraction: must be < 1.0; "
+                                                  "received 1.5"),
+    ({"source": "image_folder", "image_size": 8}, "data.data_dir: is required when"),
+    (["digits"], "--data: must hold a JSON object: a recipe, or a recipe's data section"),
+])
+def test_data_unlike_the_net_or_invalid_is_one_line(fit_run, tmp_path, capsys, section,
+                                                    needle):
+    if isinstance(section, dict) and section.get("data_dir") == "{folder}":
+        section["data_dir"] = str(_classes_folder(tmp_path / "folder", 3))
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(section))
+    before = _files(fit_run)
+    err = _usage_error(probe.main, [str(fit_run), "--data", str(path)], capsys)
+    assert needle in err, err
+    if "run's net takes" in needle:  # names the net's file and the data file given
+        assert f"({fit_run / 'net.json'}); " in err and err.rstrip().endswith(f"'{path}'")
+    assert _files(fit_run) == before
+
+
+def test_data_replaces_the_data_a_recipe_run_records(run_dir, tmp_path, capsys):
+    """For a kgreedy.train run --data overrides the recorded data source (data that
+    moved, another split); the net's input is checked against dataset.json."""
+    copy = _copy(run_dir, tmp_path)
+    section = tmp_path / "moved.json"
+    section.write_text(json.dumps({"source": "digits", "eval_fraction": 0.5}))
+    _main_ok(probe.main, [str(copy), "--data", str(section), "--stage", "1",
+                          "--max-train", "300", "--max-eval", "500"])
+    result = json.loads((copy / "probes.json").read_text())
+    assert result["recipe"] == "quickstart" and result["data"]["eval_fraction"] == 0.5
+    assert result["eval_examples"] == 500  # the recipe's 0.2 holds out 360
+    section.write_text(json.dumps({"source": "digits", "image_size": 10}))
+    err = _usage_error(probe.main, [str(copy), "--data", str(section)], capsys)
+    assert f"but the run's net takes 8x8x1 images of 10 classes ({copy / 'dataset.json'})" \
+        in err
 
 
 def test_report_embeds_the_plots_that_exist(probed):
