@@ -1,7 +1,7 @@
 """A run's training curves and accuracy-vs-depth plots, and a Markdown report.
 
-Reads RUN_DIR's recipe.json, metrics.jsonl, summary.json and, when present,
-probes.json (`kgreedy.probe`), and writes into the output directory (default
+Reads RUN_DIR's recipe.json (a `kgreedy.fit` run's fit.json instead), metrics.jsonl,
+summary.json and, when present, probes.json (`kgreedy.probe`), and writes into the output directory (default
 RUN_DIR/report/):
 
 - `loss.png`, `accuracy.png`, `learning_rate.png`: train/val curves over the run's
@@ -43,10 +43,11 @@ def read_run(run_dir):
     """Reads what a report needs from a run directory.
 
     Args:
-        run_dir: a run directory written by `kgreedy.train`.
+        run_dir: a run directory written by `kgreedy.train` or `kgreedy.fit`.
 
     Returns:
-        A dict with `recipe` (the raw recipe.json), `metrics` (a list of epoch
+        A dict with `recipe` (the raw recipe.json; for a `kgreedy.fit` run, its
+        name, mode and modules from fit.json), `metrics` (a list of epoch
         records), `summary` and `probes` (None without probes.json).
 
     Raises:
@@ -58,19 +59,40 @@ def read_run(run_dir):
     # Paths as the caller gave the folder (not RunDir's absolute ones): messages
     # name them so.
     paths = {name: os.path.join(run_dir, name)
-             for name in (RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY, RunDir.PROBES)}
-    for name in (RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY):
+             for name in (RunDir.RECIPE, RunDir.FIT, RunDir.METRICS, RunDir.SUMMARY,
+                          RunDir.PROBES)}
+    fit = not os.path.isfile(paths[RunDir.RECIPE]) and os.path.isfile(paths[RunDir.FIT])
+    for name in (RunDir.FIT if fit else RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY):
         if not os.path.isfile(paths[name]):
             raise KgreedyError("run_dir", f"not a kgreedy run directory with results: "
-                               f"{name} is missing", run_dir)
+                               f"{name} is missing"
+                               + (f" (nor is there a kgreedy.fit run's {RunDir.FIT})"
+                                  if name == RunDir.RECIPE else ""), run_dir)
     summary = read_json(paths[RunDir.SUMMARY], RunDir.SUMMARY)
     if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
         raise KgreedyError(RunDir.SUMMARY, "has no 'stages' list", paths[RunDir.SUMMARY])
     probes = (read_json(paths[RunDir.PROBES], RunDir.PROBES)
               if os.path.isfile(paths[RunDir.PROBES]) else None)
-    return {"recipe": read_json(paths[RunDir.RECIPE], RunDir.RECIPE),
+    recipe = (_fit_as_recipe(read_json(paths[RunDir.FIT], RunDir.FIT), paths[RunDir.FIT])
+              if fit else read_json(paths[RunDir.RECIPE], RunDir.RECIPE))
+    return {"recipe": recipe,
             "metrics": _read_metrics(paths[RunDir.METRICS]),
             "summary": summary, "probes": probes}
+
+
+def _fit_as_recipe(settings, path):
+    """What a report shows of a recipe, from a `kgreedy.fit` run's fit.json: its
+    name, mode and modules (a fit run has no recipe; its model was the caller's)."""
+    stages = settings.get("stages") if isinstance(settings, dict) else None
+    if not isinstance(stages, list) or not stages:
+        raise KgreedyError(RunDir.FIT, "has no 'stages' list", path)
+    name = settings.get("name", "?")
+    return {"name": name,
+            "description": f"A kgreedy.fit run of the Keras model {name}, split into "
+                           f"{len(stages)} modules.",
+            "train": {"mode": settings.get("mode", "greedy")},
+            # `trunk` reads a split model's source from its architecture's name.
+            "model": {"modules": len(stages), "architecture": name}}
 
 
 def save_png(figure, path):
@@ -197,7 +219,8 @@ def depth_figure(summary, probes=None, unit=None):
     ax.set_ylabel("accuracy")
     ax.set_title("accuracy vs depth")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # nothing to name without validation data
+        ax.legend(fontsize="small")
     return figure
 
 

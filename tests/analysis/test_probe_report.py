@@ -277,6 +277,21 @@ def test_data_replaces_the_data_a_recipe_run_records(run_dir, tmp_path, capsys):
         in err
 
 
+def test_a_fit_run_is_reported_from_its_fit_json(fit_run, tmp_path):
+    """A kgreedy.fit run has fit.json, not recipe.json: the report names its model,
+    mode and modules, and tables its two stages."""
+    out = tmp_path / "report"
+    _main_ok(report.main, [str(fit_run), "--output", str(out)])
+    text = (out / "report.md").read_text()
+    name = json.loads((fit_run / "fit.json").read_text())["name"]
+    assert text.startswith(f"# Run report: {name}\n")
+    assert f"A kgreedy.fit run of the Keras model {name}, split into 2 modules." in text
+    assert f"Mode: greedy; 2 modules of {name}; 4 epochs recorded." in text
+    assert json.loads((fit_run / "summary.json").read_text())["final"]["stage"] == 2
+    assert "**Final** (stage 2): val accuracy " in text  # none: fitted without validation
+    assert _is_png(out / "accuracy.png") and _is_png(out / "depth.png")
+
+
 def test_report_embeds_the_plots_that_exist(probed):
     run_dir = probed[0]
     stdout = _main_ok(report.main, [str(run_dir)])
