@@ -6,10 +6,13 @@ stage`) or `DecoupledLoop`, driven epoch by epoch by an `EpochDriver`
 (`kgreedy.training.driver`). Everything around the stages is an `Action`
 (`kgreedy.training.actions`): records and checkpoints (`kgreedy.training.
 run_actions`, added by the trainer when it has a run directory), progress lines,
-Keras callbacks, and whatever the caller adds: for a recipe's run the feature cache
+Keras callbacks, the heads' scores at the end (`HeadScores`), and whatever the caller
+adds: for a recipe's run the feature cache
 (`kgreedy.training.cache.FeatureCaching`, a stage's source) and the export
 (`kgreedy.serving.export.Exporter`, at the run's finish). Preemption is
-`kgreedy.training.preemption`. Building the net, the global precision, the run
+`kgreedy.training.preemption`. summary.json (`RunRecords`) stays the controller's:
+it is the run's state, the stages done, which a resume reads to know where to go
+on, so no action may leave it out. Building the net, the global precision, the run
 directory and its lock are the caller's (`kgreedy.training.run`): the command line,
 the tuner and `kgreedy.fit` all reach this class through there.
 """
@@ -24,7 +27,6 @@ from kgreedy import data
 from kgreedy.base.errors import NonFiniteLoss, Preempted
 from kgreedy.base.progress import Progress
 from kgreedy.config.vocabulary import ONE_STAGE_MODES
-from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.model.network import count_params, parameter_table
 from kgreedy.training.actions import check_actions
 from kgreedy.training.checkpoints import restore
@@ -33,7 +35,8 @@ from kgreedy.training.distribute import WorkerInfo
 from kgreedy.training.driver import EpochDriver, LiveSteps
 from kgreedy.training.preemption import Interrupted, Preemption
 from kgreedy.training.records import RunRecords
-from kgreedy.training.run_actions import EpochLines, EpochRecords, StageCheckpoints
+from kgreedy.training.run_actions import (EpochLines, EpochRecords, HeadScores,
+                                         StageCheckpoints)
 from kgreedy.training.rundir import check_resume, stage_checkpoint, stage_weights
 from kgreedy.training.stage import StageLoop
 
@@ -57,8 +60,9 @@ class GreedyTrainer:
         strategy: the `tf.distribute.Strategy` to train under.
         train: the `TrainConfig` (mode, epochs, optimizer, cache, checkpoints).
         progress: a `Progress` (default: stdout).
-        actions: more `Action`s, called in this order after the run's own (the
-            feature cache, the export, Keras callbacks, tests, tools).
+        actions: more `Action`s, called in this order after the run's own
+            (`HeadScores`): the feature cache, the export, Keras callbacks, tests,
+            tools.
         source: the `RunDir` to resume from (default: `run`). A non-chief worker
             writes to a temporary directory but resumes from the chief's.
         optimizer: `optimizer(stage)` returns each stage's new Keras optimizer
@@ -74,7 +78,9 @@ class GreedyTrainer:
         self.strategy = strategy
         self.train = train
         self.progress = progress or Progress()
-        self.actions = check_actions(actions)
+        # Every run scores its heads first: the export and the caller's actions see
+        # the scores in `final`.
+        self.actions = [HeadScores(), *check_actions(actions)]
         self.source = source or run
         self.optimizer = optimizer
         self.seed = seed
@@ -293,19 +299,6 @@ class GreedyTrainer:
                                     for e in records.summary["stages"]),
                  "ensemble_val_accuracy": None, "head_val_accuracies": None,
                  "export_heads": None, "export_path": None}
-        if not self.end_to_end and self.worker.is_chief and self.eval_data is not None:
-            self.preemption.finishing = "while scoring the heads"
-            # One pass through the frozen trunk scores every head and the paper's
-            # ensemble (an end-to-end run trains the last head only). Other workers'
-            # summaries are thrown away, so they skip it.
-            scores = evaluate_heads(self.net, self.datasets.eval)
-            final["ensemble_val_accuracy"] = scores["ensemble_val_accuracy"]
-            final["head_val_accuracies"] = scores["head_val_accuracies"]
-            self.progress.message(
-                f"heads: last {scores['head_val_accuracies'][-1]:.4f}, ensemble of "
-                f"{len(scores['head_val_accuracies'])} (weights 2^j) "
-                f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
-                "eval examples")
         self.preemption.finishing = "while finishing"
         for action in self.actions:
             action.on_finish(self, final)

@@ -1,10 +1,11 @@
 """The actions every run of the controller has (`kgreedy.training.actions`): each
-epoch's record, the stage's checkpoints (and preemption at a step), and the line of
-each finished epoch."""
+epoch's record, the stage's checkpoints (and preemption at a step), the line of
+each finished epoch, and the heads' scores at the end."""
 
 import tensorflow as tf
 
 from kgreedy.base.errors import Preempted
+from kgreedy.model.ensemble import evaluate_heads
 from kgreedy.training.actions import Action
 from kgreedy.training.checkpoints import save_checkpoint
 from kgreedy.training.rundir import stage_checkpoint
@@ -74,3 +75,25 @@ class EpochLines(Action):
 
     def after_epoch(self, driver, record):
         self.progress.epoch_end(record, driver.epochs, driver.steps_per_epoch)
+
+
+class HeadScores(Action):
+    """Scores every head and the paper's ensemble (weights 2^j) in one pass through
+    the frozen trunk once every stage is done, into summary.json's `final`
+    (`ensemble_val_accuracy`, `head_val_accuracies`). An end-to-end run trains the
+    last head only, and other workers' summaries are thrown away: both skip it, as
+    does a run without evaluation data."""
+
+    def on_finish(self, trainer, final):
+        if trainer.train.mode == "end_to_end" or not trainer.worker.is_chief \
+                or trainer.eval_data is None:
+            return
+        trainer.preemption.finishing = "while scoring the heads"
+        scores = evaluate_heads(trainer.net, trainer.datasets.eval)
+        final["ensemble_val_accuracy"] = scores["ensemble_val_accuracy"]
+        final["head_val_accuracies"] = scores["head_val_accuracies"]
+        trainer.progress.message(
+            f"heads: last {scores['head_val_accuracies'][-1]:.4f}, ensemble of "
+            f"{len(scores['head_val_accuracies'])} (weights 2^j) "
+            f"{scores['ensemble_val_accuracy']:.4f} on {scores['val_examples']} "
+            "eval examples")
