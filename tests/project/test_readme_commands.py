@@ -233,6 +233,10 @@ COMMANDS = {
         tiny("results"),
     "python -m kgreedy.report runs/cifar10_budget_k3":
         tiny("results"),
+    # A kgreedy.fit run probed on a recipe's data: the probe tests fit one and run it.
+    "python -m kgreedy.probe runs/my_fit --data recipes/quickstart.json":
+        covered("test_probe_report.py::test_a_fit_run_is_probed_on_the_data_of_a_recipe",
+                "kgreedy.fit", "--data", "quickstart.json"),
     # Bring your own network: the ResNet-32 dry run is test_split_recipes'; MobileNetV2
     # in 4 modules on a few CIFAR-10 images, exported, and its export checked.
     "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --dry-run":
