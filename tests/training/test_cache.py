@@ -94,6 +94,23 @@ def test_training_on_cached_features_matches_training_through_the_prefix(tmp_pat
     assert not (tmp_path / "on" / "cache" / "stage3").exists()  # removed after the stage
 
 
+def test_a_cache_whose_build_fails_is_removed(tmp_path, monkeypatch):
+    """The cache action (`FeatureCaching.stage_source`) removes what a failed build
+    wrote: here the train split's features are on disk when the eval split fails."""
+    cache_split = FeatureCache._cache
+
+    def failing(self, source, prefix, split):
+        if split == "eval":
+            assert os.listdir(self.directory) == ["train"]  # written, on disk
+            raise RuntimeError("eval split failed")
+        return cache_split(self, source, prefix, split)
+
+    monkeypatch.setattr(FeatureCache, "_cache", failing)
+    with pytest.raises(RuntimeError, match="eval split failed"):
+        train(recipe("on", cache_memory_mb=0), tmp_path / "run")
+    assert not (tmp_path / "run" / "cache" / "stage2").exists()
+
+
 def test_when_the_cache_is_used():
     datasets = load(recipe())
     spec = datasets.spec
