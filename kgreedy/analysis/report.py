@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json, read_jsonl, write_atomic, write_text
-from kgreedy.training.rundir import RunDir
+from kgreedy.training.rundir import RunDir, fit_settings
 
 PLOTS = ("loss", "accuracy", "learning_rate", "depth")
 
@@ -59,10 +59,9 @@ def read_run(run_dir):
     # Paths as the caller gave the folder (not RunDir's absolute ones): messages
     # name them so.
     paths = {name: os.path.join(run_dir, name)
-             for name in (RunDir.RECIPE, RunDir.FIT, RunDir.METRICS, RunDir.SUMMARY,
-                          RunDir.PROBES)}
-    fit = not os.path.isfile(paths[RunDir.RECIPE]) and os.path.isfile(paths[RunDir.FIT])
-    for name in (RunDir.FIT if fit else RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY):
+             for name in (RunDir.RECIPE, RunDir.METRICS, RunDir.SUMMARY, RunDir.PROBES)}
+    fit = fit_settings(run_dir)  # None: a run of kgreedy.train, with recipe.json
+    for name in (*(() if fit else (RunDir.RECIPE,)), RunDir.METRICS, RunDir.SUMMARY):
         if not os.path.isfile(paths[name]):
             raise KgreedyError("run_dir", f"not a kgreedy run directory with results: "
                                f"{name} is missing"
@@ -73,8 +72,8 @@ def read_run(run_dir):
         raise KgreedyError(RunDir.SUMMARY, "has no 'stages' list", paths[RunDir.SUMMARY])
     probes = (read_json(paths[RunDir.PROBES], RunDir.PROBES)
               if os.path.isfile(paths[RunDir.PROBES]) else None)
-    recipe = (_fit_as_recipe(read_json(paths[RunDir.FIT], RunDir.FIT), paths[RunDir.FIT])
-              if fit else read_json(paths[RunDir.RECIPE], RunDir.RECIPE))
+    recipe = (_fit_as_recipe(fit, RunDir(run_dir).fit) if fit
+              else read_json(paths[RunDir.RECIPE], RunDir.RECIPE))
     return {"recipe": recipe,
             "metrics": _read_metrics(paths[RunDir.METRICS]),
             "summary": summary, "probes": probes}
@@ -83,14 +82,14 @@ def read_run(run_dir):
 def _fit_as_recipe(settings, path):
     """What a report shows of a recipe, from a `kgreedy.fit` run's fit.json: its
     name, mode and modules (a fit run has no recipe; its model was the caller's)."""
-    stages = settings.get("stages") if isinstance(settings, dict) else None
+    stages = settings.get("stages")
     if not isinstance(stages, list) or not stages:
         raise KgreedyError(RunDir.FIT, "has no 'stages' list", path)
     name = settings.get("name", "?")
     return {"name": name,
             "description": f"A kgreedy.fit run of the Keras model {name}, split into "
                            f"{len(stages)} modules.",
-            "train": {"mode": settings.get("mode", "greedy")},
+            "train": {"mode": settings["mode"]},
             # `trunk` reads a split model's source from its architecture's name.
             "model": {"modules": len(stages), "architecture": name}}
 
