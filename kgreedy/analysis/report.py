@@ -9,7 +9,8 @@ RUN_DIR/report/):
 - `modules.png` (decoupled runs): each module's head accuracy per epoch;
 - `depth.png`: each stage's head accuracy, the probe accuracy of each module (a
   block, or a module of a split model) and the ensemble accuracy, against depth;
-- `report.md`: the recipe, the plots and a per-stage table.
+- `report.md`: the recipe, the plots and a per-stage table (its figures, the peak
+  memory among them, are `stage_rows`).
 
 Every file is written atomically (temporary file, then a rename). Plotting uses
 matplotlib's Agg canvas directly, never pyplot, so it needs no display and leaves
@@ -255,8 +256,9 @@ def _shape(shape):
 
 
 def stage_rows(summary, metrics):
-    """Per stage of summary.json: its entry plus `images_per_second`, the mean of
-    its epochs' images/s in metrics.jsonl (None without records)."""
+    """Per stage of summary.json: its entry (`peak_memory_mb`, `gpu_peak_memory_mb`
+    among its figures: None in runs older than them) plus `images_per_second`, the
+    mean of its epochs' images/s in metrics.jsonl (None without records)."""
     rows = []
     for entry in summary["stages"]:
         speeds = [r["images_per_second"] for r in metrics
@@ -282,7 +284,10 @@ _STAGE_COLUMNS = (("stage", "stage", "d"), ("output", "output_shape", None),
                   ("trainable", "trainable_params", ","), ("frozen", "frozen_params", ","),
                   ("deployed", "deployed_params", ","), ("val acc", "val_accuracy", ".4f"),
                   ("train acc", "train_accuracy", ".4f"), ("seconds", "seconds", ".1f"),
-                  ("images/s", "images_per_second", ",.0f"))
+                  ("images/s", "images_per_second", ",.0f"),
+                  ("peak MB", "peak_memory_mb", ",.0f"))
+# Only where a stage was measured on a GPU: on a CPU the column would be all '-'.
+_GPU_COLUMN = ("GPU peak MB", "gpu_peak_memory_mb", ",.0f")
 _PROBE_COLUMNS = (("{unit}", "block", "d"), ("output", "output_shape", None),
                   ("features", "features", "d"),
                   ("probe train acc", "probe_train_accuracy", ".4f"),
@@ -316,7 +321,17 @@ def markdown(run, plots):
     lines += [f"Mode: {recipe.get('train', {}).get('mode', 'greedy')}; "
               f"{count} {unit}s" + (f" of {source}" if source else "")
               + f"; {len(run['metrics'])} epochs recorded.", "", "## Stages", ""]
-    lines += _table(_STAGE_COLUMNS, stage_rows(summary, run["metrics"])) + [""]
+    rows = stage_rows(summary, run["metrics"])
+    gpu = any(r.get("gpu_peak_memory_mb") is not None for r in rows)
+    lines += _table(_STAGE_COLUMNS + ((_GPU_COLUMN,) if gpu else ()), rows) + [""]
+    if any(r.get("peak_memory_mb") is not None for r in rows):
+        since = ("the stage began" if all(r.get("peak_memory_since", "stage") == "stage"
+                                          for r in rows)
+                 else "the stage began, or the process started where the system "
+                      "could not reset it")
+        lines += [f"Peak MB: the training process's largest resident memory since {since}"
+                  + ("; GPU: TensorFlow's peak on the fullest GPU" if gpu else "")
+                  + " (MB of 2^20 bytes).", ""]
     final = summary.get("final")
     if final:
         text = (f"**Final** (stage {final.get('stage')}): val accuracy "

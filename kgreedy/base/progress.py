@@ -3,6 +3,9 @@ in a log file."""
 
 import sys
 
+from kgreedy.base.machine import format_bytes
+from kgreedy.base.peak_memory import MB
+
 
 class Progress:
     """Prints training progress.
@@ -64,7 +67,8 @@ class Progress:
                     f"step {steps}/{steps} loss {record['train_loss']:.4f} "
                     f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
                     f"acc {record['val_accuracy']:.4f} | lr {record['learning_rate']:.3g} "
-                    f"{record['images_per_second']:,.0f} img/s {record['seconds']:.1f}s")
+                    f"{record['images_per_second']:,.0f} img/s {record['seconds']:.1f}s"
+                    f"{peak_text(record)}")
         if record.get("train_module_accuracy") is not None:
             # A decoupled epoch: every module's head, first to last.
             val = record.get("val_module_accuracy")
@@ -76,7 +80,17 @@ class Progress:
         train = entry["train_accuracy"]
         train = "n/a" if train is None else f"{train:.4f}"
         self._print(f"stage {entry['stage']} done: val acc {entry['val_accuracy']:.4f} "
-                    f"train acc {train} in {entry['seconds']:.1f}s")
+                    f"train acc {train} in {entry['seconds']:.1f}s{peak_text(entry, ',')}")
+
+
+def peak_text(figures, lead=""):
+    """' peak 1.2 GB GPU 3.4 GB': a record's or stage entry's peak memory (host, then
+    GPU when there is one), '' for one without figures (older runs)."""
+    host, gpu = figures.get("peak_memory_mb"), figures.get("gpu_peak_memory_mb")
+    if host is None and gpu is None:
+        return ""
+    text = lead + " peak " + ("-" if host is None else format_bytes(host * MB))
+    return text + ("" if gpu is None else f" GPU {format_bytes(gpu * MB)}")
 
 
 def _accuracies(values):

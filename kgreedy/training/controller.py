@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from kgreedy import data
 from kgreedy.base.errors import NonFiniteLoss, Preempted
+from kgreedy.base.peak_memory import StagePeak, largest_peaks
 from kgreedy.base.progress import Progress
 from kgreedy.config.vocabulary import ONE_STAGE_MODES
 from kgreedy.model.network import count_params, parameter_table
@@ -201,6 +202,9 @@ class GreedyTrainer:
         if stage > self.stages()[0] and self.preemption.agreed():
             # Between stages: the one before is saved whole and in summary.json.
             raise self._preempted(stage - 1, f"after stage {stage - 1}")
+        # The stage's peaks count from here: its source (a feature cache built), its
+        # loop and optimizer, then its epochs.
+        peak = StagePeak()
         with contextlib.ExitStack() as stack:
             sources = [source for source in (
                 stack.enter_context(action.stage_source(self, stage))
@@ -209,7 +213,8 @@ class GreedyTrainer:
                 raise ValueError(f"stage {stage} got {len(sources)} sources from its "
                                  "actions; at most one action may give a stage's source. "
                                  f"Received: sources={sources!r}")
-            self._fit_stage_on(stage, records, resume, sources[0] if sources else None)
+            self._fit_stage_on(stage, records, resume, sources[0] if sources else None,
+                               peak)
 
     def _loop(self, stage, source):
         steps = self.steps_per_epoch
@@ -220,8 +225,9 @@ class GreedyTrainer:
                          end_to_end=self.end_to_end, cached_features=source is not None,
                          optimizer=self.optimizer)
 
-    def _fit_stage_on(self, stage, records, resume, source):
-        """Stage `stage` on images, or on `source`'s features of modules 1..stage-1."""
+    def _fit_stage_on(self, stage, records, resume, source, peak):
+        """Stage `stage` on images, or on `source`'s features of modules 1..stage-1;
+        `peak`, the `StagePeak` made when it began."""
         epochs, steps = self.train.epochs_per_stage, self.steps_per_epoch
         loop = self._loop(stage, source)
         eval_data = self.eval_data if source is None else \
@@ -230,7 +236,8 @@ class GreedyTrainer:
         driver = EpochDriver(
             loop, self.datasets, epochs, eval_data,
             train_source=None if source is None else source.train_split,
-            nonfinite=self._nonfinite(stage), align=self.train.checkpoint_every_steps)
+            nonfinite=self._nonfinite(stage), align=self.train.checkpoint_every_steps,
+            peak=peak)
         checkpoints = None
         if self.run is not None:
             checkpoints = StageCheckpoints(self.net, stage, driver,
@@ -283,7 +290,13 @@ class GreedyTrainer:
                  "seconds": time.perf_counter() - stage_start,
                  # this process's, since the stage (re)started: a resumed stage
                  # counts its last part only, as `seconds` does
-                 "cpu_seconds": time.process_time() - stage_cpu}
+                 "cpu_seconds": time.process_time() - stage_cpu,
+                 # The largest of its epochs' records (those before a resume were
+                 # measured by the process that ran them) and of this process since
+                 # the stage (re)started, the checkpoint after the last epoch included.
+                 **largest_peaks(peak.read(), *(r for r in records.epochs()
+                                                if r["stage"] == stage)),
+                 "peak_memory_since": peak.since}
         records.stage(entry)
         self.progress.stage_end(entry)
         for action in self.actions:

@@ -30,10 +30,13 @@ class EpochDriver:
         nonfinite: called as `nonfinite(epoch, step_in_epoch)` when a loss was not
             finite; returns the exception to raise.
         align: chunks end at multiples of this many steps (mid-epoch checkpoints).
+        peak: a `kgreedy.base.peak_memory.StagePeak` made when the stage began:
+            each record then carries its `peak_memory_mb` and `gpu_peak_memory_mb`
+            (the peaks since then); None: no memory figures (the tuner's trials).
     """
 
     def __init__(self, loop, datasets, epochs, eval_data, *, train_source=None,
-                 actions=(), nonfinite=None, align=None):
+                 actions=(), nonfinite=None, align=None, peak=None):
         self.loop = loop
         self.datasets = datasets
         self.epochs = epochs
@@ -42,6 +45,7 @@ class EpochDriver:
         self.actions = check_actions(actions)
         self.nonfinite = nonfinite or _nonfinite_error
         self.align = align
+        self.peak = peak
         self.stop = False
         with loop.strategy.scope():
             # Epochs whose record is out: a checkpoint taken after the last step of an
@@ -104,7 +108,8 @@ class EpochDriver:
             record = {"stage": loop.stage, "epoch": epoch, **result,
                       "learning_rate": learning_rate,
                       "cpu_seconds": time.process_time() - cpu_start,
-                      "wall_seconds": time.perf_counter() - wall_start}
+                      "wall_seconds": time.perf_counter() - wall_start,
+                      **(self.peak.read() if self.peak is not None else {})}
             self.epochs_done.assign(epoch)
             for action in self.actions:
                 action.after_epoch(self, record)

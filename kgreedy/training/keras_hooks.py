@@ -7,7 +7,8 @@ knows from `Model.fit`:
 - `ProgbarProgress`: the `Progress` interface drawn with `keras.utils.Progbar`
   (`verbose` 0, 1 or 2 as in `fit`); it is also an action, to open each epoch's bar.
 - `KerasCallbacks`: an action that calls `keras.callbacks` hooks with Keras-style
-  logs (`loss`, `accuracy`, `val_loss`, `val_accuracy`, `learning_rate`, `stage`),
+  logs (`loss`, `accuracy`, `val_loss`, `val_accuracy`, `learning_rate`, `stage`,
+  `peak_memory_mb`, `gpu_peak_memory_mb`),
   hands each stage's deployed model (its `optimizer` the stage's) to `set_model`, and
   ends a stage early when a callback sets `model.stop_training`.
 - `StageHistory`: `keras.callbacks.History` with a per-stage view (`stages`).
@@ -17,6 +18,7 @@ import sys
 
 import keras
 
+from kgreedy.base.progress import peak_text
 from kgreedy.training.actions import Action
 
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -24,11 +26,15 @@ _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 def keras_logs(record):
     """An epoch record of the engine in Keras' names; val_* left out when the run
-    has no eval data."""
+    has no eval data, `gpu_peak_memory_mb` without a GPU (a None breaks callbacks
+    that log every value, as Keras' TensorBoard does)."""
     logs = {"loss": record["train_loss"], "accuracy": record["train_accuracy"]}
     if record["val_loss"] is not None:
         logs.update(val_loss=record["val_loss"], val_accuracy=record["val_accuracy"])
     logs.update(learning_rate=record["learning_rate"], stage=record["stage"])
+    for key in ("peak_memory_mb", "gpu_peak_memory_mb"):
+        if record.get(key) is not None:
+            logs[key] = record[key]
     # A decoupled epoch: every module's head, as module{j}_accuracy etc.
     for key in ("train_module_loss", "train_module_accuracy", "val_module_loss",
                 "val_module_accuracy"):
@@ -101,9 +107,11 @@ class ProgbarProgress(Action):
     def stage_end(self, entry):
         if entry["val_accuracy"] is not None:
             self._print(f"Stage {entry['stage']} done: val_accuracy "
-                        f"{entry['val_accuracy']:.4f} in {entry['seconds']:.1f}s")
+                        f"{entry['val_accuracy']:.4f} in {entry['seconds']:.1f}s"
+                        f"{peak_text(entry, ',')}")
         else:
-            self._print(f"Stage {entry['stage']} done in {entry['seconds']:.1f}s")
+            self._print(f"Stage {entry['stage']} done in {entry['seconds']:.1f}s"
+                        f"{peak_text(entry, ',')}")
 
 
 class StageHistory(keras.callbacks.History):

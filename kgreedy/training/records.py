@@ -8,7 +8,8 @@ import tensorflow as tf
 from kgreedy.base.files import append_jsonl, write_json, write_text
 
 _SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
-            "learning_rate", "images_per_second")
+            "learning_rate", "images_per_second", "peak_memory_mb",
+            "gpu_peak_memory_mb")
 # Per-module lists of a decoupled run: TensorBoard's `module{j}/{train,val}_{...}`.
 _MODULE_LISTS = ("train_module_loss", "train_module_accuracy", "val_module_loss",
                  "val_module_accuracy")
@@ -49,8 +50,9 @@ class RunRecords:
             return
         append_jsonl(self.run.metrics, record)
         with self.writer.as_default():
-            # val_* are None in a run without eval data (kgreedy.fit).
-            for key in (k for k in _SCALARS if record[k] is not None):
+            # val_* are None in a run without eval data (kgreedy.fit), the GPU's
+            # peak without a GPU: no point then.
+            for key in (k for k in _SCALARS if record.get(k) is not None):
                 tf.summary.scalar(f"stage{record['stage']}/{key}", record[key],
                                   step=record["epoch"])
                 tf.summary.scalar(f"all/{key}", record[key], step=global_epoch)

@@ -75,6 +75,19 @@ def _copy(run_dir, tmp_path, drop=()):
     return copy
 
 
+def test_the_quickstart_records_its_peak_memory_per_epoch_and_stage(run_dir):
+    records = [json.loads(line) for line in
+               (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stages = json.loads((run_dir / "summary.json").read_text())["stages"]
+    assert len(records) == len(stages) == 3
+    for record, stage in zip(records, stages):  # one epoch per stage
+        assert record["peak_memory_mb"] > 100, record  # TensorFlow alone holds more
+        assert stage["peak_memory_mb"] >= record["peak_memory_mb"], (stage, record)
+        assert stage["peak_memory_since"] == "stage"
+        # None without a GPU; on one, TensorFlow's peak there.
+        assert (record["gpu_peak_memory_mb"] is None) == (stage["gpu_peak_memory_mb"] is None)
+
+
 def test_probe_measures_every_block_and_writes_json_and_png(probed):
     run_dir, result, stdout = probed
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -308,6 +321,14 @@ def test_report_embeds_the_plots_that_exist(probed):
         assert f"| {stage['stage']} | {'x'.join(map(str, stage['output_shape']))} |" in text
     assert f"val accuracy {summary['final']['val_accuracy']:.4f}" in text
     assert "## Linear probes" in text and "export none" in text
+    # Each stage's peak memory, in the table's last columns (no GPU column on a CPU).
+    gpu = any(stage.get("gpu_peak_memory_mb") is not None for stage in summary["stages"])
+    assert "| images/s | peak MB |" in text and ("| GPU peak MB |" in text) == gpu
+    for stage in summary["stages"]:
+        assert re.search(rf"\n\| {stage['stage']} \|.* \| {stage['peak_memory_mb']:,.0f} \|",
+                         text), stage
+    assert "Peak MB: the training process's largest resident memory since the stage " \
+           "began" in text
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
@@ -316,11 +337,18 @@ def test_report_without_probes_with_ensemble_into_another_directory(run_dir, tmp
     copy = _copy(run_dir, tmp_path)
     summary = json.loads((copy / "summary.json").read_text())
     summary["final"]["ensemble_val_accuracy"] = 0.9123
+    # As on a GPU, and on a system that could not reset the host's peak.
+    for stage in summary["stages"]:
+        stage["gpu_peak_memory_mb"] = 1234.4
+    summary["stages"][0]["peak_memory_since"] = "process"
     (copy / "summary.json").write_text(json.dumps(summary))
     out = tmp_path / "elsewhere" / "rep"
     _main_ok(report.main, [str(copy), "--output", str(out)])
     text = (out / "report.md").read_text()
     assert "ensemble val accuracy 0.9123" in text
+    assert "| peak MB | GPU peak MB |" in text and text.count(" | 1,234 |\n") == 3
+    assert ("or the process started where the system could not reset it; GPU: "
+            "TensorFlow's peak on the fullest GPU") in text
     assert "## Linear probes" not in text
     assert _is_png(out / "depth.png") and not (copy / "report").exists()
 

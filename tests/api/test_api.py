@@ -145,13 +145,21 @@ def test_fit_reports_like_keras_and_exports_the_serving_contract(tmp_path):
     assert set(history.stages) == {1, 2}
     assert len(history.stages[2]["val_accuracy"]) == 2
     assert "stage" not in history.stages[2]
-    keys = ["accuracy", "learning_rate", "loss", "stage", "val_accuracy", "val_loss"]
+    # The host's peak memory since the stage began; a GPU's only where there is one.
+    keys = sorted(["accuracy", "learning_rate", "loss", "stage", "val_accuracy", "val_loss",
+                   "peak_memory_mb",
+                   *(["gpu_peak_memory_mb"] if tf.config.list_logical_devices("GPU") else [])])
     assert recorder.events == ["train_begin", ("begin", 0), ("end", 0, keys), ("begin", 2),
                                ("end", 2, keys), ("begin", 3), ("end", 3, keys),
                                "train_end"]
     assert recorder.models == ["tiny_stage1", "tiny_stage2"]
+    assert all(mb > 0 for mb in history.history["peak_memory_mb"])
+    assert len(history.stages[2]["peak_memory_mb"]) == 2
     final = history.summary["final"]
     assert [e["epochs"] for e in history.summary["stages"]] == [1, 2]
+    # Each stage's peak is the largest of its epochs' (and of its end, after them).
+    for entry in history.summary["stages"]:
+        assert entry["peak_memory_mb"] >= max(history.stages[entry["stage"]]["peak_memory_mb"])
     assert len(final["head_val_accuracies"]) == 2 and final["export_path"] is None
 
     path = net.export(tmp_path / "exports" / "tiny" / "1")

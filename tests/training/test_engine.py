@@ -127,6 +127,32 @@ def test_run_directory_records(greedy_run):
     assert log.count(" epoch ") == 6
 
 
+def test_records_and_stages_carry_the_peak_memory_since_the_stage_began(greedy_run):
+    _, summary, _, run_dir, log = greedy_run
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    for r in lines:
+        assert isinstance(r["peak_memory_mb"], float) and r["peak_memory_mb"] > 0, r
+        assert (r["gpu_peak_memory_mb"] is not None) == gpu, r
+    on_disk = json.load(open(os.path.join(run_dir, "summary.json")))
+    for entry in on_disk["stages"]:
+        mine = [r["peak_memory_mb"] for r in lines if r["stage"] == entry["stage"]]
+        # The stage's peak: the largest of its epochs' and of its end after them.
+        assert entry["peak_memory_mb"] >= max(mine) > 0, (entry, mine)
+        assert entry["peak_memory_since"] == "stage"  # clear_refs works here
+        assert "gpu_peak_memory_mb" in entry
+    assert [e["peak_memory_mb"] for e in summary["stages"]] == [
+        e["peak_memory_mb"] for e in on_disk["stages"]]
+    # Every epoch line and stage line shows it.
+    assert log.count(" peak ") == 6 + 3 and "s, peak " in log
+    events = [p for p in os.listdir(os.path.join(run_dir, "tensorboard"))
+              if p.startswith("events.out.tfevents")]
+    tags = {value.tag for path in events for event in tf.compat.v1.train.summary_iterator(
+        os.path.join(run_dir, "tensorboard", path)) for value in event.summary.value}
+    assert {"stage1/peak_memory_mb", "all/peak_memory_mb"} <= tags
+    assert ("all/gpu_peak_memory_mb" in tags) == gpu
+
+
 def test_checkpoints_restore_every_weight(greedy_run):
     trainer, _, _, run_dir, _ = greedy_run
     for stage in (2, 3):
