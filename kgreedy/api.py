@@ -364,7 +364,7 @@ def _check_pools(parts, heads, image_shape):
 
 def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=None,
         mode="greedy", steps_per_epoch=None, callbacks=(), run_dir=None, resume=False,
-        verbose=1, objective=None, objective_weights=None):
+        verbose=1, objective=None, objective_weights=None, memory_budget=None):
     """Trains a `SplitNet` greedily, stage by stage (or end to end, or decoupled),
     like `Model.fit`.
 
@@ -404,6 +404,11 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
         objective: what each module trains on, as `split`'s `objective` (which it
             replaces, with fresh decoders and projection heads); None keeps the net's.
         objective_weights: as `split`'s, for the objective given (or the net's).
+        memory_budget: the memory the fit's stages may use, `"12GB"`, `"512MB"`
+            (units of 1024) or `"auto"` (what the device has free), as the command
+            line's `train.memory_budget`: a fit whose largest stage needs more
+            raises `ValueError` before any work, naming the modes that fit. None
+            (default): not checked.
 
     Returns:
         A `keras.callbacks.History` (`kgreedy.training.keras_hooks.StageHistory`):
@@ -431,4 +436,5 @@ def fit(net, train_ds, validation_data=None, *, epochs_per_stage=10, optimizer=N
     return fitting.fit_net(net, train_ds, validation_data, epochs_per_stage=epochs_per_stage,
                            optimizer=optimizer, mode=mode, steps_per_epoch=steps_per_epoch,
                            callbacks=callbacks, run_dir=run_dir, resume=resume,
-                           verbose=verbose, objective=objective)
+                           verbose=verbose, objective=objective,
+                           memory_budget=memory_budget)

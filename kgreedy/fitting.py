@@ -27,7 +27,7 @@ from kgreedy.config.vocabulary import MODES, ONE_STAGE_MODES
 from kgreedy.data.external import ExternalDatasets, check_pipeline
 from kgreedy.model.layers import BN_MOMENTUM
 from kgreedy.model.network import GreedyNet, parameter_table
-from kgreedy.training import run
+from kgreedy.training import budget, run
 from kgreedy.training.controller import GreedyTrainer
 from kgreedy.training.keras_hooks import KerasCallbacks, ProgbarProgress, StageHistory
 from kgreedy.training.rundir import RunDir
@@ -36,7 +36,8 @@ RESUME_HINT = "pass resume=True"
 
 
 def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode,
-            steps_per_epoch, callbacks, run_dir, resume, verbose, objective=None):
+            steps_per_epoch, callbacks, run_dir, resume, verbose, objective=None,
+            memory_budget=None):
     """`kgreedy.api.fit` after its `net` is known to be a `SplitNet` (and `objective`,
     a new `Objective` for it or None, checked)."""
     _check_options(epochs_per_stage, optimizer, mode, steps_per_epoch, callbacks,
@@ -53,6 +54,9 @@ def fit_net(net, train_ds, validation_data, *, epochs_per_stage, optimizer, mode
                         # The caller's optimizer brings its own decay; this config
                         # only describes the run.
                         optimizer=OptimizerConfig(weight_decay=0.0))
+    if memory_budget is not None:
+        budget.check_fit(net, train, memory_budget,
+                         budget.optimizer_slots(lambda: _optimizer_factory(optimizer)(1)))
     for message in check_batch_norm(net, epochs_per_stage, steps, mode):
         warnings.warn(message, UserWarning, stacklevel=3)  # at the caller of kgreedy.fit
     path = None if run_dir is None else os.fspath(run_dir)

@@ -40,7 +40,7 @@ from kgreedy.config.data_checks import check_against_data
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.network import stage_table
 from kgreedy.serving.export import Exporter
-from kgreedy.training import distribute, memory, precision, session
+from kgreedy.training import budget, distribute, memory, precision, session
 from kgreedy.training import run as run_path
 from kgreedy.training.cache import check_cache_workers
 from kgreedy.training.rundir import RunDir
@@ -99,25 +99,36 @@ def run(recipe, output=None, *, resume=False, dry_run=False, progress=None):
         a finished run), or None for a dry run or a non-chief worker.
     """
     spec, strategy = session.start(recipe)
-    check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
     worker = distribute.WorkerInfo(strategy)
     check_cache_workers(recipe.train, worker.num_workers)
     output = output or os.path.join("runs", recipe.name)
-    recipe, chose = precision.resolve(recipe, _saved_precision(output) if resume else None)
+    saved = _saved_recipe(output) if resume else {}
+    recipe, chose = precision.resolve(
+        recipe, saved.get("train", {}).get("mixed_precision"))
     # Sized before anything is allocated, read or written, on the net built without
     # its weights (a split model is loaded and split for real, so that one that
     # cannot be, a crossing split point or a file Keras cannot load, stops the run
     # now). Then the run's net is built, once, seeded, in scope.
+    limit = budget.resolve_budget(recipe.train)
+    recipe, plan = _planned_modules(recipe, spec, limit, worker, saved)
+    check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
     sized, stages, note = memory.estimate(recipe, spec, worker.num_workers)
     available, unchecked = memory.available_for_training()
+    fits = sized and budget.what_fits(recipe, spec, sized, stages, worker.num_workers,
+                                      strategy.num_replicas_in_sync)
     if dry_run:
-        print_dry_run(recipe, spec, sized or run_path.build_net(recipe, spec, strategy),
-                      stages, available, note, unchecked)
-        if chose:
-            print(chose)
-        memory.check(stages, available)
+        net = sized or run_path.build_net(recipe, spec, strategy)
+        print_dry_run(recipe, spec, net, stages, available, note, unchecked)
+        if sized:
+            budget.print_comparison(
+                budget.compare_modes(recipe, spec, sized, worker.num_workers),
+                recipe.train.batch_size, limit, available)
+        for line in (plan, chose):
+            if line:
+                print(line)
+        memory.check(stages, available, limit, fits)
         return None
-    memory.check(stages, available)
+    memory.check(stages, available, limit, fits)
     del sized
     keras.utils.set_random_seed(recipe.seed)  # the initial weights
     net = run_path.build_net(recipe, spec, strategy)
@@ -125,8 +136,9 @@ def run(recipe, output=None, *, resume=False, dry_run=False, progress=None):
         run_path.check_run_dir(output, resume=resume, record=RunDir.RECIPE,
                                resume_hint=RESUME_HINT)
     progress = progress or Progress()
-    if chose:
-        progress.message(chose)
+    for line in (plan, chose):
+        if line:
+            progress.message(line)
     if not worker.is_chief:
         _train_worker(recipe, spec, strategy, net, output, resume, progress, worker)
         return None
@@ -225,12 +237,27 @@ def _remove_empty_cache(cache_dir):
             os.rmdir(folder)
 
 
-def _saved_precision(output):
-    """The precision a run to resume trained in (None where there is no run: the
-    checks after this one say so)."""
+def _saved_recipe(output):
+    """The recipe.json of a run to resume, as saved ({} where there is none, or it
+    is not a recipe: the checks after this one say so). Its `auto` choices
+    (precision, modules) were made when the run started and stay."""
     path = RunDir(output).recipe
     if not os.path.isfile(path):
-        return None
+        return {}
     raw = read_json(path, "--resume")
-    train = raw.get("train") if isinstance(raw, dict) else None
-    return train.get("mixed_precision") if isinstance(train, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    return {key: value for key, value in raw.items() if isinstance(value, dict)}
+
+
+def _planned_modules(recipe, spec, limit, worker, saved):
+    """(recipe, plan line or None): `model.modules: "auto"` resolved against the
+    budget (`budget.choose_modules`), or to what a resumed run chose."""
+    if recipe.model.modules != budget.AUTO:
+        return recipe, None
+    chosen = saved.get("model", {}).get("modules")
+    if isinstance(chosen, int) and not isinstance(chosen, bool):
+        return recipe_from_dict(budget.with_modules(recipe, chosen).to_dict()), (
+            f"memory plan: model.modules 'auto' -> {chosen} modules, as the run chose "
+            "when it started")
+    return budget.choose_modules(recipe, spec, limit, worker.num_workers)

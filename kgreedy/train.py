@@ -1,5 +1,5 @@
 """`python -m kgreedy.train RECIPE.json [--output DIR] [--set KEY=VALUE ...] [--resume]
-[--dry-run]`: parses, loads the recipe and calls `kgreedy.recipe_run.run`, which
+[--dry-run] [--memory-budget SIZE]`: parses, loads the recipe and calls `kgreedy.recipe_run.run`, which
 checks everything that can be checked cheaply, then trains and exports. Nothing is
 written before the recipe is known good, and nothing in --output before this process
 holds its run lock (`kgreedy.training.runlock`); a run that fails before training
@@ -12,6 +12,7 @@ to go on); 75 preempted by SIGTERM after writing a checkpoint (rerun the same co
 with --resume).
 """
 
+import argparse
 import sys
 
 if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kgreedy.quiet)
@@ -19,6 +20,7 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     quiet.install(sys.argv[1:])
 
 from kgreedy import cli, recipe_run
+from kgreedy.base.machine import parse_bytes
 from kgreedy.config.recipe import load_recipe
 
 
@@ -34,9 +36,22 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output from its last checkpoint")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate and print per-stage shapes and parameter counts")
+                        help="validate and print per-stage shapes and parameter counts, "
+                             "and the memory of each way to train the network")
+    parser.add_argument("--memory-budget", type=_budget, metavar="SIZE",
+                        help="the memory the run may use, e.g. 12GB, or auto (what the "
+                             "device has free): train.memory_budget")
     cli.add_verbose(parser)
     return parser.parse_args(argv)
+
+
+def _budget(text):
+    """--memory-budget's value, checked as the recipe key is."""
+    if text != "auto" and not parse_bytes(text):
+        raise argparse.ArgumentTypeError(
+            f"must be a size such as 12GB or 512MB (B, KB, MB, GB, TB; units of 1024), "
+            f"or auto; received {text!r}")
+    return text
 
 
 FLAGS = {"overrides": "--set", "run_dir": "--output", "resume": "--resume"}
@@ -46,7 +61,9 @@ def main(argv=None):
     """Parses the arguments and trains; returns the exit status."""
     args = parse_args(argv)
     with cli.flags(**FLAGS):
-        recipe_run.run(load_recipe(args.recipe, args.set), args.output,
+        overrides = args.set + ([f"train.memory_budget={args.memory_budget}"]
+                                if args.memory_budget else [])
+        recipe_run.run(load_recipe(args.recipe, overrides), args.output,
                        resume=args.resume, dry_run=args.dry_run)
     return cli.EXIT_OK
 

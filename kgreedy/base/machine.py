@@ -5,6 +5,7 @@ out, when importing more would fail in turn."""
 
 import os
 import platform
+import re
 
 # Where the available memory is read (module constants: tests point them elsewhere).
 MEMINFO = "/proc/meminfo"
@@ -28,6 +29,20 @@ def format_bytes(n):
     if unit == "B":
         return f"{n:,.0f} B"
     return f"{n:,.{2 if n < 10 else 1 if n < 100 else 0}f} {unit}"
+
+
+_UNITS = {"B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?B)\s*", re.IGNORECASE)
+
+
+def parse_bytes(text):
+    """'12GB' -> 12 * 1024**3: a size as people write it, in the units of
+    `format_bytes` (B, KB, MB, GB, TB of 1024, any case, a space allowed before the
+    unit); None when `text` is not such a size (a NaN, a bare number, 'lots')."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    return int(float(match.group(1)) * 1024 ** _UNITS[match.group(2).upper()])
 
 
 def available_bytes():

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 
 from kgreedy.base.errors import RecipeError
+from kgreedy.base.machine import parse_bytes
 from kgreedy.base.files import read_json
 from kgreedy.config import architectures
 from kgreedy.config.model_checks import split_source, validate_model
@@ -110,9 +111,12 @@ class ModelConfig:
     split_at: typing.Optional[typing.Tuple[str, ...]] = setting(
         None, doc="split a residual architecture, keras_application or keras_file "
                   "after these layers (by name, in order): len + 1 modules")
-    modules: typing.Optional[int] = setting(
-        None, low=1, doc="split a residual architecture, keras_application or "
-                         "keras_file into this many modules of balanced depth")
+    modules: typing.Union[int, str, None] = setting(
+        None, low=1, words=("auto",),
+        doc="split a residual architecture, keras_application or keras_file into this "
+            "many modules of balanced depth (auto: the fewest, balanced by memory, whose "
+            "largest stage fits train.memory_budget; kgreedy.train prints the number "
+            "and recipe.json records it)")
     balanced_memory: bool = setting(
         False, doc="model.modules balances the activation size each module writes "
                    "instead of its conv and dense layers")
@@ -266,6 +270,10 @@ class TrainConfig:
             "8.0+), else none (float32); the run's recipe.json records the choice; "
             "mixed_float16 adds dynamic loss scaling")
     jit_compile: bool = setting(False, doc="XLA-compile the forward and backward pass")
+    memory_budget: typing.Optional[str] = setting(
+        None, doc="the memory the run's stages may use: \"12GB\", \"512MB\" (units of 1024) "
+                  "or \"auto\" (what the device has free); a run that needs more is "
+                  "refused before anything is allocated (null: only what is available)")
     optimizer: OptimizerConfig = setting(OptimizerConfig())
     lr_schedule: ScheduleConfig = setting(ScheduleConfig())
     decoupled: DecoupledConfig = setting(DecoupledConfig())
@@ -323,6 +331,8 @@ class Recipe:
         model = self.model
         if model.split_at is not None:
             return len(model.split_at) + 1
+        if model.modules == "auto":
+            return None  # known once kgreedy.train has planned the run
         return model.modules or len(model.blocks)
 
     @property
@@ -356,7 +366,11 @@ def validate(recipe):
         raise RecipeError("data.std", "values must be > 0", list(data.std))
     if data.augment == "imagenet" and data.image_size is None:
         raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
-    if len(recipe.aux.per_stage) > recipe.num_stages:
+    budget = recipe.train.memory_budget
+    if budget is not None and budget != "auto" and not parse_bytes(budget):
+        raise RecipeError("train.memory_budget", "must be a size such as '12GB' or "
+                          "'512MB' (B, KB, MB, GB, TB; units of 1024), or 'auto'", budget)
+    if recipe.num_stages is not None and len(recipe.aux.per_stage) > recipe.num_stages:
         raise RecipeError("aux.per_stage", f"has more entries than the "
                           f"{recipe.num_stages} stages of the model",
                           len(recipe.aux.per_stage))

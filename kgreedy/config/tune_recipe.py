@@ -163,6 +163,10 @@ def tune_recipe_from_dict(raw):
     except RecipeError as e:
         raise _prefixed(e, "base") from None
     base = tune.base
+    if base.model.modules == "auto":
+        raise RecipeError("base.model.modules", "'auto' is planned by kgreedy.train "
+                          "against train.memory_budget; the search needs the number of "
+                          "modules: give it", "auto")
     _check_choices(tune.search)
     _check_objective_choices(tune.search, base)
     if tune.stages is not None and tune.stages > base.num_stages:

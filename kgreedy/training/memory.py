@@ -111,7 +111,7 @@ def build_net(recipe, spec):
         return from_recipe(*args)
 
 
-def estimate(recipe, spec, num_workers=1, net=None):
+def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None):
     """(net, stage estimates, note): a `StageMemory` for every stage the run trains.
 
     Args:
@@ -119,6 +119,10 @@ def estimate(recipe, spec, num_workers=1, net=None):
         spec: the data's `DatasetSpec` (`kgreedy.data.describe`).
         num_workers: workers of the run (the feature cache is off with several).
         net: the net to size (default: `build_net(recipe, spec)`).
+        remat: size end to end as if each module ran under `keras.RematScope("full")`
+            (`_rematerialised`); for the dry run's comparison, not what a run does.
+        slots: optimizer slots per trained parameter (default: those of
+            `train.optimizer`; `kgreedy.fit` counts its caller's optimizer's).
 
     Returns:
         The net sized, the estimates and None; or, where a block trunk cannot be
@@ -140,8 +144,9 @@ def estimate(recipe, spec, num_workers=1, net=None):
             return None, None, (f"no estimate: the net cannot be built without its "
                                 f"weights ({type(e).__name__}: {reason})")
     train, mode = recipe.train, recipe.train.mode
-    dtype = _dtype_bytes(train)
-    slots = 2 if train.optimizer.name == "adamw" else int(train.optimizer.momentum > 0)
+    dtype = dtype_bytes(train)
+    if slots is None:
+        slots = 2 if train.optimizer.name == "adamw" else int(train.optimizer.momentum > 0)
     every_part = [part for j in range(1, net.num_stages + 1) for part in _parts(net, j)]
     weights = 4 * count_params([w for layer in (*net.modules, *net.heads, *every_part)
                                 for w in layer.weights])
@@ -161,13 +166,15 @@ def estimate(recipe, spec, num_workers=1, net=None):
         stages.append(StageMemory(
             j, train.batch_size, weights, 4 * slots * params, 4 * params,
             train.batch_size * (batch_input
-                                + dtype * _activations(net, mode, j, cached, spec)),
+                                + dtype * (_rematerialised(net, spec) if remat else
+                                           _activations(net, mode, j, cached, spec))),
             # FeatureCache keeps all features in memory up to the limit, else on disk.
             cache if cache <= train.cache_memory_mb * 2 ** 20 else 0, buffers))
     return net, stages, None
 
 
-def _dtype_bytes(train):
+def dtype_bytes(train):
+    """Bytes of one activation value in the run's compute dtype."""
     return 2 if train.mixed_precision in _MIXED else 4
 
 
@@ -207,17 +214,34 @@ def _activations(net, mode, stage, cached, spec):
         inputs = [net.stage_shapes[stage - 2] if stage > 1 else spec.image_shape]
     peak = 0
     for part, shape in zip(parts, inputs):
-        sizes = [size for layer in part for size in _weighted_layers(layer)]
+        sizes = [size for layer in part for size in weighted_layers(layer)]
         # Cached features are the input batch itself, counted already.
         kept = (0 if cached else math.prod(shape)) + sum(out for _, out in sizes)
         peak = max(peak, kept + max((i + o for i, o in sizes), default=0))
     if mode == "greedy" and not cached:
-        prefix = [i + o for m in modules[:stage - 1] for i, o in _weighted_layers(m)]
+        prefix = [i + o for m in modules[:stage - 1] for i, o in weighted_layers(m)]
         peak = max([peak, *prefix])
     return peak
 
 
-def _weighted_layers(layer):
+def _rematerialised(net, spec):
+    """`_activations` end to end with each module rematerialised whole: the forward
+    keeps only every module's input (the image and modules 1..K-1's outputs); the
+    backward runs module by module, each recomputed, keeping what its own backward
+    pass keeps while it runs. The last head is trained as usual."""
+    inputs = [spec.image_shape, *net.stage_shapes[:-1]]
+    boundaries = sum(math.prod(shape) for shape in inputs)
+    peak = 0
+    for j, module in enumerate(net.modules):
+        part = [module, *((net.heads[-1], *_parts(net, len(net.modules)))
+                          if j == len(net.modules) - 1 else ())]
+        sizes = [size for layer in part for size in weighted_layers(layer)]
+        peak = max(peak, sum(out for _, out in sizes)
+                   + max((i + o for i, o in sizes), default=0))
+    return boundaries + peak
+
+
+def weighted_layers(layer):
     """(input, output) elements per example of each innermost layer with weights in
     `layer`, from the shape it was built on; a layer built on several inputs, or
     not built, is left out."""
@@ -260,9 +284,17 @@ _ADVICE = {
 }
 
 
-def check(stages, available):
-    """Refuses a run whose largest stage needs more than `available` bytes (None:
+def check(stages, available, budget=None, what_fits=None):
+    """Refuses a run whose largest stage needs more than its `budget` (bytes, with
+    how a message names it; None: no budget) or than `available` bytes (None:
     unknown, never refused). The estimate is the rule: no margin is added.
+
+    Args:
+        stages: the run's `StageMemory` estimates.
+        available: what this machine has available, in bytes, or None.
+        budget: a `kgreedy.training.budget.Budget`, or None.
+        what_fits: called with the limit in bytes, returns what would fit (a phrase
+            for the message; `kgreedy.training.budget.what_fits`), or None.
 
     Raises:
         KgreedyError: about the recipe key of the largest part of that stage
@@ -271,6 +303,14 @@ def check(stages, available):
             batch size when the other parts alone do not fit.
     """
     worst = largest(stages or ())
+    if worst is not None and budget is not None and worst.total > budget.limit:
+        figures = worst.describe().split(" (", 1)[1]
+        fits = what_fits(budget.limit) if what_fits else None
+        raise KgreedyError("train.memory_budget", f"stage {worst.stage} needs about "
+                           f"{format_bytes(worst.total)} ({figures}, more than "
+                           f"{budget.name}; " + (f"what would fit: {fits}" if fits else
+                                                 "nothing smaller was found to fit"),
+                           budget.received)
     if available is None or worst is None or worst.total <= available:
         return
     parts = {"activations": worst.activations,
@@ -294,13 +334,14 @@ def available_for_training():
     on a CPU; None on a machine where TensorFlow sees a GPU, since the activations
     then live in the GPU's memory, whose size TensorFlow does not tell, so host
     memory would refuse wrongly. `why` says why there is no figure, else None."""
-    if _gpus():
+    if gpus():
         return None, "not checked: training runs on GPU"
     available = available_bytes()
     return available, None if available is not None else "unknown, not checked"
 
 
-def _gpus():
+def gpus():
+    """The GPUs TensorFlow sees (a function: tests replace it)."""
     return tf.config.list_physical_devices("GPU")
 
 

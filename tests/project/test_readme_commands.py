@@ -116,6 +116,8 @@ DECOUPLED_TEST = ("test_decoupled.py::"
                   "test_a_decoupled_run_records_every_module_and_exports_the_ensemble")
 DECOUPLED_RESULTS_TEST = "test_decoupled_commands.py::test_results_decoupled_runs_and_their_table"
 LOCAL_TEST = "test_local_objectives_commands.py::test_results_local_objective_runs"
+MEMORY_TEST = ("test_memory_commands.py::"
+               "test_end_to_end_is_refused_and_the_same_network_trains_decoupled")
 OBJECTIVES_TEST = ("test_objectives_engine.py::"
                    "test_each_objective_trains_the_quickstart_and_exports")
 
@@ -313,6 +315,16 @@ COMMANDS = {
     "--set data.data_dir=../shared/tfds --dry-run":
         covered("test_architectures.py::test_every_shipped_recipe_dry_runs", "--dry-run",
                 "recipes"),
+    # docs/performance.md's memory demonstration: the budget scaled to a few images.
+    "python -m kgreedy.train recipes/resnet32_cifar10_end_to_end.json --set data.data_dir=../shared/tfds "
+    "--memory-budget 200MB":
+        covered(MEMORY_TEST, "resnet32_cifar10_end_to_end.json", "--memory-budget 200MB"),
+    "python -m kgreedy.train recipes/resnet32_cifar10_end_to_end.json --set data.data_dir=../shared/tfds "
+    "--memory-budget 200MB --set train.mode=decoupled --output runs/resnet32_decoupled_200mb":
+        covered(MEMORY_TEST, "train.mode=decoupled", "runs/resnet32_decoupled_200mb"),
+    "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --set data.data_dir=../shared/tfds "
+    "--memory-budget 200MB --set model.modules=auto --output runs/resnet32_auto_200mb":
+        covered(MEMORY_TEST, "model.modules=auto", "runs/resnet32_auto_200mb"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "

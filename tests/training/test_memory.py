@@ -50,20 +50,6 @@ def sized(r, spec=None):
     return stages
 
 
-@pytest.fixture
-def machine(tmp_path, monkeypatch):
-    """Points kgreedy.base.machine's files at `tmp_path`; returns a writer of fake files."""
-    for name in ("MEMINFO", "PROC_CGROUP", "CGROUP_V2", "CGROUP_V1"):
-        monkeypatch.setattr(base_machine, name, str(tmp_path / "sys" / name.lower()))
-    monkeypatch.setattr(memory, "_gpus", lambda: [])  # host memory is what is checked
-
-    def write(name, text):
-        path = tmp_path / "sys" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return write
-
-
 # ------------------------------------------------------------ estimates ----
 
 def test_estimate_matches_a_hand_count():
@@ -225,7 +211,7 @@ def test_unknown_memory_never_refuses(capsys, machine):
 def test_nothing_is_checked_where_training_runs_on_gpu(capsys, machine, monkeypatch):
     machine("meminfo", "MemAvailable: 100 kB\n")
     assert memory.available_for_training() == (100 * 1024, None)
-    monkeypatch.setattr(memory, "_gpus", lambda: ["/physical_device:GPU:0"])
+    monkeypatch.setattr(memory, "gpus", lambda: ["/physical_device:GPU:0"])
     assert memory.available_for_training() == (None, "not checked: training runs on GPU")
     assert cli.run(train.main, [QUICKSTART, "--dry-run", *HUGE]) == 0
     assert "; available not checked: training runs on GPU" in capsys.readouterr().out
