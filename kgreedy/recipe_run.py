@@ -112,7 +112,8 @@ def run(recipe, output=None, *, resume=False, dry_run=False, progress=None):
     limit = budget.resolve_budget(recipe.train)
     recipe, plan = _planned_modules(recipe, spec, limit, worker, saved)
     check_against_data(recipe, spec.image_shape[0], strategy.num_replicas_in_sync)
-    sized, stages, note = memory.estimate(recipe, spec, worker.num_workers)
+    sized, stages, note = memory.estimate(recipe, spec, worker.num_workers,
+                                          replicas=memory.host_replicas(strategy, worker))
     available, unchecked = memory.available_for_training()
     fits = sized and budget.what_fits(recipe, spec, sized, stages, worker.num_workers,
                                       strategy.num_replicas_in_sync)

@@ -9,6 +9,10 @@
 - GPU: TensorFlow's own allocator peak per visible GPU
   (`tf.config.experimental.get_memory_info`), reset with `reset_memory_stats`; the
   largest over the GPUs, None without one.
+- CPU tensors: the same figure of TensorFlow's CPU allocator, which keeps it only
+  when the process starts with TF_CPU_ALLOCATOR_USE_BFC=true (tools/memory_estimate.py
+  sets it to hold the estimate against what the tensors took, without the runtime
+  around them); otherwise it reads 0 and is left out.
 
 No TensorFlow import: as `kgreedy.base.faults` does, the GPU part uses TensorFlow
 only when the process has already imported it (a run has; without TensorFlow
@@ -100,6 +104,23 @@ def gpu_peak_bytes():
     return max(peaks) if peaks else None
 
 
+def reset_cpu_tensor_peak():
+    """Resets TensorFlow's CPU allocator peak (where it keeps one)."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and cpu_tensor_peak_bytes() is not None:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+
+
+def cpu_tensor_peak_bytes():
+    """TensorFlow's CPU allocator peak in bytes since the last reset, or None where it
+    keeps no statistics (the default allocator reads 0)."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return None
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return peak or None
+
+
 def _mb(n):
     return None if n is None else round(n / MB, 1)
 
@@ -118,16 +139,23 @@ class StagePeak:
     def __init__(self):
         self.since = "stage" if reset_host_peak() else "process"
         reset_gpu_peaks()
+        reset_cpu_tensor_peak()
 
     def read(self):
         """{"peak_memory_mb": host peak, "gpu_peak_memory_mb": GPU peak or None}, in
-        MB of 2^20 bytes, one decimal."""
+        MB of 2^20 bytes, one decimal; plus "cpu_tensor_peak_memory_mb" where
+        TensorFlow's CPU allocator keeps statistics."""
+        cpu = cpu_tensor_peak_bytes()
         return {"peak_memory_mb": _mb(host_peak_bytes()),
-                "gpu_peak_memory_mb": _mb(gpu_peak_bytes())}
+                "gpu_peak_memory_mb": _mb(gpu_peak_bytes()),
+                **({} if cpu is None else {"cpu_tensor_peak_memory_mb": _mb(cpu)})}
 
 
 def largest_peaks(*figures):
     """The largest of `figures` (dicts with `StagePeak.KEYS`) key by key, None values
-    and missing keys ignored: a stage's peak over its epochs' records."""
+    and missing keys ignored: a stage's peak over its epochs' records (and the CPU
+    allocator's, where any figure has it)."""
+    keys = [*StagePeak.KEYS, *(["cpu_tensor_peak_memory_mb"] if any(
+        "cpu_tensor_peak_memory_mb" in f for f in figures) else [])]
     return {key: max((f[key] for f in figures if f.get(key) is not None), default=None)
-            for key in StagePeak.KEYS}
+            for key in keys}

@@ -16,7 +16,7 @@ import tensorflow as tf
 from kgreedy.base.errors import DataError
 from kgreedy.data import image_cache
 from kgreedy.data import tfds as tfds_prepare
-from kgreedy.data.spec import (describe_tfds, folder_layout, tfds_builder,
+from kgreedy.data.spec import (DIGITS_COUNT, describe_tfds, folder_layout, tfds_builder,
                                tfds_split_names, with_stats)
 from kgreedy.data.stores import Examples, HasSplits, ordered
 from kgreedy.data.transforms import eval_transform, match_channels, train_transform
@@ -249,6 +249,42 @@ def _tfds_sources(config, spec):
     return split(train_name), split(eval_name), spec
 
 
+def tfds_in_memory(spec):
+    """Whether a TFDS dataset's decoded images stay in memory (float32, filled during
+    the first pass): when they are few and small (CIFAR), since decoding dominates
+    otherwise. Large sets stream from disk every epoch."""
+    return ((spec.num_train or 0) * np.prod(spec.image_shape) * 4 < 2 ** 30
+            and spec.eval_resize == "none")
+
+
+def counted(config, spec):
+    """`spec` with the digits' example count where `describe` left it unknown (the
+    split is made at load: all 1,797 are counted as train): for sizing."""
+    if config.source == "digits" and spec.num_train is None:
+        return dataclasses.replace(spec, num_train=DIGITS_COUNT, num_eval=0)
+    return spec
+
+
+def memory_bytes(config, spec):
+    """Bytes the loaded data keeps in memory for the whole run (`kgreedy.training.
+    memory` counts them): the digits' float32 arrays, a TFDS set's float32 cache
+    (`tfds_in_memory`), an image folder's decoded uint8 images when `data.cache`
+    keeps them in memory (at the model's size: an upper bound of `data.cache_memory_mb`
+    under `auto`); 0 where the images stream from disk."""
+    spec = counted(config, spec)
+    count = (spec.num_train or 0) + (spec.num_eval or 0)
+    pixels = int(np.prod(spec.image_shape))
+    if config.source == "digits":
+        return count * pixels * 4
+    if config.source == "image_folder":
+        kept = count * pixels  # uint8, about the model's size (a shorter side kept)
+        if config.cache == "memory":
+            return kept
+        return kept if config.cache == "auto" and kept <= config.cache_memory_mb * 2 ** 20 \
+            else 0
+    return count * pixels * 4 if tfds_in_memory(spec) else 0
+
+
 def load(config, spec, *, batch_size, eval_batch_size=None, seed=0, cache_dir=None,
          progress=None):
     """Builds the train and eval pipelines and measures normalisation statistics.
@@ -291,10 +327,7 @@ def load(config, spec, *, batch_size, eval_batch_size=None, seed=0, cache_dir=No
         sample = lambda: train.take(_STATS_SAMPLE).map(  # noqa: E731
             lambda x, y: eval_transform(x, spec)).batch(256)
         spec = with_stats(config, spec, sample)
-        # Decoded images stay in memory when they are few and small (CIFAR):
-        # decoding dominates otherwise. Large sets stream from disk every epoch.
-        if (spec.num_train or 0) * np.prod(spec.image_shape) * 4 < 2 ** 30 \
-                and spec.eval_resize == "none":
+        if tfds_in_memory(spec):
             train, evals = train.cache(), evals.cache()
     datasets = Datasets(train, evals, spec, config, batch_size, eval_batch_size, seed,
                         info, scratch)

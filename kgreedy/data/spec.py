@@ -57,6 +57,8 @@ def _eval_resize_kind(config, native_size):
     return "resize"
 
 
+DIGITS_COUNT = 1797  # images in scikit-learn's digits (`load` splits them)
+
 def describe(config):
     """The dataset's shape, classes and eval resizing, without reading pixels.
 

@@ -307,8 +307,10 @@ def check_fit(net, train, memory_budget, slots):
         # What `memory.estimate` reads of a recipe; the caller's data is not augmented
         # by kgreedy, and its features are never cached.
         sizing = types.SimpleNamespace(train=dataclasses.replace(train, mode=mode),
-                                       data=types.SimpleNamespace(augment="none"))
-        return memory.largest(memory.estimate(sizing, net.spec, net=net, slots=slots)[1])
+                                       data=types.SimpleNamespace(augment="none",
+                                                                  source=None))
+        return memory.largest(memory.estimate(sizing, net.spec, net=net, slots=slots,
+                                              data_bytes=0)[1])
 
     worst = largest_in(train.mode)
     if worst.total <= limit.limit:

@@ -31,12 +31,24 @@ import tensorflow as tf
 
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.machine import available_bytes, format_bytes
+from kgreedy.data.datasets import counted, memory_bytes
 from kgreedy.model.from_recipe import from_recipe
 from kgreedy.model.network import count_params
 from kgreedy.training.cache import feature_bytes, use_cache
 from kgreedy.training.decoupled import buffer_dtype
 
 _MIXED = ("mixed_float16", "mixed_bfloat16")
+# Batches tf.data holds ahead of the step (prefetch, map and batch buffers): about
+# 4.7 measured on a CIFAR-10 pipeline alone (tools/memory_estimate.py's allocator).
+PIPELINE_BATCHES = 5
+# The trained parameters' gradients, and three temporaries of their size while the
+# step runs (the L2 term and its gradient, the optimizer's arithmetic): measured on
+# the quickstart's stage 3, whose 448,266 parameters outweigh its activations
+# (9.9 MB above the stage's resting tensors; 4 x 1.7 MB + 2.4 MB of activations).
+GRADIENT_COPIES = 4
+# TensorFlow's own small tensors while a stage runs (the step's scalars, metric
+# sums, summaries): about 1 MB on the quickstart, where nothing else hides them.
+RUNTIME_BYTES = 2 ** 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +63,15 @@ class StageMemory:
     activations: int
     feature_cache: int = 0
     replay_buffers: int = 0
+    evaluation: int = 0
+    data: int = 0
 
     @property
     def total(self):
-        return (self.weights + self.optimizer + self.gradients + self.activations
-                + self.feature_cache + self.replay_buffers)
+        # Evaluation runs between training steps, never with them.
+        return (self.weights + self.optimizer + self.gradients
+                + max(self.activations, self.evaluation) + self.feature_cache
+                + self.replay_buffers + self.data + RUNTIME_BYTES)
 
     def describe(self):
         """`stage 2 1.2 GB (weights 3.0 MB, ..., activations 1.1 GB at batch 128)`."""
@@ -68,6 +84,11 @@ class StageMemory:
             parts.append(f"feature cache {format_bytes(self.feature_cache)}")
         if self.replay_buffers:
             parts.append(f"replay buffers {format_bytes(self.replay_buffers)}")
+        if self.evaluation > self.activations:
+            parts.append(f"evaluation {format_bytes(self.evaluation)}")
+        if self.data:
+            parts.append(f"data {format_bytes(self.data)}")
+        parts.append(f"runtime {format_bytes(RUNTIME_BYTES)}")
         return f"stage {self.stage} {format_bytes(self.total)} ({', '.join(parts)})"
 
 
@@ -111,7 +132,8 @@ def build_net(recipe, spec):
         return from_recipe(*args)
 
 
-def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None):
+def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None,
+             replicas=1, data_bytes=None):
     """(net, stage estimates, note): a `StageMemory` for every stage the run trains.
 
     Args:
@@ -123,6 +145,11 @@ def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None):
             (`_rematerialised`); for the dry run's comparison, not what a run does.
         slots: optimizer slots per trained parameter (default: those of
             `train.optimizer`; `kgreedy.fit` counts its caller's optimizer's).
+        replicas: replicas of the strategy on this host's CPU: each keeps its own
+            copy of the variables, their slots and gradients (the global batch's
+            activations are shared out among them).
+        data_bytes: what the loaded data keeps in memory (default:
+            `kgreedy.data.datasets.memory_bytes`; `kgreedy.fit`'s caller's pipeline: 0).
 
     Returns:
         The net sized, the estimates and None; or, where a block trunk cannot be
@@ -150,7 +177,11 @@ def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None):
     every_part = [part for j in range(1, net.num_stages + 1) for part in _parts(net, j)]
     weights = 4 * count_params([w for layer in (*net.modules, *net.heads, *every_part)
                                 for w in layer.weights])
-    data = types.SimpleNamespace(spec=spec, augmented=recipe.data.augment != "none")
+    # The digits' count is known once loaded: sized here as all 1,797 (the cache).
+    sizing = counted(recipe.data, spec)
+    data = types.SimpleNamespace(spec=sizing, augmented=recipe.data.augment != "none")
+    kept = memory_bytes(recipe.data, spec) if data_bytes is None else data_bytes
+    eval_batch = train.eval_batch_size or train.batch_size
     stages = []
     for j in ([net.num_stages] if mode != "greedy" else range(1, net.num_stages + 1)):
         cached = mode == "greedy" and use_cache(recipe.train, data, j, num_workers, net)
@@ -158,19 +189,32 @@ def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None):
                    [*net.modules[:j], net.heads[j - 1], *_parts(net, j)]
                    if mode == "end_to_end" else
                    [net.modules[j - 1], net.heads[j - 1], *_parts(net, j)])
-        params = count_params([w for layer in trained for w in layer.trainable_weights])
+        params = count_params(_trainable(trained))
         # The batch as the pipeline gives it (float32): images, or cached features.
         batch_input = 4 * math.prod(net.stage_shapes[j - 2] if cached else spec.image_shape)
         cache = feature_bytes(net, j, data) if cached else 0
         buffers = replay_buffer_bytes(net, train) if mode == "decoupled" else 0
         stages.append(StageMemory(
-            j, train.batch_size, weights, 4 * slots * params, 4 * params,
-            train.batch_size * (batch_input
-                                + dtype * (_rematerialised(net, spec) if remat else
-                                           _activations(net, mode, j, cached, spec))),
+            j, train.batch_size, replicas * weights, replicas * 4 * slots * params,
+            replicas * 4 * GRADIENT_COPIES * params,
+            train.batch_size * ((1 + PIPELINE_BATCHES) * batch_input
+                                + (dtype * _rematerialised(net, spec) if remat else
+                                   _activations(net, mode, j, cached, spec, dtype))),
             # FeatureCache keeps all features in memory up to the limit, else on disk.
-            cache if cache <= train.cache_memory_mb * 2 ** 20 else 0, buffers))
+            cache if cache <= train.cache_memory_mb * 2 ** 20 else 0, buffers,
+            eval_batch * (batch_input + dtype * _evaluation(net, mode, j, cached)),
+            kept))
     return net, stages, None
+
+
+def _trainable(layers):
+    """The variables of `layers` that an optimizer updates when they train: not BN's
+    moving statistics. Read from each layer's own list, not `trainable_weights`,
+    which is empty for a layer frozen now (a net that `kgreedy.fit` trained before)."""
+    # Keras' walk over nested layers and its per-layer list (no public equivalent).
+    return [v for layer in layers
+            for leaf in layer._flatten_layers(include_self=True, recursive=True)
+            for v in leaf._trainable_variables]
 
 
 def dtype_bytes(train):
@@ -193,13 +237,18 @@ def _parts(net, stage):
     return list(net.parts[stage - 1].values())
 
 
-def _activations(net, mode, stage, cached, spec):
-    """Elements per example alive at the stage's peak, past the input batch.
+def _activations(net, mode, stage, cached, spec, dtype=4):
+    """Bytes per example alive at the stage's peak, past the input batch, in the
+    compute dtype of `dtype` bytes.
 
     What the backward pass keeps: the trained part's input and the output of each
     of its weighted layers (a conv's input is the output before it, a BN's output
-    stands in for the ReLU's after it), plus the gradients into and out of one
-    layer. A frozen prefix runs forward only, one layer's input and output at a time,
+    stands in for the ReLU's after it), plus, while one layer's backward runs, the
+    gradients into and out of it and one temporary of the larger (BN's backward and
+    the head's pooling make one: measured on CIFAR-10 ResNet-32 and the budget
+    network, tools/memory_estimate.py). Under mixed precision Keras' BN computes in
+    float32: it keeps a float32 copy of its input, and its backward runs in float32.
+    A frozen prefix runs forward only, one layer's input and output at a time,
     before the trained part starts: the larger of the two is the peak.
     """
     modules, heads = net.modules, net.heads
@@ -214,14 +263,29 @@ def _activations(net, mode, stage, cached, spec):
         inputs = [net.stage_shapes[stage - 2] if stage > 1 else spec.image_shape]
     peak = 0
     for part, shape in zip(parts, inputs):
-        sizes = [size for layer in part for size in weighted_layers(layer)]
+        layers = [leaf for layer in part for leaf in _weighted_leaves(layer)]
         # Cached features are the input batch itself, counted already.
-        kept = (0 if cached else math.prod(shape)) + sum(out for _, out in sizes)
-        peak = max(peak, kept + max((i + o for i, o in sizes), default=0))
+        kept = dtype * ((0 if cached else math.prod(shape)) + sum(o for _, o, _ in layers))
+        kept += sum((4 - dtype) * o for _, o, norm in layers if norm)
+        peak = max(peak, kept + max(((4 if norm else dtype) * (i + o + max(i, o))
+                                     for i, o, norm in layers), default=0))
     if mode == "greedy" and not cached:
-        prefix = [i + o for m in modules[:stage - 1] for i, o in weighted_layers(m)]
+        prefix = [dtype * (i + o) for m in modules[:stage - 1]
+                  for i, o in weighted_layers(m)]
         peak = max([peak, *prefix])
     return peak
+
+
+def _evaluation(net, mode, stage, cached):
+    """Elements per example alive while a stage evaluates, past the input batch:
+    the deployed layers (a decoupled run: every module and head) run forward only,
+    one layer's input and output at a time."""
+    if mode == "greedy":
+        parts = [net.modules[stage - 1]] if cached else list(net.modules[:stage])
+        parts.append(net.heads[stage - 1])
+    else:
+        parts = [*net.modules, *(net.heads if mode == "decoupled" else net.heads[-1:])]
+    return max((i + o for part in parts for i, o in weighted_layers(part)), default=0)
 
 
 def _rematerialised(net, spec):
@@ -245,6 +309,12 @@ def weighted_layers(layer):
     """(input, output) elements per example of each innermost layer with weights in
     `layer`, from the shape it was built on; a layer built on several inputs, or
     not built, is left out."""
+    return [(i, o) for i, o, _ in _weighted_leaves(layer)]
+
+
+def _weighted_leaves(layer):
+    """`weighted_layers` with a third item: whether the layer is a normalization
+    (Keras' BatchNormalization computes in float32 under mixed precision)."""
     sizes = []
     # Keras' own walk over nested layers and models (no public equivalent).
     for leaf in layer._flatten_layers(include_self=True, recursive=True):
@@ -257,7 +327,8 @@ def weighted_layers(layer):
             out = leaf.compute_output_shape(shape)
         except Exception:  # noqa: BLE001 - any layer's own shape rule: assume same size
             out = shape
-        sizes.append((_elements(shape), _elements(out)))
+        sizes.append((_elements(shape), _elements(out),
+                      isinstance(leaf, keras.layers.BatchNormalization)))
     return sizes
 
 
@@ -338,6 +409,13 @@ def available_for_training():
         return None, "not checked: training runs on GPU"
     available = available_bytes()
     return available, None if available is not None else "unknown, not checked"
+
+
+def host_replicas(strategy, worker):
+    """Replicas whose copies of the variables share this host's memory: the CPU's
+    logical devices of a mirrored run (1 where TensorFlow sees a GPU: each replica's
+    copy is in its own GPU's memory)."""
+    return 1 if gpus() else max(1, strategy.num_replicas_in_sync // worker.num_workers)
 
 
 def gpus():
