@@ -1,8 +1,9 @@
 """Throughput, FLOP efficiency and memory of kgreedy's stage step (docs/DESIGN.md,
 "Benchmark JSON").
 
-    python tools/benchmark.py RECIPE [--stages 1,3] [--batch-size N] [--steps N]
-        [--repeats N] [--warmup N] [--precisions LIST] [--set KEY=VALUE ...] [--json OUT]
+    python tools/benchmark.py RECIPE [--stages 1,3] [--batch-size N] [--steps N] [--repeats N]
+        [--warmup N] [--precisions LIST] [--memory [--remat MODES] [--buffer-size N]]
+        [--set KEY=VALUE ...] [--json OUT]
 
     python tools/benchmark.py recipes/cifar10_k2.json --set data.data_dir=../shared/tfds \
         --json out.json
@@ -23,17 +24,19 @@ resolves `auto` on its own machine, as a run would. The report gains a `precisio
 table and a `precisions` JSON object (images/s and the ratio over the first value's).
 Without the flag, everything runs in the recipe's own precision.
 
+`--memory` measures peak memory and images/s of end to end, plain and under
+`keras.RematScope`, each stage and decoupled training instead (tools/benchmark_memory.py).
+
 Everything runs on one device (the default strategy; `distribute.*` is ignored). Every
 measurement runs in a fresh child process, so its peak RSS is its own. Children start
 two at a time and prepare (import, build, trace, warm up) side by side, then are timed
 one after the other while the rest wait idle. The figure is the median images/s over
 `--repeats` repeats of `--steps` steps after `--warmup` untimed steps. The terminal gets
-one table row per stage; `--json` writes the object of docs/DESIGN.md, "Benchmark JSON" (plus ratios and
-each child's raw figures). Progress goes to stderr.
-Exit status: 0 done; 1 a measurement failed (its figures are null); 2 bad usage or recipe.
-
-This file is the parent: the command line, the children's schedule and the report. A
-child, one measurement, is tools/benchmark_child.py.
+one table row per stage; `--json` writes docs/DESIGN.md's "Benchmark JSON" (plus ratios
+and each child's raw figures). Progress goes to stderr. Exit status: 0 done; 1 a
+measurement failed (its figures are null); 2 bad usage or recipe. This file is the
+parent: the command line, the children's schedule and the report; a child, one
+measurement, is tools/benchmark_child.py.
 """
 
 import json
@@ -48,6 +51,7 @@ import time
 # No TensorFlow here: the parent stays small, because a child's ru_maxrss starts at
 # its parent's RSS (Linux carries the high-water mark across fork and exec).
 import benchmark_child
+import benchmark_memory
 from benchmark_child import CONV_PROBE, MATMUL_PROBE, READY
 from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
@@ -91,8 +95,10 @@ def parse_args(argv):
     parser.add_argument("--precisions", metavar="LIST",
                         help="compare comma-separated train.mixed_precision values side by "
                              "side, e.g. none,auto (default: the recipe's own only)")
+    benchmark_memory.add_arguments(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    benchmark_memory.check_arguments(args)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise KgreedyError("--json", "its directory does not exist", args.json)
     return args
@@ -184,8 +190,9 @@ class Child:
         return result
 
 
-def run_jobs(jobs, base):
-    """Runs each job in its own child, PARALLEL preparing at once, timed one by one.
+def run_jobs(jobs, base, errors=None):
+    """Runs each job in its own child, PARALLEL preparing at once, timed one by one
+    (a failed job's last line into `errors`, a dict, when given).
 
     Returns:
         {(kind, stage): result or None}; stops after the probe if the probe failed.
@@ -203,6 +210,8 @@ def run_jobs(jobs, base):
         # so it never runs beside another child's timed steps.
         for child in sorted(children, key=lambda c: c.job[0] != "pipeline"):
             results[child.job] = child.finish()
+            if child.error and errors is not None:
+                errors[child.job] = child.error
         done += len(batch)
         probe = results.get(("probe", None), False)
         if probe is None:
@@ -215,14 +224,18 @@ def run_jobs(jobs, base):
                     "pipeline": not probe["pipeline_available"]}
             queue = [job for job in queue if not skip.get(job[0])]
             base = {**base, "image_shape": probe["image_shape"],
-                    "num_classes": probe["num_classes"]}
+                    "num_classes": probe["num_classes"],
+                    "remat_layer_names": probe["remat_layer_names"]}
     return results
 
 
-def plan(stages, precisions=None):
-    """The jobs in run order: the probe, each stage's measurements, then the whole
-    net: end to end (Keras fit, and kgreedy's loop) and decoupled. With `precisions`,
-    each stage's kgreedy step and the fit once more per precision after the first."""
+def plan(stages, precisions=None, remat=None):
+    """The jobs in run order: the probe, each stage's measurements, then the whole net:
+    end to end (Keras fit, and kgreedy's loop) and decoupled; with `precisions`, each
+    stage's kgreedy step and the fit again per precision after the first; with `remat`
+    (`--memory`'s modes), the memory rows instead."""
+    if remat is not None:
+        return [("probe", None), *benchmark_memory.jobs(stages, remat)]
     others = (precisions or [])[1:]
     jobs = [("probe", None)]
     for j in stages:
@@ -239,8 +252,7 @@ def ratio(a, b):
 
 
 def stage_row(j, probe, runs, e2e_peak):
-    """One stage's figures: the keys of docs/DESIGN.md, "Benchmark JSON", first, then
-    extras."""
+    """One stage's figures: docs/DESIGN.md's "Benchmark JSON" keys first, then extras."""
     prefix, own = probe["flops"][j - 1]
     gflop = (prefix + 3 * own) / 1e9
     ips = {k: (runs.get((k, j)) or {}).get("images_per_second") for k in KINDS}
@@ -399,6 +411,8 @@ def print_report(report):
               f"({fmt(row['peak_over_end_to_end'], '.2f')}x end-to-end fit's)")
     if "precisions" in report:
         print_precisions(report["precisions"])
+    if "memory" in report:
+        benchmark_memory.print_section(report["memory"])
     n, h, w, cin, cout = CONV_PROBE
     print(f"roofline: conv3x3 {n}x{h}x{w}x{cin}->{cout} forward {m['conv_gflops']:,.1f} "
           f"GFLOP/s; matmul {MATMUL_PROBE}x{MATMUL_PROBE} {m['matmul_gflops']:,.1f} GFLOP/s")
@@ -413,14 +427,19 @@ def main(argv=None):
     overrides = args.set + ([f"train.batch_size={args.batch_size}"] if args.batch_size else [])
     recipe = load_recipe(args.recipe, overrides)
     stages = parse_stages(args.stages, recipe.num_stages)
+    buffer_size = benchmark_memory.buffer_size(args, recipe.train.batch_size)
     base = {"recipe": recipe.to_dict(), "steps": args.steps, "repeats": args.repeats,
-            "warmup": args.warmup, **({"precision": precisions[0]} if precisions else {})}
-    runs = run_jobs(plan(stages, precisions), base)
+            "warmup": args.warmup, "buffer_size": buffer_size,
+            **({"precision": precisions[0]} if precisions else {})}
+    errors = {}  # a failed child's last line, by job
+    runs = run_jobs(plan(stages, precisions, args.remat if args.memory else None), base, errors)
     if runs[("probe", None)] is None:
         return cli.EXIT_FAILURE
     report = assemble(recipe, args, stages, runs)
     if precisions:
         report["precisions"] = precision_section(stages, precisions, runs)
+    if args.memory:
+        report["memory"] = benchmark_memory.section(runs, stages, args.remat, buffer_size, errors)
     print_report(report)
     if args.json:
         write_json(args.json, report)

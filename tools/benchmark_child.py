@@ -5,7 +5,8 @@
 tools/benchmark.py starts this file once per measurement, so that each figure's peak
 RSS is its own and no measurement warms caches for the next. SPEC_JSON says what to
 measure (`kind`: probe, kgreedy, minimal, cached, pipeline, end_to_end,
-end_to_end_loop or decoupled), for which
+end_to_end_loop or decoupled; with `--memory` also end_to_end_eager, remat_MODE and
+decoupled_buffer, tools/benchmark_memory.py), for which
 `stage`, with the recipe (as a dict), `steps`, `repeats` and `warmup`, optionally the
 `precision` (a `train.mixed_precision` value, `auto` included) to run the recipe in,
 and the `result` file to write the figures to as JSON. The child resolves `auto` on
@@ -17,6 +18,7 @@ A bad recipe is one `kgreedy: error:` line on stderr and exit status 2, which th
 parent passes on.
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -27,6 +29,7 @@ import time
 
 # No TensorFlow at module level: tools/benchmark.py imports the constants below, and
 # must stay small (a child's ru_maxrss starts at its parent's RSS).
+import benchmark_memory
 from kgreedy import cli
 from kgreedy.base.errors import DataError
 from kgreedy.base.files import write_json
@@ -44,8 +47,12 @@ def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+WARM_PEAK = []  # peak RSS (MB) when the warm-up ended: growth after it is a leak
+
+
 def gate():
     """Tells the parent this child is warmed up, then idles until it is its turn."""
+    WARM_PEAK.append(rss_mb())
     print(READY, flush=True)
     if not sys.stdin.readline():
         raise SystemExit("benchmark: the parent went away")
@@ -184,8 +191,13 @@ def probe(tf, recipe, spec):
     from kgreedy.training.stage import StageLoop
 
     shape, num_classes, available, warnings = input_shape(recipe)
-    flops, e2e_flops = stage_flops(tf, build_net(recipe, shape, num_classes))
-    return {"image_shape": list(shape), "num_classes": num_classes,
+    net = build_net(recipe, shape, num_classes)
+    flops, e2e_flops = stage_flops(tf, net)
+    # Names, not layers: a child makes the same net, so the same names, in the same
+    # order (auto-named layers included), and only then knows its RematScope.
+    names = benchmark_memory.inputs_only_layers([net.standardize, *net.modules,
+                                                 net.heads[-1]])
+    return {"image_shape": list(shape), "num_classes": num_classes, "remat_layer_names": names,
             "pipeline_available": available, "warnings": warnings,
             "cached_supported": "cached_features" in inspect.signature(StageLoop).parameters,
             "flops": flops, "end_to_end_flops": e2e_flops,
@@ -265,26 +277,37 @@ def measure_end_to_end(tf, recipe, spec):
 
     Built from the layers, not `deployed_model()`, whose call pins BN to inference
     mode. No L2 term: Keras' SGD has decoupled decay only, and the term costs little.
+    `end_to_end_eager` fits with `run_eagerly=True`; `remat_MODE` makes the net under
+    `keras.RematScope(MODE)` (tools/benchmark_memory.py), eagerly where the mode
+    cannot be traced. Returns the repeats' seconds and what to record once the peak
+    is read (the remat check).
     """
     import keras
 
     from kgreedy.training.optim import make_optimizer
 
     shape, num_classes = shape_of(recipe, spec)
-    net = build_net(recipe, shape, num_classes)
-    net.set_trainable_stage(net.num_stages, end_to_end=True)
-    inputs = keras.Input(shape)
-    x = net.standardize(inputs)
-    for module in net.modules:
-        x = module(x)
-    model = keras.Model(inputs, net.heads[-1](x))
+    kind = spec["kind"]
+    mode = kind.removeprefix("remat_") if kind.startswith("remat_") else None
+    eager = kind == "end_to_end_eager" or mode in benchmark_memory.EAGER_MODES
+    names = spec.get("remat_layer_names", [])
+    # The scope must be active where the layers are made: Keras reads it then.
+    with (benchmark_memory.remat_scope(keras, mode, names) if mode
+          else contextlib.nullcontext()):
+        net = build_net(recipe, shape, num_classes)
+        net.set_trainable_stage(net.num_stages, end_to_end=True)
+        inputs = keras.Input(shape)
+        x = net.standardize(inputs)
+        for module in net.modules:
+            x = module(x)
+        model = keras.Model(inputs, net.heads[-1](x))
     steps, warmup, repeats = spec["steps"], spec["warmup"], spec["repeats"]
     per_call = math.gcd(min(recipe.train.steps_per_execution, steps), steps, warmup)
     model.compile(optimizer=make_optimizer(recipe.train.optimizer,
                                            recipe.train.optimizer.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=per_call,
-                  jit_compile=getattr(recipe.train, "jit_compile", False))
+                  steps_per_execution=per_call, run_eagerly=eager,
+                  jit_compile=not eager and getattr(recipe.train, "jit_compile", False))
     marks, stamps, done = {warmup + r * steps for r in range(repeats + 1)}, [], [0]
 
     def on_batch_end(batch, logs):
@@ -298,7 +321,11 @@ def measure_end_to_end(tf, recipe, spec):
     model.fit(tf.data.Dataset.from_tensors(synthetic(tf, recipe, shape, num_classes)).repeat(),
               epochs=1, steps_per_epoch=warmup + repeats * steps, verbose=0,
               callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)])
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    seconds = [b - a for a, b in zip(stamps, stamps[1:])]
+    if mode is None:
+        return seconds, {"run_eagerly": eager}
+    return seconds, {"run_eagerly": eager, "remat": lambda: benchmark_memory.remat_check(
+        tf, model, mode, names, shape)}
 
 
 def measure_whole_net(tf, recipe, spec):
@@ -312,7 +339,7 @@ def measure_whole_net(tf, recipe, spec):
     strategy = tf.distribute.get_strategy()
     shape, num_classes = shape_of(recipe, spec)
     net = build_net(recipe, shape, num_classes)
-    if spec["kind"] == "decoupled":
+    if spec["kind"] in ("decoupled", "decoupled_buffer"):
         loop = DecoupledLoop(net, recipe.train, strategy, steps_per_epoch=spec["steps"],
                              seed=recipe.seed)
     else:
@@ -320,9 +347,17 @@ def measure_whole_net(tf, recipe, spec):
                          steps_per_epoch=spec["steps"], end_to_end=True)
     dataset = tf.data.Dataset.from_tensors(synthetic(tf, recipe, shape, num_classes))
     iterator = iter(strategy.experimental_distribute_dataset(dataset.repeat()))
-    return timed(lambda n: loop._train_steps(iterator, tf.constant(n)),
-                 lambda: loop.train_sums["count"].read_value().numpy(), spec,
-                 recipe.train.steps_per_execution)
+    seconds = timed(lambda n: loop._train_steps(iterator, tf.constant(n)),
+                    lambda: loop.train_sums["count"].read_value().numpy(), spec,
+                    recipe.train.steps_per_execution)
+    # What the replay buffers really hold (none without one): part of the peak.
+    buffers = getattr(loop, "buffers", None) or []
+    return seconds, {"replay_buffers": len(buffers),
+                     "replay_buffer_entries": [int(b.size) for b in buffers],
+                     "replay_buffer_mb": sum(v.shape.num_elements() * v.dtype.size
+                                             for b in buffers
+                                             for v in (b.features, b.labels, b.images)
+                                             if v is not None) / 2 ** 20}
 
 
 def with_precision(raw, precision=None):
@@ -344,7 +379,18 @@ def with_precision(raw, precision=None):
 MEASURES = {"kgreedy": measure_stage_loop, "cached": measure_stage_loop,
             "pipeline": measure_stage_loop, "minimal": measure_minimal,
             "end_to_end": measure_end_to_end, "decoupled": measure_whole_net,
-            "end_to_end_loop": measure_whole_net}
+            "end_to_end_loop": measure_whole_net, "end_to_end_eager": measure_end_to_end,
+            "decoupled_buffer": measure_whole_net,
+            **{f"remat_{m}": measure_end_to_end for m in benchmark_memory.REMAT_MODES}}
+
+
+def with_buffer(raw, size):
+    """The raw recipe of a `decoupled_buffer` row: decoupled, with a replay buffer of
+    `size` entries (the recipe refuses a buffer in any other mode)."""
+    train = raw.get("train", {})
+    return {**raw, "train": {**train, "mode": "decoupled",
+                             "decoupled": {**train.get("decoupled", {}),
+                                           "buffer_size": size}}}
 
 
 def child_main(spec):
@@ -362,12 +408,17 @@ def child_main(spec):
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     baseline = rss_mb()
-    recipe, note = with_precision(spec["recipe"], spec.get("precision"))
+    raw = spec["recipe"]
+    if spec["kind"] == "decoupled_buffer":
+        raw = with_buffer(raw, spec["buffer_size"])
+    recipe, note = with_precision(raw, spec.get("precision"))
     keras.mixed_precision.set_global_policy(precision.policy_name(recipe.train.mixed_precision))
     if spec["kind"] == "probe":
         write_json(spec["result"], probe(tf, recipe, spec))
         return cli.EXIT_OK
     seconds = MEASURES[spec["kind"]](tf, recipe, spec)
+    # A measurement may add figures, some found only after its peak is read.
+    seconds, extra = seconds if isinstance(seconds, tuple) else (seconds, {})
     gpu_peak = None
     if tf.config.list_physical_devices("GPU"):
         gpu_peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
@@ -376,8 +427,10 @@ def child_main(spec):
         "images_per_second": statistics.median([images / s for s in seconds]),
         "repeat_seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
         "peak_above_baseline_mb": peak - baseline, "gpu_peak_mb": gpu_peak,
+        "warmup_peak_above_baseline_mb": WARM_PEAK[0] - baseline if WARM_PEAK else None,
         "precision": recipe.train.mixed_precision, "precision_note": note,
-        "keras_policy": keras.mixed_precision.global_policy().name})
+        "keras_policy": keras.mixed_precision.global_policy().name,
+        **{key: value() if callable(value) else value for key, value in extra.items()}})
     return cli.EXIT_OK
 
 

@@ -1,6 +1,7 @@
 """`tools/benchmark.py` (docs/DESIGN.md, "Benchmark JSON"): a tiny run on the quickstart recipe writes
-every figure the contract names, `--precisions` compares precisions in one run, and a
-bad flag fails with one line and exit status 2."""
+every figure the contract names, `--precisions` compares precisions in one run,
+`--memory` measures every way of training side by side, and a bad flag fails with one
+line and exit status 2."""
 
 import json
 import os
@@ -124,6 +125,102 @@ def check_precisions(report, stdout):
           for p in compared)]
     assert [row[-2] for row in table[::2]] == ["1.00x"] * 3
     assert table[1][-2] == f"{rows[1]['over_first']:.2f}x"
+
+
+def test_memory_report(tmp_path):
+    """`--memory`: every way of training side by side in one run, each row's ratios
+    computed from its own figures and end to end's, the greedy row the stage that
+    peaked highest, the buffer really there, and each remat row's net really made
+    under its RematScope: `list_of_layers` recomputes every conv in the traced
+    gradient, `full` wraps every layer and, refused by a traced graph, ran eagerly.
+    float32: Keras' remat recomputes outside the mixed-precision autocast scope."""
+    out = tmp_path / "memory.json"
+    proc = run_tool(QUICKSTART, "--memory", "--remat", "list_of_layers,full", "--stages", "2,3",
+                    "--steps", 1, "--repeats", 1, "--batch-size", 16, "--buffer-size", 48,
+                    "--set", "train.mixed_precision=none", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    memory = report["memory"]
+    assert memory["remat_modes"] == ["list_of_layers", "full"] and memory["buffer_size"] == 48
+    rows = {r["what"]: r for r in memory["rows"]}
+    assert list(rows) == ["end_to_end", "end_to_end_loop", "end_to_end_eager",
+                          "remat_list_of_layers",
+                          "remat_full", "greedy_largest_stage", "decoupled",
+                          "decoupled_buffer"]
+    e2e, eager, loop = rows["end_to_end"], rows["end_to_end_eager"], rows["end_to_end_loop"]
+    for r in rows.values():
+        assert r["images_per_second"] > 0 and r["peak_above_baseline_mb"] > 0, r["what"]
+        assert r["error"] is None and r["run"]["precision"] == "none"
+        assert 0 < r["warmup_peak_above_baseline_mb"] <= r["peak_above_baseline_mb"]
+        assert r["over_end_to_end"] == r["images_per_second"] / e2e["images_per_second"]
+        assert r["peak_over_end_to_end"] == (r["peak_above_baseline_mb"]
+                                             / e2e["peak_above_baseline_mb"])
+        assert r["peak_over_end_to_end_loop"] == (r["peak_above_baseline_mb"]
+                                                  / loop["peak_above_baseline_mb"])
+        assert r["over_end_to_end_loop"] == (r["images_per_second"]
+                                             / loop["images_per_second"])
+        if r["run_eagerly"]:
+            assert r["over_end_to_end_eager"] == (r["images_per_second"]
+                                                  / eager["images_per_second"])
+            assert r["peak_over_end_to_end_eager"] == (r["peak_above_baseline_mb"]
+                                                       / eager["peak_above_baseline_mb"])
+        else:
+            assert r["over_end_to_end_eager"] is None
+    assert e2e["over_end_to_end"] == 1.0 and e2e["remat"] is None
+    assert [r["run_eagerly"] for r in rows.values()] == [False, False, True, False, True,
+                                                         False, False, False]
+    assert loop["images_per_second"] == report["end_to_end_loop"]["images_per_second"]
+    assert e2e["run"]["run_eagerly"] is False and eager["run"]["run_eagerly"] is True
+
+    lol, full = rows["remat_list_of_layers"]["remat"], rows["remat_full"]["remat"]
+    assert lol["mode"] == "list_of_layers" and full["mode"] == "full"
+    assert 0 < lol["wrapped_layers"] < lol["leaf_layers"] == full["wrapped_layers"]
+    assert lol["conv_layers"] > 0 and lol["graph_error"] is None
+    assert lol["graph_conv_ops"] == 2 * lol["conv_layers"]  # forward + recompute
+    assert full["graph_conv_ops"] is None and "custom_gradient" in full["graph_error"]
+
+    # The greedy row is the measured stage with the highest peak, its figures that
+    # stage's; the decoupled row is the report's decoupled run, not a second one.
+    peaks = {s["stage"]: s["peak_above_baseline_mb"] for s in report["stages"]}
+    assert set(peaks) == {2, 3} and memory["largest_stage"] == max(peaks, key=peaks.get)
+    greedy = rows["greedy_largest_stage"]
+    assert greedy["stage"] == memory["largest_stage"]
+    assert greedy["peak_above_baseline_mb"] == peaks[greedy["stage"]]
+    assert rows["decoupled"]["images_per_second"] == report["decoupled"]["images_per_second"]
+    assert rows["decoupled"]["run"]["replay_buffers"] == 0
+    buffered = rows["decoupled_buffer"]["run"]
+    assert buffered["replay_buffers"] == 2 and buffered["replay_buffer_entries"] == [48, 48]
+    assert buffered["replay_buffer_mb"] > 0
+    for what, target in memory["targets"].items():
+        assert target["peak_over_end_to_end"] == rows[what]["peak_over_end_to_end"]
+        assert target["peak_over_end_to_end_loop"] == rows[what]["peak_over_end_to_end_loop"]
+        assert target["met"] == (target["peak_over_end_to_end"]
+                                 <= target["peak_over_end_to_end_at_most"])
+    for kind in ("minimal", "cached", "pipeline"):  # --memory measures none of these
+        assert all(s[f"{kind}_images_per_second"] is None for s in report["stages"])
+
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["what", "eager",
+                                                                           "peak"])
+    table = [line.split() for line in lines[header + 1:header + 9]]
+    assert [row[0] for row in table] == list(rows)
+    assert table[0][1:3] == [f"{e2e['peak_above_baseline_mb']:,.0f}", "1.00"]
+    assert sum(line.startswith("memory target: ") for line in lines) == 2
+
+
+@pytest.mark.parametrize("args, flag", [(["--remat", "full"], "--remat"),
+                                        (["--buffer-size", "64"], "--buffer-size"),
+                                        (["--memory", "--remat", "full,bogus"], "--remat"),
+                                        (["--memory", "--remat", "full,full"], "--remat"),
+                                        (["--memory", "--buffer-size", "8"], "--buffer-size"),
+                                        (["--memory", "--precisions", "none,auto"],
+                                         "--precisions")])
+def test_bad_memory_flags_are_one_line_and_exit_2(args, flag):
+    proc = run_tool(QUICKSTART, *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no progress line: no child started
+    assert lines[0].startswith("kgreedy: error: ") and flag in lines[0]
 
 
 def test_child_resolves_auto_as_a_run_would(monkeypatch):

@@ -116,6 +116,10 @@ DECOUPLED_TEST = ("test_decoupled.py::"
                   "test_a_decoupled_run_records_every_module_and_exports_the_ensemble")
 DECOUPLED_RESULTS_TEST = "test_decoupled_commands.py::test_results_decoupled_runs_and_their_table"
 LOCAL_TEST = "test_local_objectives_commands.py::test_results_local_objective_runs"
+ESTIMATE_TEST = ("test_memory_estimate.py::"
+                 "test_the_estimate_is_within_a_quarter_of_the_measured_peak_on_every_stage")
+CIFAR10_ESTIMATE_TEST = ("test_memory_estimate.py::"
+                         "test_the_documented_cifar10_commands_run_on_a_few_images")
 MEMORY_TEST = ("test_memory_commands.py::"
                "test_end_to_end_is_refused_and_the_same_network_trains_decoupled")
 OBJECTIVES_TEST = ("test_objectives_engine.py::"
@@ -166,6 +170,17 @@ COMMANDS = {
     "--steps 10 --repeats 2 --warmup 3 --json out.json":
         covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--precisions"',
                 '"--steps"', '"--repeats"', '"--json"'),
+    # docs/BENCHMARKS.md, "Memory": the --memory mode on the quickstart, every row.
+    "python tools/benchmark.py recipes/resnet32_cifar10_k4.json --set name=resnet110_cifar10_k4 "
+    "--set model.architecture=resnet110 --set data.data_dir=../shared/tfds --batch-size 64 "
+    "--memory --json docs/benchmark_memory_resnet110.json":
+        covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
+                '"--batch-size"', '"--json"'),
+    "python tools/benchmark.py recipes/resnet50_imagenet_k4.json --set data.image_size=128 "
+    "--set train.mixed_precision=none --batch-size 32 --memory "
+    "--json docs/benchmark_memory_resnet50.json":
+        covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
+                '"train.mixed_precision=none"', '"--batch-size"', '"--json"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),
@@ -325,6 +340,12 @@ COMMANDS = {
     "python -m kgreedy.train recipes/resnet32_cifar10_k4.json --set data.data_dir=../shared/tfds "
     "--memory-budget 200MB --set model.modules=auto --output runs/resnet32_auto_200mb":
         covered(MEMORY_TEST, "model.modules=auto", "runs/resnet32_auto_200mb"),
+    # docs/performance.md's estimate against the measured peak.
+    "python tools/memory_estimate.py recipes/quickstart.json --json quickstart.json":
+        covered(ESTIMATE_TEST, "memory_estimate.py", "quickstart.json", "--json"),
+    "python tools/memory_estimate.py recipes/resnet32_cifar10_k4.json "
+    "--set data.data_dir=../shared/tfds":
+        covered(CIFAR10_ESTIMATE_TEST, "memory_estimate.py", "resnet32_cifar10_k4.json"),
     # Training on your own images: the README's photos/ is write_photo_folder's.
     "python -m kgreedy.train recipes/quickstart.json --output runs/photos "
     "--set data.source=image_folder --set data.data_dir=photos --set data.image_size=64 "
