@@ -13,7 +13,8 @@ weights (a split model: with them), so planning allocates nothing a run would.
 - `what_fits`: the phrase a refusal ends with: the largest batch size that fits, the
   fewest modules that fit (a model split into `model.modules`), a smaller replay
   buffer, and the other modes that fit.
-- `compare_modes`: end to end, end to end rematerialised, each greedy stage and the
+- `compare_modes`: end to end, end to end with each module recomputed in the backward
+  pass (rematerialisation at module granularity), each greedy stage and the
   decoupled step, on the same net and batch, for `--dry-run`.
 """
 
@@ -234,7 +235,7 @@ def compare_modes(recipe, spec, net, num_workers=1):
     replay buffer)."""
     rows = []
     for label, variant, remat in (("end to end", "end_to_end", False),
-                                  ("end to end, rematerialised", "end_to_end", True)):
+                                  ("end to end, modules recomputed", "end_to_end", True)):
         rows.append((label, largest_need(with_mode(recipe, variant), spec, num_workers,
                                          net=net, remat=remat)[1]))
     _, stages, _ = memory.estimate(with_mode(recipe, "greedy"), spec, num_workers, net=net)

@@ -141,8 +141,9 @@ def estimate(recipe, spec, num_workers=1, net=None, remat=False, slots=None,
         spec: the data's `DatasetSpec` (`kgreedy.data.describe`).
         num_workers: workers of the run (the feature cache is off with several).
         net: the net to size (default: `build_net(recipe, spec)`).
-        remat: size end to end as if each module ran under `keras.RematScope("full")`
-            (`_rematerialised`); for the dry run's comparison, not what a run does.
+        remat: size end to end as if each module were recomputed whole in the backward
+            pass (`tf.recompute_grad` around each module, `_rematerialised`); for the
+            dry run's comparison, not what a run does.
         slots: optimizer slots per trained parameter (default: those of
             `train.optimizer`; `kgreedy.fit` counts its caller's optimizer's).
         replicas: replicas of the strategy on this host's CPU: each keeps its own

@@ -204,11 +204,11 @@ def test_the_dry_run_compares_every_mode_against_the_budget(capsys, machine):
     recipe = load_recipe(QUICKSTART, off)
     spec = describe(recipe.data)
     rows = dict(budget.compare_modes(recipe, spec, memory.estimate(recipe, spec)[0]))
-    assert list(rows) == ["end to end", "end to end, rematerialised", "greedy stage 1",
+    assert list(rows) == ["end to end", "end to end, modules recomputed", "greedy stage 1",
                           "greedy stage 2", "greedy stage 3", "decoupled"]
     greedy = [rows[f"greedy stage {j}"] for j in (1, 2, 3)]
     assert max(greedy) < rows["end to end"] and rows["decoupled"] > max(greedy)
-    assert rows["end to end, rematerialised"] <= rows["end to end"]
+    assert rows["end to end, modules recomputed"] <= rows["end to end"]
     # A budget between greedy's largest stage and end to end's need.
     limit = (max(greedy) + rows["end to end"]) // 2
     status, out, _ = dry_run(capsys, QUICKSTART, *FLOAT32, "--set",
