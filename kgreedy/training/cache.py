@@ -164,7 +164,7 @@ class FeatureCache(HasSplits):
             for features, _ in self._batches(source, prefix):
                 # A copy: `.numpy()` can be a view that keeps TensorFlow's buffer of
                 # the whole batch alive in the store until it is finished.
-                store.extend(np.array(features))
+                store.extend(features.numpy().copy())
             return Examples.from_store(store.finish(), source.labels)
         if self.in_memory:
             features, labels = zip(*((f.numpy(), y.numpy())

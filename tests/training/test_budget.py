@@ -149,7 +149,7 @@ def test_auto_modules_is_the_fewest_that_fit_as_a_scan_of_every_k_finds():
     needs = {k: need(recipe, k) for k in range(1, 11)}  # ResNet-20 splits in 10 at most
     # Not strictly falling: 6 modules need a few bytes more than 5.
     assert needs[6] > needs[5] > needs[7]
-    for k in (2, 3, 5, 7, 10):
+    for k in (3, 7):  # 7: past the 6 that needs more than 5
         limit = needs[k]
         found, found_need, _ = budget.fewest_modules(recipe, spec, limit)
         scanned = min(j for j, n in needs.items() if n <= limit)

@@ -76,6 +76,8 @@ class _FakeTensorFlow:
         return [type("Device", (), {"name": f"/device:{name}"}) for name in self.peaks]
 
     def get_memory_info(self, device):
+        if device == "CPU:0":  # TensorFlow's default CPU allocator keeps no statistics
+            return {"current": 0, "peak": 0}
         if self.peaks[device] is None:
             raise ValueError(f"no memory statistics on {device}")
         return {"current": 0, "peak": self.peaks[device]}
