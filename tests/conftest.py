@@ -51,10 +51,11 @@ def pytest_sessionstart(session):
 # Files by their time on 2 cores, longest first (measured with --durations).
 # Starting every subprocess-heavy file at once oversubscribes the two cores: the suite
 # took 21-22 min with the longest single tests first, 17 min without.
-_LONGEST_FIRST = ["test_readme_commands", "test_local_objectives_commands", "test_decoupled",
-                  "test_faults",
+_LONGEST_FIRST = ["test_benchmark", "test_readme_commands", "test_local_objectives_commands",
+                  "test_decoupled", "test_memory_commands", "test_memory_estimate", "test_faults",
                   "test_objectives_engine", "test_decoupled_commands", "test_architectures", "test_multiworker",
-                  "test_benchmark", "test_export", "test_tune", "test_tune_objective", "test_recipe_cli",
+                  "test_budget", "test_fit_budget", "test_export", "test_tune",
+                  "test_tune_objective", "test_recipe_cli",
                   "test_split_recipes", "test_network_commands", "test_api",
                   "test_folders", "test_serving", "test_probe_report", "test_quickstart",
                   "test_probe_report_modules", "test_modules_engine", "test_damaged_checkpoints",
