@@ -20,7 +20,7 @@ if __name__ == "__main__":  # first: filters TensorFlow's C++ start-up lines (kg
     quiet.install(sys.argv[1:])
 
 from kgreedy import cli, recipe_run
-from kgreedy.base.machine import parse_bytes
+from kgreedy.base.machine import is_budget
 from kgreedy.config.recipe import load_recipe
 
 
@@ -47,7 +47,7 @@ def parse_args(argv):
 
 def _budget(text):
     """--memory-budget's value, checked as the recipe key is."""
-    if text != "auto" and not parse_bytes(text):
+    if not is_budget(text):
         raise argparse.ArgumentTypeError(
             f"must be a size such as 12GB or 512MB (B, KB, MB, GB, TB; units of 1024), "
             f"or auto; received {text!r}")

@@ -45,6 +45,11 @@ def parse_bytes(text):
     return int(float(match.group(1)) * 1024 ** _UNITS[match.group(2).upper()])
 
 
+def is_budget(text):
+    """Whether `text` is a memory budget: `parse_bytes`' sizes above 0, or "auto"."""
+    return text == "auto" or bool(parse_bytes(text))
+
+
 def available_bytes():
     """Bytes this process may still allocate: /proc/meminfo's MemAvailable, lowered
     to the cgroup's limit minus its usage (reclaimable page cache excluded) when that

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 
 from kgreedy.base.errors import RecipeError
-from kgreedy.base.machine import parse_bytes
+from kgreedy.base.machine import is_budget
 from kgreedy.base.files import read_json
 from kgreedy.config import architectures
 from kgreedy.config.model_checks import split_source, validate_model
@@ -367,7 +367,7 @@ def validate(recipe):
     if data.augment == "imagenet" and data.image_size is None:
         raise RecipeError("data.image_size", "is required with data.augment 'imagenet'", None)
     budget = recipe.train.memory_budget
-    if budget is not None and budget != "auto" and not parse_bytes(budget):
+    if budget is not None and not is_budget(budget):
         raise RecipeError("train.memory_budget", "must be a size such as '12GB' or "
                           "'512MB' (B, KB, MB, GB, TB; units of 1024), or 'auto'", budget)
     if recipe.num_stages is not None and len(recipe.aux.per_stage) > recipe.num_stages:

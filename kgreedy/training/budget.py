@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from kgreedy.base.errors import KgreedyError
-from kgreedy.base.machine import available_bytes, format_bytes, parse_bytes
+from kgreedy.base.machine import available_bytes, format_bytes, is_budget, parse_bytes
 from kgreedy.config.recipe import recipe_from_dict
 from kgreedy.model.network import count_params
 from kgreedy.model.split import SplitError
@@ -290,7 +290,7 @@ def check_fit(net, train, memory_budget, slots):
     """
     if memory_budget is None:
         return
-    if memory_budget != AUTO and not parse_bytes(memory_budget):
+    if not is_budget(memory_budget):
         raise ValueError("`memory_budget` must be a size such as '12GB' or '512MB' "
                          "(B, KB, MB, GB, TB; units of 1024), 'auto' or None. Received: "
                          f"memory_budget={memory_budget!r}")
@@ -323,8 +323,7 @@ def check_fit(net, train, memory_budget, slots):
     if batch:
         fits.append(f"batches of {batch} image{'s' if batch > 1 else ''}")
     raise ValueError(
-        f"Stage {worst.stage} of this {train.mode} fit needs about "
-        f"{format_bytes(worst.total)} ({worst.describe().split(' (', 1)[1]}, more than "
+        f"Stage {worst.stage} of this {train.mode} fit needs about {worst.need()}, more than "
         f"{limit.name.replace(' (train.memory_budget', ' (memory_budget')}; "
         + ("what would fit: " + ", ".join(fits) if fits else "nothing smaller fits")
         + f". Received: memory_budget={memory_budget!r}, mode={train.mode!r}")

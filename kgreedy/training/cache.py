@@ -162,9 +162,7 @@ class FeatureCache(HasSplits):
                                 None if self.in_memory else os.path.join(self.directory,
                                                                          split))
             for features, _ in self._batches(source, prefix):
-                # A copy: `.numpy()` can be a view that keeps TensorFlow's buffer of
-                # the whole batch alive in the store until it is finished.
-                store.extend(features.numpy().copy())
+                store.extend(features.numpy())
             return Examples.from_store(store.finish(), source.labels)
         if self.in_memory:
             features, labels = zip(*((f.numpy(), y.numpy())

@@ -75,6 +75,11 @@ class StageMemory:
 
     def describe(self):
         """`stage 2 1.2 GB (weights 3.0 MB, ..., activations 1.1 GB at batch 128)`."""
+        return f"stage {self.stage} {self.need()}"
+
+    def need(self):
+        """`1.2 GB (weights 3.0 MB, ..., activations 1.1 GB at batch 128)`: the total
+        and its parts, as the dry run and every refusal say them."""
         parts = [f"weights {format_bytes(self.weights)}",
                  f"optimizer {format_bytes(self.optimizer)}",
                  f"gradients {format_bytes(self.gradients)}",
@@ -89,7 +94,7 @@ class StageMemory:
         if self.data:
             parts.append(f"data {format_bytes(self.data)}")
         parts.append(f"runtime {format_bytes(RUNTIME_BYTES)}")
-        return f"stage {self.stage} {format_bytes(self.total)} ({', '.join(parts)})"
+        return f"{format_bytes(self.total)} ({', '.join(parts)})"
 
 
 @contextlib.contextmanager
@@ -376,10 +381,9 @@ def check(stages, available, budget=None, what_fits=None):
     """
     worst = largest(stages or ())
     if worst is not None and budget is not None and worst.total > budget.limit:
-        figures = worst.describe().split(" (", 1)[1]
         fits = what_fits(budget.limit) if what_fits else None
-        raise KgreedyError("train.memory_budget", f"stage {worst.stage} needs about "
-                           f"{format_bytes(worst.total)} ({figures}, more than "
+        raise KgreedyError("train.memory_budget",
+                           f"stage {worst.stage} needs about {worst.need()}, more than "
                            f"{budget.name}; " + (f"what would fit: {fits}" if fits else
                                                  "nothing smaller was found to fit"),
                            budget.received)
@@ -392,10 +396,8 @@ def check(stages, available, budget=None, what_fits=None):
         # No batch size helps when the rest alone does not fit: name what does.
         del parts["activations"]
     key, advice = _ADVICE[max(parts, key=parts.get)]
-    figures = worst.describe().split(" (", 1)[1]  # "weights ..., activations ...)"
-    message = (f"stage {worst.stage} needs about {format_bytes(worst.total)} ({figures}, "
-               f"more than the {format_bytes(available)} of memory available on this "
-               f"machine; {advice}")
+    message = (f"stage {worst.stage} needs about {worst.need()}, more than the "
+               f"{format_bytes(available)} of memory available on this machine; {advice}")
     if key == "train.batch_size":
         raise KgreedyError(key, message, worst.batch_size)
     raise KgreedyError(key, message)
