@@ -75,14 +75,15 @@ def test_estimate_matches_a_hand_count():
     # BN 2x2x4 = 16, dense 10; backward: a BN's 256 + 256 + 256.
     stage1 = 64 + (256 + 256) + (256 + 256 + 16 + 10) + 768
     # Stage 2: block 1's output 256 (psi'd to 4x4x16); conv 4x4x8 = 128, BN 128;
-    # head conv 128, BN 128, pooled BN 2x2x8 = 32, dense 10; backward: the conv's
-    # 256 in + 128 out + 256. The frozen block 1's peak (BN: 512) comes before.
-    stage2 = 256 + (128 + 128) + (128 + 128 + 32 + 10) + 640
+    # head conv 128, BN 128, pooled BN 2x2x8 = 32, dense 10; backward: a BN's 128 +
+    # 128 + 128 (the block's conv, first, has no gradient out: 128 + 128). The frozen
+    # block 1's peak (BN: 512) comes before.
+    stage2 = 256 + (128 + 128) + (128 + 128 + 32 + 10) + 384
     image = 4 * 64  # the float32 batch from the pipeline
     # The batch in the step and the five tf.data holds ahead (PIPELINE_BATCHES).
     batches = 1 + memory.PIPELINE_BATCHES
     assert s1.activations == 32 * (batches * image + 4 * stage1) == 290_048
-    assert s2.activations == 32 * (batches * image + 4 * stage2) == 234_752
+    assert s2.activations == 32 * (batches * image + 4 * stage2) == 201_984
     assert s1.feature_cache == s1.replay_buffers == 0
     # Evaluation (batch 32, forward only): the image, then the largest layer's input
     # and output (a BN's 256 + 256); less than training's, so not in the total.
@@ -189,11 +190,11 @@ def test_an_oversize_model_is_refused_before_data_or_run_directory(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     # The weights alone (97 GB) cannot fit: no batch size helps, so the line names the
-    # model, not the batch size behind the largest part (458 GB of activations). The
-    # largest stage is 2: block 2 takes block 1's 10-million channels, and its
-    # parameters' gradients and update temporaries (343 GB) come on top.
-    assert lines[0].startswith("kgreedy: error: model: stage 2 needs about "), lines
-    assert "weights 97.0 GB" in lines[0] and "activations 458 GB at batch 64" in lines[0]
+    # model, not the batch size behind the largest part (763 GB of activations). The
+    # largest stage is 1: block 1's and head 1's 10-million-channel maps at batch 64
+    # (stage 2 trains a block that takes them in but sends no gradient back: 831 GB).
+    assert lines[0].startswith("kgreedy: error: model: stage 1 needs about "), lines
+    assert "weights 97.0 GB" in lines[0] and "activations 763 GB at batch 64" in lines[0]
     assert "more than the 16.0 GB of memory available" in lines[0]
     assert lines[0].endswith("use a narrower model (model.blocks[*].width, aux.width) or "
                              "fewer stages")
@@ -216,8 +217,8 @@ def test_the_dry_run_prints_each_stage_then_refuses(tmp_path, capsys, machine):
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert "deployed model (trunk + stage 3 head)" in captured.out  # the table first
-    assert "memory: largest stage 2, " in captured.out
-    assert captured.err.startswith("kgreedy: error: model: stage 2 needs")
+    assert "memory: largest stage 1, " in captured.out
+    assert captured.err.startswith("kgreedy: error: model: stage 1 needs")
 
 
 def test_unknown_memory_never_refuses(capsys, machine):
