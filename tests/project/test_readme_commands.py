@@ -181,6 +181,26 @@ COMMANDS = {
     "--json docs/benchmark_memory_resnet50.json":
         covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
                 '"train.mixed_precision=none"', '"--batch-size"', '"--json"'),
+    # docs/BENCHMARKS.md, "Where the memory goes": the same mode at other batches and
+    # with the ResNet-50 recipe's heads and split changed, one remat mode.
+    "python tools/benchmark.py recipes/resnet32_cifar10_k4.json --set name=resnet110_cifar10_k4 "
+    "--set model.architecture=resnet110 --set data.data_dir=../shared/tfds --batch-size 256 "
+    "--memory --remat activations --steps 2 --repeats 2 "
+    "--json docs/benchmark_memory_resnet110_b256.json":
+        covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
+                '"--remat"', '"--steps"', '"--repeats"', '"--batch-size"'),
+    "python tools/benchmark.py recipes/resnet32_cifar10_k4.json --set name=resnet110_cifar10_k4 "
+    "--set model.architecture=resnet110 --set data.data_dir=../shared/tfds --batch-size 2 "
+    "--memory --remat activations --steps 2 --repeats 2 "
+    "--json docs/benchmark_memory_resnet110_b2.json":
+        covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
+                '"--remat"', '"--steps"', '"--repeats"', '"--batch-size"'),
+    "python tools/benchmark.py recipes/resnet50_imagenet_k4.json --set data.image_size=128 "
+    "--set train.mixed_precision=none --set aux.width=128 --set model.balanced_memory=true "
+    "--batch-size 32 --memory --remat activations --steps 2 --repeats 2 "
+    "--json docs/benchmark_memory_resnet50_balanced.json":
+        covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
+                '"--remat"', '"train.mixed_precision=none"', '"--batch-size"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),
