@@ -10,7 +10,6 @@ from pathlib import Path
 import textwrap
 import time
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,10 +18,9 @@ from kgreedy import cli
 from kgreedy import data
 from kgreedy import export as export_cli
 from kgreedy.base.errors import KgreedyError
-from kgreedy.config.recipe import recipe_from_dict
-from kgreedy.model.from_recipe import from_recipe
 from kgreedy.serving import export, versions, warmup_file
 from kgreedy.training import rundir
+from tiny_nets import trained_net
 
 RECIPE = {"name": "t", "model": {"blocks": [{"width": 8}, {"width": 16, "downsample": "psi"}]},
           "aux": {"k": 2, "width": 8}, "data": {"max_pixels": 4096}}
@@ -90,19 +88,7 @@ def _tmp_dirs(root):
 def trained():
     """A tiny 2-stage net, briefly trained so predictions and BN statistics are not
     those of a fresh initialisation; and the digits eval images."""
-    keras.utils.set_random_seed(0)
-    recipe = recipe_from_dict(RECIPE)
-    spec = data.describe(recipe.data)
-    datasets = data.load(recipe.data, spec, batch_size=64)
-    spec = datasets.spec
-    net = from_recipe(recipe, spec.image_shape, spec.num_classes, spec.mean, spec.std)
-    for stage in (1, 2):
-        model = net.deployed_model(stage)
-        model.compile(keras.optimizers.Adam(0.01),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(datasets.train, epochs=2, verbose=0, shuffle=False)  # data shuffles
-    x = np.concatenate([images.numpy() for images, _ in datasets.eval])
-    return recipe, spec, net, x
+    return trained_net(RECIPE, epochs=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,97 @@
+"""Early exits (issue 29, in progress): the deployed network run module by module,
+each example leaving at the first head that is confident enough.
+
+After module j, head j scores the examples still running. An example whose
+confidence (the maximum softmax probability of head j's logits) is at least
+threshold j leaves with head j's logits; the others go on to module j+1 as a
+smaller batch, gathered per example, so an example that has left never pays for a
+deeper module. The last head answers every example still running.
+
+A threshold of 1 or more turns its exit off. A float32 softmax reaches exactly 1.0
+on confident inputs, and "at least 1.0" would let those leave; with the exits off,
+the answers are the last head's, bit for bit. A threshold of 0 sends every example
+out at head 1.
+
+Everything here is TensorFlow graph ops (`tf.cond`, `tf.boolean_mask`,
+`tf.scatter_nd`), so a SavedModel built on it needs neither Keras nor kgreedy to
+serve.
+"""
+
+import tensorflow as tf
+
+from kgreedy.base.errors import KgreedyError
+
+
+def check_thresholds(thresholds, num_stages):
+    """The thresholds as a list of `num_stages` floats in [0, 1].
+
+    Raises:
+        KgreedyError: not one number per stage, or one outside [0, 1] (NaN included).
+    """
+    try:
+        values = [float(t) for t in thresholds]
+    except (TypeError, ValueError):
+        raise KgreedyError("thresholds", f"must be {num_stages} numbers, one per stage",
+                           thresholds) from None
+    if len(values) != num_stages or any(isinstance(t, bool) for t in thresholds):
+        raise KgreedyError("thresholds", f"must be {num_stages} numbers, one per stage",
+                           thresholds)
+    if not all(0.0 <= t <= 1.0 for t in values):  # NaN fails both comparisons
+        raise KgreedyError("thresholds", "each must be between 0 and 1", thresholds)
+    return values
+
+
+def confidence(logits):
+    """Each example's maximum softmax probability (float32)."""
+    return tf.reduce_max(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), axis=-1)
+
+
+def early_exit_logits(net, images, thresholds, stage=None):
+    """Logits and exit stage of each example, modules 1..`stage` run with early exits.
+
+    Args:
+        net: a `GreedyNet`.
+        images: raw pixels [batch, H, W, C] of the net's `image_shape`.
+        thresholds: float32 [stage] (a tensor or a list): exit j's threshold.
+        stage: the deepest module and head (default: the last).
+
+    Returns:
+        (logits float32 [batch, classes], exit_stage int64 [batch]), exit_stage
+        1-based; for each example, the logits of the head it left at.
+    """
+    stage = stage or net.num_stages
+    thresholds = tf.convert_to_tensor(thresholds, tf.float32)
+    classes = net.num_classes
+    x = net.standardize(images)
+    rows = tf.range(tf.shape(x, out_type=tf.int64)[0])
+
+    def nothing():
+        return (tf.zeros([0, classes], tf.float32), tf.zeros([0], tf.int64),
+                tf.zeros([0], tf.int64))
+
+    def from_module(j, x, rows):
+        # Modules j..stage on the examples still running; (logits, exit stages, rows
+        # of the input batch) of every one of them, in any order.
+        features = net.modules[j - 1](x, training=False)
+        logits = tf.cast(net.heads[j - 1](features, training=False), tf.float32)
+        if j == stage:
+            return logits, tf.fill(tf.shape(rows), tf.constant(j, tf.int64)), rows
+        leave = tf.logical_and(confidence(logits) >= thresholds[j - 1],
+                               thresholds[j - 1] < 1.0)
+        stay = tf.logical_not(leave)
+        rest, rest_rows = tf.boolean_mask(features, stay), tf.boolean_mask(rows, stay)
+        # TF 2.21's CPU conv fails on a batch of 0: skip the deeper modules then.
+        deeper = tf.cond(tf.size(rest_rows) > 0,
+                         lambda: from_module(j + 1, rest, rest_rows), nothing)
+        left = tf.boolean_mask(rows, leave)
+        return (tf.concat([tf.boolean_mask(logits, leave), deeper[0]], 0),
+                tf.concat([tf.fill(tf.shape(left), tf.constant(j, tf.int64)), deeper[1]], 0),
+                tf.concat([left, deeper[2]], 0))
+
+    logits, stages, order = tf.cond(tf.size(rows) > 0,
+                                    lambda: from_module(1, x, rows), nothing)
+    # Back into the request's order.
+    count = tf.shape(rows, out_type=tf.int64)
+    index = order[:, None]
+    return (tf.scatter_nd(index, logits, tf.concat([count, [classes]], 0)),
+            tf.scatter_nd(index, stages, count))
