@@ -29,6 +29,7 @@ from kgreedy.heads import Conv
 from kgreedy.model import split as splitting
 from kgreedy.model.network import GreedyNet, pool_problem, stage_table
 from kgreedy.model.objectives import objective_for
+from kgreedy.serving.early_exit import plan_exits
 from kgreedy.serving.export import export_saved_model
 
 __all__ = ["SplitNet", "fit", "split"]
@@ -75,25 +76,28 @@ class SplitNet(GreedyNet):
         for line in stage_table(self):
             (print_fn or print)(line)
 
-    def export(self, path, heads="last", stage=None):
-        """Exports the deployed model as a TF Serving version directory.
-
-        The same SavedModel as the command line's export (`serving_default` on raw
-        pixels, `serve_encoded` on PNG/JPEG files, warm-up requests), written whole
-        or not at all, never over an existing version.
+    def export(self, path, heads="last", stage=None, calibration_data=None,
+               max_accuracy_drop=0.5):
+        """Exports the deployed model as a TF Serving version directory: the command
+        line's SavedModel, written whole or not at all, never over an existing one.
 
         Args:
             path: the version directory, `MODEL_DIR/VERSION` with VERSION a
                 positive integer (TF Serving's layout), e.g. "exports/mymodel/1".
             heads: "last" serves the stage's head; "ensemble" the paper's weighted
-                ensemble of heads 1..stage.
+                ensemble of heads 1..stage; "early_exit" heads 1..stage as exits.
             stage: the deepest stage exported (default: the last).
+            calibration_data: with "early_exit", (images, labels) batches not
+                trained on, where the thresholds are fitted (even-numbered
+                examples) and scored (odd-numbered): `plan_exits`.
+            max_accuracy_drop: with "early_exit", the points of accuracy the exits
+                may lose against the last head.
 
         Returns:
             The absolute path of the version directory.
 
         Raises:
-            ValueError: a bad path, `heads` or `stage`, or an existing version.
+            ValueError: a bad path, heads, stage or calibration_data; a version exists.
         """
         path = os.fspath(path)
         root, version = os.path.split(os.path.normpath(path))
@@ -111,10 +115,16 @@ class SplitNet(GreedyNet):
         if os.path.exists(path):
             raise ValueError("`path` exists already; exported versions are never "
                              f"overwritten: pick the next version. Received: path={path!r}")
-        try:
-            return export_saved_model(self, self.spec, root, stage=stage,
-                                      version=int(version), heads=heads)
-        except KgreedyError as e:  # a version written meanwhile by someone else
+        if (heads == "early_exit") != (calibration_data is not None):
+            raise ValueError("`calibration_data` is needed with heads='early_exit', and "
+                             f"only then. Received: heads={heads!r}, calibration_data="
+                             f"{type(calibration_data).__name__}")
+        try:  # a version written meanwhile by someone else; too few heads or examples
+            plan = (plan_exits(self, calibration_data, stage, max_accuracy_drop)
+                    if heads == "early_exit" else None)
+            return export_saved_model(self, self.spec, root, stage=stage, heads=heads,
+                                      version=int(version), exit_plan=plan)
+        except KgreedyError as e:
             raise ValueError(f"{e}. Received: path={path!r}") from None
 
 

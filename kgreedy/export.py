@@ -1,6 +1,8 @@
 """`python -m kgreedy.export RUN_DIR [--stage N] [--version V] [--keep-versions N]
-[--heads last|ensemble]`: exports a trained run as a SavedModel for TF Serving
-(`kgreedy.serving.export`) and prints the version directory it wrote."""
+[--heads last|ensemble|early_exit]`: exports a trained run as a SavedModel for TF
+Serving (`kgreedy.serving.export`) and prints the version directory it wrote. With
+`early_exit` it first calibrates the thresholds on the run's evaluation split
+(`kgreedy.serving.early_exit.plan_exits`) and says what they give on stderr."""
 
 import sys
 
@@ -36,23 +38,51 @@ def main(argv=None):
                         help="after exporting, delete all but the newest N versions "
                              "(never the one just written; default: keep all)")
     parser.add_argument("--heads", choices=EXPORT_HEADS, default=None,
-                        help="serve head N alone, or the ensemble of heads 1..N "
-                             "(default: the recipe's export.heads; a kgreedy.fit "
-                             "run: last)")
+                        help="serve head N alone, the ensemble of heads 1..N, or heads "
+                             "1..N as early exits (default: the recipe's export.heads; "
+                             "a kgreedy.fit run: last)")
     cli.add_verbose(parser)
     args = parser.parse_args(argv)
     with cli.flags(**FLAGS):
         recipe, spec, net, stage = rundir.load_trained(args.run_dir, args.stage)
         mode, heads, model_name, max_pixels = _settings(args.run_dir, recipe, net)
         heads = args.heads or heads
-        if heads == "ensemble" and mode == "end_to_end":
-            raise KgreedyError("heads", "'ensemble' needs a greedy run: an end-to-end "
-                               "run trains only the last head", heads)
+        if heads in ("ensemble", "early_exit") and mode == "end_to_end":
+            raise KgreedyError("heads", f"{heads!r} needs a greedy or decoupled run: an "
+                               "end-to-end run trains only the last head", heads)
+        plan = _exit_plan(recipe, spec, net, stage) if heads == "early_exit" else None
         export_root = rundir.RunDir(args.run_dir).export_root(model_name)
         print(export_saved_model(net, spec, export_root, stage, args.version,
                                  keep_versions=args.keep_versions, heads=heads,
-                                 max_pixels=max_pixels))
+                                 max_pixels=max_pixels, exit_plan=plan))
     return cli.EXIT_OK
+
+
+def _exit_plan(recipe, spec, net, stage):
+    """The early-exit thresholds of a `kgreedy.train` run, calibrated on its
+    evaluation split as the run's own export would have."""
+    if recipe is None:
+        raise KgreedyError("heads", "'early_exit' calibrates on a recipe's evaluation "
+                           "split, and a kgreedy.fit run has none: export it from Python "
+                           "with net.export(path, heads='early_exit', calibration_data=...)",
+                           "early_exit")
+    from kgreedy import data
+    from kgreedy.serving.early_exit import plan_exits
+
+    datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
+                         eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
+    try:
+        plan = plan_exits(net, datasets.eval, stage,
+                          recipe.export.early_exit.max_accuracy_drop)
+    finally:
+        datasets.close()
+    held = plan["held_out"]
+    print(f"kgreedy.export: early exits at "
+          f"{', '.join(f'{t:.3g}' for t in plan['thresholds'][:-1])}: accuracy "
+          f"{held['accuracy']:.4f} against the last head's {held['last_head_accuracy']:.4f}, "
+          f"{held['mean_mflops']:.3g} of {plan['full_mflops']:.3g} MFLOPs per image on "
+          f"{held['examples']} held-out eval examples", file=sys.stderr)
+    return plan
 
 
 def _settings(run_dir, recipe, net):

@@ -205,7 +205,8 @@ def _exporter(recipe, spec, run_dir):
         return []
     return [Exporter(spec, run_dir.export_root(recipe.model_name), recipe.export.version,
                      recipe.export.keep_versions, recipe.export.heads,
-                     max_pixels=recipe.data.max_pixels)]
+                     max_pixels=recipe.data.max_pixels,
+                     max_accuracy_drop=recipe.export.early_exit.max_accuracy_drop)]
 
 
 @contextlib.contextmanager

@@ -123,30 +123,13 @@ def build_net(recipe, shape, num_classes, mean=None, std=None):
                      std or [1.0] * shape[2])
 
 
-def graph_flops(tf, layer, shape):
-    """FLOPs of `layer` on one image of `shape`, from the Conv2D and MatMul ops' shapes
-    in its traced graph (2*Hout*Wout*kh*kw*Cin*Cout, 2*m*k*n); whatever the head kind."""
-    fn = tf.function(lambda x: layer(x, training=False))
-    graph = fn.get_concrete_function(tf.TensorSpec([1, *shape], tf.float32)).graph
-    total = 0
-    for op in graph.get_operations():
-        if op.type == "Conv2D":
-            kh, kw, cin, cout = op.inputs[1].shape
-            out = op.outputs[0].shape
-            h, w = (out[2], out[3]) if op.get_attr("data_format") == b"NCHW" else out[1:3]
-            total += 2 * h * w * kh * kw * cin * cout
-        elif op.type == "MatMul":
-            a, b = op.inputs[0].shape, op.inputs[1].shape
-            m, k = (a[1], a[0]) if op.get_attr("transpose_a") else (a[0], a[1])
-            total += 2 * m * k * (b[0] if op.get_attr("transpose_b") else b[1])
-    return total
-
-
 def stage_flops(tf, net):
     """Per stage [prefix forward, module j + head j forward] FLOPs/image; end to end."""
+    from kgreedy.model.flops import graph_flops
+
     rows, prefix, shape, head_f = [], 0, net.image_shape, 0
     for module, head, out in zip(net.modules, net.heads, net.stage_shapes):
-        module_f, head_f = graph_flops(tf, module, shape), graph_flops(tf, head, out)
+        module_f, head_f = graph_flops(module, shape), graph_flops(head, out)
         rows.append([prefix, module_f + head_f])
         prefix, shape = prefix + module_f, out
     return rows, 3 * (prefix + head_f)  # every module and the last head, fwd + bwd

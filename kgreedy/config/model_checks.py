@@ -1,9 +1,14 @@
 """Checks of a recipe's model keys across each other: a trunk of `model.blocks`, or one
 model to split into modules (a residual `model.architecture`, `model.keras_application`
-or `model.keras_file`) with exactly one of `model.modules` and `model.split_at`."""
+or `model.keras_file`) with exactly one of `model.modules` and `model.split_at`; and
+the local objective's keys (`aux.objective*`) against the model's training."""
+
+import dataclasses
+import math
 
 from kgreedy.base.errors import RecipeError
 from kgreedy.config import architectures
+from kgreedy.config.schema import to_plain
 
 
 def split_source(model):
@@ -54,3 +59,23 @@ def validate_model(recipe):
         raise RecipeError("model.keras_application", "must be the name of a "
                           "keras.applications constructor, e.g. 'MobileNetV2'",
                           model.keras_application)
+
+
+def validate_objective(recipe):
+    """Refuses objective weights that do not apply or are not two finite weights >= 0,
+    and a feature cache forced on under an objective that rebuilds the image."""
+    aux = recipe.aux
+    if aux.objective_weights is not None:
+        if aux.objective == "cross_entropy":
+            raise RecipeError("aux.objective_weights", "only applies to aux.objective "
+                              "'infopro' or 'infopro_contrast', not 'cross_entropy'",
+                              to_plain(dataclasses.asdict(aux.objective_weights)))
+        for key in ("first", "last"):
+            pair = getattr(aux.objective_weights, key)
+            if len(pair) != 2 or not all(math.isfinite(w) and w >= 0 for w in pair):
+                raise RecipeError(f"aux.objective_weights.{key}", "must be two finite "
+                                  "weights >= 0, [w_rec, w_task]", list(pair))
+    if aux.objective != "cross_entropy" and recipe.train.cache_features == "on":
+        raise RecipeError("train.cache_features", f"'on' cannot serve aux.objective "
+                          f"{aux.objective!r}: its decoder rebuilds the input image, which "
+                          "cached features do not hold; use 'auto' or 'off'", "on")

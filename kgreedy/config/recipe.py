@@ -8,7 +8,6 @@ the received value, before anything is written to disk.
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from kgreedy.base.errors import RecipeError
 from kgreedy.base.machine import is_budget
 from kgreedy.base.files import read_json
 from kgreedy.config import architectures
-from kgreedy.config.model_checks import split_source, validate_model
+from kgreedy.config.model_checks import split_source, validate_model, validate_objective
 from kgreedy.config.overrides import apply_overrides
 from kgreedy.config.schema import build, setting, to_plain
 from kgreedy.config.vocabulary import (AUGMENTS, BAD_FILES, CACHE_MODES, DOWNSAMPLES,
@@ -292,6 +291,16 @@ class DistributeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EarlyExitConfig:
+    """Early-exit export (`export.early_exit.*`, with `export.heads: early_exit`)."""
+
+    max_accuracy_drop: float = setting(
+        0.5, low=0, high=100, doc="percentage points of accuracy the exits may lose "
+                                  "against the last head; the thresholds with the "
+                                  "least mean compute within it are served")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     """The SavedModel written after training (`export.*`)."""
 
@@ -305,7 +314,10 @@ class ExportConfig:
     heads: str = setting("last", choices=EXPORT_HEADS,
                       doc="last: trunk + last head; ensemble: trunk + every head, logits "
                           "averaged with weights 2^j (the paper's Z = sum_j 2^j z_j, "
-                          "normalised); greedy runs only")
+                          "normalised); early_exit: module by module, each example "
+                          "leaving at the first confident head (docs/serving.md); "
+                          "greedy and decoupled runs only")
+    early_exit: EarlyExitConfig = setting(EarlyExitConfig())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -378,7 +390,7 @@ def validate(recipe):
         raise RecipeError("train.cache_features", "'on' needs data.augment 'none': cached "
                           f"features cannot be augmented (data.augment is "
                           f"{recipe.data.augment!r}); use 'auto' or 'off'", "on")
-    _validate_objective(recipe)
+    validate_objective(recipe)
     if recipe.train.cache_features == "on" and recipe.train.mode != "greedy":
         raise RecipeError("train.cache_features", "'on' does not apply to train.mode "
                           f"{recipe.train.mode!r} (every block trains)", "on")
@@ -394,30 +406,14 @@ def validate(recipe):
         raise RecipeError("distribute.logical_cpus", "only applies to strategies 'auto' and "
                           f"'mirrored', not {recipe.distribute.strategy!r}",
                           recipe.distribute.logical_cpus)
-    if recipe.export.heads == "ensemble" and recipe.train.mode == "end_to_end":
-        raise RecipeError("export.heads", "'ensemble' needs train.mode 'greedy' or 'decoupled': an "
-                          "end-to-end run trains only the last head", "ensemble")
+    if recipe.export.heads in ("ensemble", "early_exit") \
+            and recipe.train.mode == "end_to_end":
+        raise RecipeError("export.heads", f"{recipe.export.heads!r} needs train.mode 'greedy' "
+                          "or 'decoupled': an end-to-end run trains only the last head",
+                          recipe.export.heads)
     if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
         raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
                           list(recipe.distribute.devices))
-
-
-def _validate_objective(recipe):
-    aux = recipe.aux
-    if aux.objective_weights is not None:
-        if aux.objective == "cross_entropy":
-            raise RecipeError("aux.objective_weights", "only applies to aux.objective "
-                              "'infopro' or 'infopro_contrast', not 'cross_entropy'",
-                              to_plain(dataclasses.asdict(aux.objective_weights)))
-        for key in ("first", "last"):
-            pair = getattr(aux.objective_weights, key)
-            if len(pair) != 2 or not all(math.isfinite(w) and w >= 0 for w in pair):
-                raise RecipeError(f"aux.objective_weights.{key}", "must be two finite "
-                                  "weights >= 0, [w_rec, w_task]", list(pair))
-    if aux.objective != "cross_entropy" and recipe.train.cache_features == "on":
-        raise RecipeError("train.cache_features", f"'on' cannot serve aux.objective "
-                          f"{aux.objective!r}: its decoder rebuilds the input image, which "
-                          "cached features do not hold; use 'auto' or 'off'", "on")
 
 
 def recipe_from_dict(raw):

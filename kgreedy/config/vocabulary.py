@@ -24,7 +24,7 @@ BAD_FILES = ("skip", "error")
 # auto: bfloat16 where the hardware has it natively (kgreedy/training/precision.py).
 PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16", "auto")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-EXPORT_HEADS = ("last", "ensemble")  # what an export serves: the last head, or all
+EXPORT_HEADS = ("last", "ensemble", "early_exit")  # what an export serves: the last head, or all
 TUNERS = ("random", "hyperband", "bayesian")
 SCOPES = ("joint", "per_stage")
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}  # tuner objective: direction

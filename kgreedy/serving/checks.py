@@ -11,7 +11,8 @@ binary, every check that would catch one of these, in this order:
    (`kgreedy.serving.warmup_file`);
 2. sample images at the model's input size, the reference outputs of the model loaded
    here, and whether `serve_encoded` of PNG and JPEG files agrees with
-   `serving_default` of the same pixels;
+   `serving_default` of the same pixels; for an early-exit export, its thresholds
+   signatures at the export's thresholds, at 1 (the last head) and at 0 (head 1);
 3. the same images sent as tensors, gRPC and REST requests, malformed requests and
    the warm-up records, to a fresh server process without keras or kgreedy
    (`kgreedy.serving.tf_server`), its answers compared with the reference
@@ -148,6 +149,40 @@ def _check_encodings(report, samples, want, tolerance):
                    *agreement(want["other png"], want["other pixels"], tolerance))
 
 
+def _check_exits(report, export_dir, samples, want):
+    """Step 2d, an early-exit export only: the thresholds signatures answer as
+    `serving_default` at the export's own thresholds, thresholds of 1 send every
+    example to the last head and thresholds of 0 to head 1."""
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(export_dir)
+    missing = [n for n in ("serving_thresholds", "serve_encoded_thresholds")
+               if n not in loaded.signatures]
+    if missing:
+        report.add("early exits: thresholds signatures", False, f"missing {missing}")
+        return
+    own = loaded.early_exit_thresholds[0].numpy()
+    by_pixels, by_files = (loaded.signatures[n] for n in ("serving_thresholds",
+                                                         "serve_encoded_thresholds"))
+    x, pngs = tf.constant(samples.x), tf.constant(samples.pngs)
+
+    def stages(fn, inputs, thresholds):
+        return fn(**inputs, thresholds=tf.constant(thresholds, tf.float32))
+
+    same = stages(by_pixels, {"images": x}, own)
+    report.add(f"early exits: serving_thresholds at the export's thresholds {own.tolist()} "
+               "= serving_default", *request_checks.agreement(
+                   {k: v.numpy() for k, v in same.items()}, want["pixels"], 0.0))
+    heads = len(own)
+    for value, head in ((1.0, heads), (0.0, 1)):
+        got = [stages(fn, inputs, [value] * heads)["exit_stage"].numpy()
+               for fn, inputs in ((by_pixels, {"images": x}), (by_files, {"image_bytes": pngs}))]
+        ok = all(np.array_equal(g, np.full(len(samples.x), head)) for g in got)
+        report.add(f"early exits: thresholds of {value:g} answer every example at head "
+                   f"{head}", ok, "" if ok else f"exit_stage {[g.tolist() for g in got]}")
+
+
 def _check_server(report, export_dir, samples, want, tolerance):
     """Step 3: every request in a fresh server process, against the reference."""
     model = os.path.basename(os.path.dirname(export_dir)) or "model"
@@ -217,5 +252,7 @@ def check(export_dir, tolerance=1e-4, seed=0, out=print):
     want = _reference(report, export_dir, samples)
     if want is not None:
         _check_encodings(report, samples, want, tolerance)
+        if "exit_stage" in want["pixels"]:
+            _check_exits(report, export_dir, samples, want)
         _check_server(report, export_dir, samples, want, tolerance)
     return _finish(report, out)

@@ -1,5 +1,5 @@
-"""Early exits (issue 29, in progress): the deployed network run module by module,
-each example leaving at the first head that is confident enough.
+"""Early exits: the deployed network run module by module, each example leaving at
+the first head that is confident enough (docs/serving.md, "Early exits").
 
 After module j, head j scores the examples still running. An example whose
 confidence (the maximum softmax probability of head j's logits) is at least
@@ -12,14 +12,21 @@ on confident inputs, and "at least 1.0" would let those leave; with the exits of
 the answers are the last head's, bit for bit. A threshold of 0 sends every example
 out at head 1.
 
-Everything here is TensorFlow graph ops (`tf.cond`, `tf.boolean_mask`,
-`tf.scatter_nd`), so a SavedModel built on it needs neither Keras nor kgreedy to
-serve.
+The graph is TensorFlow ops only (`tf.cond`, `tf.boolean_mask`, `tf.scatter_nd`),
+so a SavedModel built on it needs neither Keras nor kgreedy to serve.
+
+`plan_exits` calibrates the thresholds on the evaluation split
+(`kgreedy.serving.calibration`). So that the figures it reports are not those of
+the examples the thresholds were fitted to, it fits them on the even-numbered
+evaluation examples and reports accuracy and compute on the odd-numbered ones.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from kgreedy.base.errors import KgreedyError
+from kgreedy.model.flops import exit_flops
+from kgreedy.serving.calibration import calibrate, evaluate
 
 
 def check_thresholds(thresholds, num_stages):
@@ -95,3 +102,71 @@ def early_exit_logits(net, images, thresholds, stage=None):
     index = order[:, None]
     return (tf.scatter_nd(index, logits, tf.concat([count, [classes]], 0)),
             tf.scatter_nd(index, stages, count))
+
+
+def head_predictions(net, dataset, stage=None):
+    """(confidences, correct), each [examples, stage]: every head 1..stage's maximum
+    softmax probability and whether its class is the label, on `dataset`'s
+    (images, labels) batches in their order."""
+    stage = stage or net.num_stages
+    logits_of = tf.function(lambda images: [tf.cast(z, tf.float32) for z in
+                                            net.all_head_logits(images, stage)])
+    confidences, correct = [], []
+    for images, labels in dataset:
+        probabilities = np.stack([tf.nn.softmax(z).numpy() for z in logits_of(images)], 1)
+        confidences.append(probabilities.max(-1))
+        correct.append(probabilities.argmax(-1) == np.asarray(labels)[:, None])
+    if not confidences:
+        raise KgreedyError("export.heads", "'early_exit' calibrates its thresholds on the "
+                           "evaluation split, and this run has no evaluation examples",
+                           "early_exit")
+    return np.concatenate(confidences), np.concatenate(correct)
+
+
+def plan_exits(net, dataset, stage=None, max_accuracy_drop=0.5):
+    """The thresholds to export, and what they give, for summary.json.
+
+    Fitted (`kgreedy.serving.calibration.calibrate`) on the even-numbered examples
+    of `dataset` (the evaluation split), within `max_accuracy_drop` percentage
+    points of the last head there; scored on the odd-numbered ones.
+
+    Returns:
+        A dict: `thresholds` (one per head; the last is 1, unused),
+        `max_accuracy_drop`, the `full_mflops` and each head's `exit_mflops`, the
+        `calibration` and `held_out` figures (examples, accuracy, the last head's
+        accuracy, mean MFLOPs per image, the share leaving at each head) and the
+        accuracy-compute `curve` on the held-out examples, one point per setting on
+        the calibration front.
+    """
+    stage = stage or net.num_stages
+    if stage < 2:
+        raise KgreedyError("export.heads", "'early_exit' needs at least 2 stages: one "
+                           f"head has nothing to exit early to; received stage {stage}",
+                           "early_exit")
+    confidences, correct = head_predictions(net, dataset, stage)
+    if len(confidences) < 2:
+        raise KgreedyError("export.heads", "'early_exit' needs at least 2 evaluation "
+                           "examples (one to fit the thresholds, one to score them)",
+                           len(confidences))
+    costs = [flops / 1e6 for flops in exit_flops(net, stage)]
+    fit, held = slice(0, None, 2), slice(1, None, 2)
+    chosen, last, curve = calibrate(confidences[fit], correct[fit], costs,
+                                    max_accuracy_drop / 100)
+
+    def figures(setting, last_setting, rows):
+        return {"examples": int(len(confidences[rows])),
+                "accuracy": setting.accuracy, "last_head_accuracy": last_setting.accuracy,
+                "mean_mflops": setting.mean_cost, "exits": list(setting.exits)}
+
+    on_held = [evaluate(confidences[held], correct[held], costs, s.thresholds)
+               for s in (chosen, last)]
+    return {"thresholds": [*chosen.thresholds, 1.0],
+            "max_accuracy_drop": float(max_accuracy_drop),
+            "full_mflops": costs[-1], "exit_mflops": costs,
+            "calibration": figures(chosen, last, fit),
+            "held_out": figures(*on_held, held),
+            "curve": [{"thresholds": list(s.thresholds), "accuracy": e.accuracy,
+                       "mean_mflops": e.mean_cost}
+                      for s in curve
+                      for e in [evaluate(confidences[held], correct[held], costs,
+                                         s.thresholds)]]}

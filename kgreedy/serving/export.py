@@ -40,14 +40,16 @@ import tensorflow as tf
 
 from kgreedy import data
 from kgreedy.base.errors import KgreedyError
-from kgreedy.base.files import umask_mode
+from kgreedy.base.files import umask_mode, write_json
 from kgreedy.config.recipe import DataConfig
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.serving import versions, warmup_file
+from kgreedy.serving.early_exit import check_thresholds, early_exit_logits, plan_exits
 from kgreedy.training.actions import Action
 from kgreedy.training.preemption import Interrupted
 
 DEFAULT_MAX_PIXELS = DataConfig().max_pixels  # the recipe's data.max_pixels default
+EXIT_PLAN_FILE = "early_exit.json"  # in assets.extra: the thresholds and their figures
 
 
 # ---------------------------------------------------------------- versions ----
@@ -74,9 +76,15 @@ def _outputs(logits, class_names):
             "class_names": tf.gather(class_names, class_ids)}
 
 
-def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
+def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS, exits=None):
     """An `ExportArchive` holding `model` with both serving signatures; `serve_encoded`
-    refuses images whose header declares more than `max_pixels` pixels."""
+    refuses images whose header declares more than `max_pixels` pixels.
+
+    With `exits` = (net, stage, thresholds), the signatures run modules 1..stage
+    with early exits (`kgreedy.serving.early_exit`) at the thresholds, and add
+    `exit_stage`; `serving_thresholds` and `serve_encoded_thresholds` take the
+    thresholds as a second input (TF Serving refuses a request that leaves out a
+    signature's input, so the default thresholds need signatures of their own)."""
     height, width, channels = spec.image_shape
     class_names = tf.constant([str(name) for name in spec.class_names])
     # Without resizing, a batch of another size could only fail deep inside the
@@ -88,8 +96,20 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
     bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
 
     num_classes = len(spec.class_names)
+    if exits:
+        net, stage, thresholds = exits
+        thresholds_spec = tf.TensorSpec([stage], tf.float32, name="thresholds")
+        default_thresholds = tf.Variable(thresholds, dtype=tf.float32, trainable=False,
+                                         name="early_exit_thresholds")
 
-    def classify(images):
+    def predict(images, thresholds=None):
+        if not exits:
+            return _outputs(model(images, training=False), class_names)
+        logits, exit_stage = early_exit_logits(
+            net, images, default_thresholds if thresholds is None else thresholds, stage)
+        return {**_outputs(logits, class_names), "exit_stage": exit_stage}
+
+    def classify(images, thresholds=None):
         # images: model-sized, already through eval_transform (never twice: a
         # second resize_crop would crop again). An empty batch is a valid request,
         # but TensorFlow 2.21's CPU conv2d returns an empty tensor with the input's
@@ -98,10 +118,10 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
         def empty():
             return {"probabilities": tf.zeros([0, num_classes]),
                     "class_ids": tf.zeros([0], tf.int64),
-                    "class_names": tf.zeros([0], tf.string)}
+                    "class_names": tf.zeros([0], tf.string),
+                    **({"exit_stage": tf.zeros([0], tf.int64)} if exits else {})}
 
-        return tf.cond(tf.shape(images)[0] > 0,
-                       lambda: _outputs(model(images, training=False), class_names), empty)
+        return tf.cond(tf.shape(images)[0] > 0, lambda: predict(images, thresholds), empty)
 
     def decode_one(image_bytes):
         image = data.eval_transform(data.decode_image(image_bytes, channels, max_pixels),
@@ -141,8 +161,16 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
 
         return tf.cond(ok, lambda: images, refuse)
 
+    def checked(thresholds):
+        # Fed by the client: [stage] float32 in [0, 1], else an error naming it.
+        thresholds = tf.ensure_shape(thresholds, thresholds_spec.shape)
+        ok = tf.reduce_all(tf.logical_and(thresholds >= 0.0, thresholds <= 1.0))
+        message = "thresholds: each must be between 0 and 1; received"
+        with tf.control_dependencies([tf.debugging.Assert(ok, [message, thresholds])]):
+            return tf.identity(thresholds)
+
     # The argument names are the signature input names TF Serving shows.
-    def serving_default(images):
+    def serving_default(images, thresholds=None):
         # The signature's TensorSpec is not enforced on requests (TF Serving and the
         # loaded signature functions feed any shape), so check it first, while the
         # error can still name the input: "Shape of tensor images [1,8,8,3] is not
@@ -154,9 +182,9 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
         # resize_crop slices with computed offsets, which loses the static shape
         # that the head's flatten/dense need; ensure_shape restores it.
         return classify(tf.ensure_shape(data.eval_transform(images, spec),
-                                        [None, height, width, channels]))
+                                        [None, height, width, channels]), thresholds)
 
-    def serve_encoded(image_bytes):
+    def serve_encoded(image_bytes, thresholds=None):
         # A scalar string would otherwise fail in map_fn as "slice index 0 out of
         # bounds".
         image_bytes = tf.ensure_shape(image_bytes, bytes_spec.shape)
@@ -164,13 +192,26 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
         # one; the fixed output signature lets map_fn stack them into a batch.
         images = tf.map_fn(decode_one, image_bytes, fn_output_signature=tf.TensorSpec(
             [height, width, channels], tf.float32))
-        return classify(images)
+        return classify(images, thresholds)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     # serving_default first: ExportArchive also aliases its first endpoint to it.
     archive.add_endpoint("serving_default", serving_default, input_signature=[images_spec])
     archive.add_endpoint("serve_encoded", serve_encoded, input_signature=[bytes_spec])
+    if exits:
+        archive.add_variable_collection("early_exit_thresholds", [default_thresholds])
+
+        def serving_thresholds(images, thresholds):
+            return serving_default(images, checked(thresholds))
+
+        def serve_encoded_thresholds(image_bytes, thresholds):
+            return serve_encoded(image_bytes, checked(thresholds))
+
+        archive.add_endpoint("serving_thresholds", serving_thresholds,
+                             input_signature=[images_spec, thresholds_spec])
+        archive.add_endpoint("serve_encoded_thresholds", serve_encoded_thresholds,
+                             input_signature=[bytes_spec, thresholds_spec])
     # The signatures return the top class's name only; top-k listings need them all.
     archive.add_variable_collection("class_names", [tf.Variable(
         class_names, trainable=False, name="class_names")])
@@ -182,7 +223,8 @@ def _build_archive(model, spec, max_pixels=DEFAULT_MAX_PIXELS):
 # ------------------------------------------------------------------ export ----
 
 def export_saved_model(net, spec, export_root, stage=None, version=None,
-                       keep_versions=None, heads="last", max_pixels=DEFAULT_MAX_PIXELS):
+                       keep_versions=None, heads="last", max_pixels=DEFAULT_MAX_PIXELS,
+                       thresholds=None, exit_plan=None):
     """Exports the deployed model of `net` as version `version` below `export_root`.
 
     The version directory appears whole or not at all: the SavedModel and its
@@ -202,7 +244,14 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
             versions (never the one just written); None keeps all. A failure to
             delete is a warning: the new version is in place.
         heads: `last` serves head `stage`; `ensemble` serves the weighted ensemble
-            of heads 1..stage (`GreedyNet.deployed_model`), same signatures.
+            of heads 1..stage (`GreedyNet.deployed_model`), same signatures;
+            `early_exit` runs modules 1..stage with early exits at `thresholds`
+            (`kgreedy.serving.early_exit`), the signatures adding `exit_stage`.
+        thresholds: with `early_exit`, one per head 1..stage, each in [0, 1] (the
+            last one's is not used: the last head answers what is left); default:
+            `exit_plan`'s.
+        exit_plan: with `early_exit`, `kgreedy.serving.early_exit.plan_exits`'s
+            result, written to the version's assets.extra/early_exit.json.
         max_pixels: `serve_encoded` refuses an image whose header declares more
             pixels (width x height) than this (the recipe's `data.max_pixels`).
 
@@ -229,7 +278,18 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
     if os.path.exists(target):
         raise _exists_error(version, export_root)
 
-    archive = _build_archive(net.deployed_model(stage, heads), spec, max_pixels)
+    exits = None
+    if heads == "early_exit" and thresholds is None and exit_plan is not None:
+        thresholds = exit_plan["thresholds"]
+    if heads == "early_exit":
+        stage = stage or net.num_stages
+        exits = (net, stage, check_thresholds(thresholds, stage))
+    elif thresholds is not None or exit_plan is not None:
+        raise KgreedyError("thresholds", f"only apply to heads 'early_exit', not {heads!r}",
+                           thresholds if thresholds is not None else exit_plan["thresholds"])
+    # The ensemble model holds every module and head 1..stage: what early exits run.
+    model = net.deployed_model(stage, "ensemble" if exits else heads)
+    archive = _build_archive(model, spec, max_pixels, exits)
     os.makedirs(export_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
     try:
@@ -237,6 +297,8 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
         archive.write_out(tmp, verbose=False)
         warmup_file.write_warmup_requests(tmp, os.path.basename(export_root),
                                           spec.image_shape)
+        if exit_plan is not None:
+            write_json(os.path.join(tmp, "assets.extra", EXIT_PLAN_FILE), exit_plan)
         # Another export may have taken the version meanwhile. rename() would
         # replace an empty directory, so check again just before it; a non-empty
         # one makes rename() fail instead of overwriting.
@@ -280,29 +342,45 @@ class Exporter(Action):
     """
 
     def __init__(self, spec, export_root, version=None, keep_versions=None, heads="last",
-                 max_pixels=DEFAULT_MAX_PIXELS):
+                 max_pixels=DEFAULT_MAX_PIXELS, max_accuracy_drop=0.5):
         self.spec = spec
         self.export_root = export_root
         self.version = version
         self.keep_versions = keep_versions
         self.heads = heads
         self.max_pixels = max_pixels
+        self.max_accuracy_drop = max_accuracy_drop
 
-    def __call__(self, net, stage):
+    def __call__(self, net, stage, exit_plan=None):
         """Exports modules 1..`stage` of `net`; returns the version's path."""
         return export_saved_model(net, self.spec, self.export_root, stage=stage,
                                   version=self.version, keep_versions=self.keep_versions,
-                                  heads=self.heads, max_pixels=self.max_pixels)
+                                  heads=self.heads, max_pixels=self.max_pixels,
+                                  exit_plan=exit_plan)
 
     def on_finish(self, trainer, final):
         trainer.preemption.finishing = "while exporting"
         before = versions.temporary_versions(self.export_root)
+        plan = None
+        if self.heads == "early_exit":
+            trainer.progress.message("calibrating the early exits on the evaluation split")
+            plan = plan_exits(trainer.net, trainer.datasets.eval, final["stage"],
+                              self.max_accuracy_drop)
         try:
-            final["export_path"] = self(trainer.net, final["stage"])
+            final["export_path"] = self(trainer.net, final["stage"], plan)
         except Interrupted:
             for path in versions.temporary_versions(self.export_root) - before:
                 shutil.rmtree(path, ignore_errors=True)
             raise
         trainer.preemption.finishing = ""  # too late to stop: the version is whole
         final["export_heads"] = self.heads
+        if plan is not None:
+            final["early_exit"] = plan
+            held = plan["held_out"]
+            trainer.progress.message(
+                f"early exits at {', '.join(f'{t:.3g}' for t in plan['thresholds'][:-1])}: "
+                f"accuracy {held['accuracy']:.4f} against the last head's "
+                f"{held['last_head_accuracy']:.4f}, {held['mean_mflops']:.3g} of "
+                f"{plan['full_mflops']:.3g} MFLOPs per image on {held['examples']} "
+                "held-out eval examples")
         trainer.progress.message(f"exported {final['export_path']}")

@@ -22,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 
-from kgreedy.serving.signatures import OUTPUTS
 from kgreedy.serving.tf_server import pack, unpack
 
 
@@ -178,8 +177,12 @@ def agreement(got, want, tolerance):
         return False, "no answer"
     if "error" in got:
         return False, f"error: {str(got['error']).strip().splitlines()[-1][:300]}"
-    if set(got) != set(OUTPUTS):
-        return False, f"outputs {sorted(got)}, expected {sorted(OUTPUTS)}"
+    if set(got) != set(want):
+        return False, f"outputs {sorted(got)}, expected {sorted(want)}"
+    if "exit_stage" in want and not np.array_equal(np.asarray(got["exit_stage"]).reshape(-1),
+                                                   np.asarray(want["exit_stage"])):
+        return False, (f"exit_stage {np.asarray(got['exit_stage']).tolist()}, expected "
+                       f"{np.asarray(want['exit_stage']).tolist()}")
     want_probs = np.asarray(want["probabilities"])
     try:
         probs = np.asarray(got["probabilities"], np.float64)

@@ -23,6 +23,8 @@ from kgreedy.serving.tf_server import dtype_name
 SIGNATURES = ("serving_default", "serve_encoded")
 INPUTS = {"serving_default": "images", "serve_encoded": "image_bytes"}
 OUTPUTS = {"probabilities": "DT_FLOAT", "class_ids": "DT_INT64", "class_names": "DT_STRING"}
+# An early-exit export's signatures add the head each answer came from (1-based).
+EXIT_OUTPUTS = {"exit_stage": "DT_INT64"}
 PREDICT_METHOD = "tensorflow/serving/predict"
 _FILES = ("saved_model.pb", "saved_model.pbtxt")
 
@@ -159,10 +161,12 @@ def _input_problems(name, inputs):
 
 
 def _output_problems(outputs, num_classes):
-    if set(outputs) != set(OUTPUTS):
-        return [f"outputs are {sorted(outputs)}, expected {sorted(OUTPUTS)}"]
+    expected = {**OUTPUTS, **(EXIT_OUTPUTS if "exit_stage" in outputs else {})}
+    if set(outputs) != set(expected):
+        return [f"outputs are {sorted(outputs)}, expected {sorted(OUTPUTS)}, and "
+                "exit_stage in an early-exit export"]
     problems = []
-    for key, dtype in OUTPUTS.items():
+    for key, dtype in expected.items():
         shape = outputs[key]["shape"]
         want_shape = [-1, num_classes] if key == "probabilities" else [-1]
         if outputs[key]["dtype"] != dtype or shape != want_shape:

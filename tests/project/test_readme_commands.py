@@ -201,6 +201,15 @@ COMMANDS = {
     "--json docs/benchmark_memory_resnet50_balanced.json":
         covered("test_benchmark.py::test_memory_report", "benchmark.py", '"--memory"',
                 '"--remat"', '"train.mixed_precision=none"', '"--batch-size"'),
+    # docs/serving.md, "Early exits": the quickstart exported with early exits, by the
+    # run and by kgreedy.export (one epoch per stage there).
+    "python -m kgreedy.train recipes/quickstart.json --set export.heads=early_exit "
+    "--output runs/quickstart_exits":
+        covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
+                "QUICKSTART", '"export.heads=early_exit"'),
+    "python -m kgreedy.export runs/quickstart_exits --heads early_exit":
+        covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
+                "export_cli.main", '"--heads", "early_exit"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),
