@@ -224,6 +224,37 @@ def depth_figure(summary, probes=None, unit=None):
     return figure
 
 
+def exits_figure(summary):
+    """Accuracy against mean MFLOPs per image of the early-exit export
+    (summary.json's `final.early_exit`), on the held-out evaluation examples: one
+    point per threshold setting of the calibration's front, the served setting and
+    the last head marked, each head alone at its cost, the ensemble as a line."""
+    final = summary.get("final") or {}
+    plan = final["early_exit"]
+    held = plan["held_out"]
+    figure, ax = _figure()
+    curve = sorted(plan["curve"], key=lambda p: p["mean_mflops"])
+    ax.plot([p["mean_mflops"] for p in curve], [p["accuracy"] for p in curve], "-o",
+            markersize=3, color="C0", label="threshold settings (held out)")
+    heads = head_accuracies(summary)
+    if heads:
+        ax.plot(plan["exit_mflops"], [heads.get(j + 1) for j in range(len(plan["exit_mflops"]))],
+                "s", color="C1", label="each head alone (all eval)")
+    ax.plot([plan["full_mflops"]], [held["last_head_accuracy"]], "D", color="C3",
+            markersize=8, label="last head (held out)")
+    ax.plot([held["mean_mflops"]], [held["accuracy"]], "*", color="C2", markersize=14,
+            label=f"served: thresholds {', '.join(f'{t:.2f}' for t in plan['thresholds'][:-1])}")
+    ensemble = ensemble_accuracy(summary)
+    if ensemble is not None:
+        ax.axhline(ensemble, color="C4", linestyle="--", label="ensemble of heads (all eval)")
+    ax.set_xlabel("mean MFLOPs per image")
+    ax.set_ylabel("accuracy")
+    ax.set_title("early exits: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
+
+
 def write_plots(run, output):
     """Writes the report's PNGs into `output`; returns {plot name: file name}."""
     metrics = run["metrics"]
@@ -240,6 +271,9 @@ def write_plots(run, output):
     if any(r.get("val_module_accuracy") is not None for r in metrics):
         figures["modules"] = modules_figure(metrics)  # a decoupled run
         names.insert(2, "modules")
+    if (run["summary"].get("final") or {}).get("early_exit"):
+        figures["exits"] = exits_figure(run["summary"])
+        names.append("exits")
     for name in names:
         save_png(figures[name], os.path.join(output, f"{name}.png"))
     return {name: f"{name}.png" for name in names}
@@ -294,7 +328,8 @@ _PROBE_COLUMNS = (("{unit}", "block", "d"), ("output", "output_shape", None),
                   ("probe eval acc", "probe_eval_accuracy", ".4f"),
                   ("head val acc", "head_val_accuracy", ".4f"))
 _TITLES = {"loss": "Loss", "accuracy": "Accuracy", "learning_rate": "Learning rate",
-           "depth": "Accuracy vs depth", "modules": "Each module's head (decoupled)"}
+           "depth": "Accuracy vs depth", "modules": "Each module's head (decoupled)",
+           "exits": "Early exits: accuracy vs compute"}
 
 
 def trunk(recipe):
@@ -340,6 +375,18 @@ def markdown(run, plots):
             text += f", ensemble val accuracy {final['ensemble_val_accuracy']:.4f}"
         lines.append(text + f"; export {final.get('export_path') or 'none'}; "
                      f"{_number(final.get('seconds'), '.1f')} s in all.")
+        plan = final.get("early_exit")
+        if plan:
+            held = plan["held_out"]
+            lines += ["", f"**Early exits** at thresholds "
+                      f"{', '.join(f'{t:.3g}' for t in plan['thresholds'][:-1])} (within "
+                      f"{plan['max_accuracy_drop']:g} points of the last head where "
+                      f"fitted): accuracy {held['accuracy']:.4f} against the last head's "
+                      f"{held['last_head_accuracy']:.4f}, {held['mean_mflops']:.4g} of "
+                      f"{plan['full_mflops']:.4g} MFLOPs per image, on the "
+                      f"{held['examples']} held-out eval examples; answered at heads "
+                      f"1..{len(held['exits'])}: "
+                      + ", ".join(f"{e:.1%}" for e in held["exits"]) + "."]
     else:
         lines.append("**Final**: not yet (the run has not finished).")
     if probes:

@@ -210,6 +210,14 @@ COMMANDS = {
     "python -m kgreedy.export runs/quickstart_exits --heads early_exit":
         covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
                 "export_cli.main", '"--heads", "early_exit"'),
+    "python -m kgreedy.export runs/local/dgl_k4 --heads early_exit":
+        covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
+                "export_cli.main", '"--heads", "early_exit"'),
+    "python tools/benchmark_exits.py runs/local/dgl_k4 --plain 1 --exits 2 --images 10000 "
+    "--latency-images 1000 --json docs/benchmark_exits.json":
+        covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
+                "benchmark_exits.py", '"--plain"', '"--exits"', '"--latency-images"',
+                '"--json"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kgreedy import cli, train
+from kgreedy import cli, report, train
 from kgreedy import export as export_cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.serving import export
@@ -130,6 +130,33 @@ def test_a_run_calibrates_records_and_exports_its_exits(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.strip().endswith("/export/quickstart/2")
     assert "held-out eval examples" in err
+    # The report draws the exits' accuracy against compute and states the served ones.
+    assert cli.run(report.main, [str(output)]) == 0
+    text = (output / "report" / "report.md").read_text()
+    assert "**Early exits** at thresholds" in text and "(exits.png)" in text
+    assert (output / "report" / "exits.png").stat().st_size > 1000
+    # The benchmark against a plain export of the same run, on a few eval images.
+    assert cli.run(export_cli.main, [str(output), "--heads", "last"]) == 0
+    capsys.readouterr()
+    proc = subprocess.run(
+        [sys.executable, f"{REPO}/tools/benchmark_exits.py", str(output), "--plain", "3",
+         "--exits", "1", "--images", "70", "--latency-images", "3", "--repeats", "1",
+         "--json", str(tmp_path / "bench.json")],
+        env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["images"] == 70 and bench["latency_images"] == 3
+    assert bench["batch1_latency_ratio"] == pytest.approx(
+        bench["early_exit"]["batch1_median_ms"] / bench["plain"]["batch1_median_ms"])
+    assert sum(bench["early_exit"]["exits"]) == pytest.approx(1.0)
+    assert len(bench["early_exit"]["exits"]) == 3 and "exits" not in bench["plain"]
+    assert "early exit / plain: batch 1 latency" in proc.stdout
+    # A version that is not an early-exit export is refused in one line.
+    proc = subprocess.run(
+        [sys.executable, f"{REPO}/tools/benchmark_exits.py", str(output), "--plain", "3",
+         "--exits", "3", "--images", "8"], env=ENV, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2 and "not an early-exit export" in proc.stderr
 
 
 def test_an_end_to_end_run_cannot_export_early_exits(tmp_path, capsys):
