@@ -4,7 +4,7 @@ same run, side by side in one process (docs/serving.md, "Early exits").
     python tools/benchmark_exits.py RUN_DIR --plain V --exits V [--images N]
         [--latency-images N] [--repeats N] [--json OUT]
 
-    python tools/benchmark_exits.py runs/local/dgl_k4 --plain 1 --exits 2 \
+    python tools/benchmark_exits.py runs/local/dgl_k4 --plain 1 --exits 3 \
         --json docs/benchmark_exits.json
 
 Both versions are below RUN_DIR/export/MODEL_NAME (the recipe's). The images are the

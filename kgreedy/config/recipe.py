@@ -296,8 +296,9 @@ class EarlyExitConfig:
 
     max_accuracy_drop: float = setting(
         0.5, low=0, high=100, doc="percentage points of accuracy the exits may lose "
-                                  "against the last head; the thresholds with the "
-                                  "least mean compute within it are served")
+                                  "against the last head, one standard error "
+                                  "included; the thresholds with the least mean "
+                                  "compute within it are served")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,12 @@ candidates for threshold j are 1 and the quantiles of head j's confidences. With
 heads every combination is tried; with many, one threshold at a time is improved
 until none improves (coordinate descent, from every exit off).
 
+A setting qualifies when its accuracy loss plus one standard error of that loss
+(over the examples, each losing 1, 0 or -1 against the last head) is at most
+`max_drop`: thresholds fitted to the bare loss follow the noise of the examples they
+are fitted on (on CIFAR-10, a fitted loss of 0.48 points was 0.82 on the other half
+of the test set), and the standard error shrinks as the examples grow.
+
 Pure NumPy: it runs on the predictions, not the network.
 """
 
@@ -33,6 +39,7 @@ class Setting:
     accuracy: float
     mean_cost: float
     exits: tuple  # the share of examples leaving at each head
+    drop_bound: float  # accuracy lost against the last head, plus one standard error
 
 
 def exits_at(confidences, thresholds):
@@ -52,10 +59,12 @@ def evaluate(confidences, correct, costs, thresholds):
     rows = np.arange(len(exit_head))
     heads = confidences.shape[1]
     shares = np.bincount(exit_head, minlength=heads) / max(len(exit_head), 1)
+    lost = correct[:, -1].astype(float) - correct[rows, exit_head]
     return Setting(tuple(float(t) for t in thresholds),
                    float(correct[rows, exit_head].mean()),
                    float(np.asarray(costs, float)[exit_head].mean()),
-                   tuple(float(s) for s in shares))
+                   tuple(float(s) for s in shares),
+                   float(lost.mean() + lost.std() / np.sqrt(len(lost))))
 
 
 def _check(confidences, correct, costs, max_drop):
@@ -80,7 +89,8 @@ def _check(confidences, correct, costs, max_drop):
 
 
 def calibrate(confidences, correct, costs, max_drop=0.005):
-    """The cheapest thresholds within `max_drop` of the last head's accuracy.
+    """The cheapest thresholds whose accuracy loss against the last head, plus one
+    standard error, is within `max_drop`.
 
     Args:
         confidences: [examples, heads] each head's maximum softmax probability.
@@ -104,7 +114,7 @@ def calibrate(confidences, correct, costs, max_drop=0.005):
                     method="lower"),
         [1.0]])) for j in range(heads - 1)]
     last = evaluate(confidences, correct, costs, [1.0] * (heads - 1))
-    floor = last.accuracy - max_drop - 1e-12
+    bound = max_drop + 1e-12
     tried = {}
 
     def score(thresholds):
@@ -113,9 +123,9 @@ def calibrate(confidences, correct, costs, max_drop=0.005):
             tried[key] = evaluate(confidences, correct, costs, key)
         return tried[key]
 
-    def better(a, b):  # within the floor, cheaper; then more accurate
-        return (a.accuracy >= floor, -a.mean_cost, a.accuracy) > \
-            (b.accuracy >= floor, -b.mean_cost, b.accuracy)
+    def better(a, b):  # qualifying, cheaper; then more accurate
+        return (a.drop_bound <= bound, -a.mean_cost, a.accuracy) > \
+            (b.drop_bound <= bound, -b.mean_cost, b.accuracy)
 
     best = last
     if np.prod([len(c) for c in candidates], dtype=float) <= EXHAUSTIVE_LIMIT:

@@ -213,7 +213,7 @@ COMMANDS = {
     "python -m kgreedy.export runs/local/dgl_k4 --heads early_exit":
         covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
                 "export_cli.main", '"--heads", "early_exit"'),
-    "python tools/benchmark_exits.py runs/local/dgl_k4 --plain 1 --exits 2 --images 10000 "
+    "python tools/benchmark_exits.py runs/local/dgl_k4 --plain 1 --exits 3 --images 10000 "
     "--latency-images 1000 --json docs/benchmark_exits.json":
         covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
                 "benchmark_exits.py", '"--plain"', '"--exits"', '"--latency-images"',

@@ -37,14 +37,18 @@ def test_no_loss_allowed_sends_each_example_to_its_first_right_head(exhaustive, 
     assert chosen in curve and last not in curve
 
 
-def test_an_allowed_drop_buys_compute():
-    # Sending head 3's 200 examples out at head 2 (all wrong there) loses 0.2.
-    chosen, _, _ = calibrate(*made_up(), COSTS, max_drop=0.2)
+def test_an_allowed_drop_and_its_standard_error_buy_compute():
+    # Sending head 3's 200 examples out at head 2 (all wrong there) loses 0.2, and
+    # one standard error of that loss more: 0.4 / sqrt(1000).
+    bound = 0.2 + 0.4 / np.sqrt(1000)
+    chosen, _, _ = calibrate(*made_up(), COSTS, max_drop=bound + 0.001)
     assert chosen.accuracy == pytest.approx(0.8)
+    assert chosen.drop_bound == pytest.approx(bound)
     assert chosen.mean_cost == pytest.approx(0.6 * 1 + 0.4 * 2)
-    # A drop just short of that buys nothing more than the lossless setting.
-    chosen, _, _ = calibrate(*made_up(), COSTS, max_drop=0.19)
+    # The bare loss is not enough: the lossless setting, no cheaper, is kept.
+    chosen, _, _ = calibrate(*made_up(), COSTS, max_drop=bound - 0.001)
     assert chosen.accuracy == 1.0 and chosen.mean_cost == pytest.approx(1.8)
+    assert chosen.drop_bound == 0.0
 
 
 def test_the_curve_is_cheaper_and_less_accurate_to_the_left():
