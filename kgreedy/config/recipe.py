@@ -412,6 +412,9 @@ def validate(recipe):
         raise RecipeError("export.heads", f"{recipe.export.heads!r} needs train.mode 'greedy' "
                           "or 'decoupled': an end-to-end run trains only the last head",
                           recipe.export.heads)
+    if recipe.export.heads == "early_exit" and (recipe.num_stages or 2) < 2:
+        raise RecipeError("export.heads", "'early_exit' needs at least 2 stages: one head "
+                          "has no earlier exit", "early_exit")
     if recipe.distribute.devices is not None and recipe.distribute.strategy != "mirrored":
         raise RecipeError("distribute.devices", "only applies to strategy 'mirrored'",
                           list(recipe.distribute.devices))

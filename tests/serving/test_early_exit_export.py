@@ -159,10 +159,16 @@ def test_a_run_calibrates_records_and_exports_its_exits(tmp_path, capsys):
     assert proc.returncode == 2 and "not an early-exit export" in proc.stderr
 
 
-def test_an_end_to_end_run_cannot_export_early_exits(tmp_path, capsys):
+@pytest.mark.parametrize("setting, message", [
+    ("train.mode=end_to_end", "'early_exit' needs train.mode 'greedy' or 'decoupled'"),
+    ('model.blocks=[{"width": 8}]', "'early_exit' needs at least 2 stages"),
+])
+def test_a_run_without_earlier_heads_cannot_export_early_exits(tmp_path, capsys, setting,
+                                                                message):
     with pytest.raises(SystemExit) as info:
         cli.run(train.main, [QUICKSTART, "--output", str(tmp_path / "r"), "--set",
-                             "export.heads=early_exit", "--set", "train.mode=end_to_end"])
+                             "export.heads=early_exit", "--set", setting])
     assert info.value.code == 2
-    assert "'early_exit' needs train.mode 'greedy' or 'decoupled'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
