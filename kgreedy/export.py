@@ -67,7 +67,7 @@ def _exit_plan(recipe, spec, net, stage):
                            "with net.export(path, heads='early_exit', calibration_data=...)",
                            "early_exit")
     from kgreedy import data
-    from kgreedy.serving.early_exit import plan_exits
+    from kgreedy.serving.early_exit import describe_plan, plan_exits
 
     datasets = data.load(recipe.data, spec, batch_size=recipe.train.batch_size,
                          eval_batch_size=recipe.train.eval_batch_size, seed=recipe.seed)
@@ -76,12 +76,7 @@ def _exit_plan(recipe, spec, net, stage):
                           recipe.export.early_exit.max_accuracy_drop)
     finally:
         datasets.close()
-    held = plan["held_out"]
-    print(f"kgreedy.export: early exits at "
-          f"{', '.join(f'{t:.3g}' for t in plan['thresholds'][:-1])}: accuracy "
-          f"{held['accuracy']:.4f} against the last head's {held['last_head_accuracy']:.4f}, "
-          f"{held['mean_mflops']:.3g} of {plan['full_mflops']:.3g} MFLOPs per image on "
-          f"{held['examples']} held-out eval examples", file=sys.stderr)
+    print(f"kgreedy.export: {describe_plan(plan)}", file=sys.stderr)
     return plan
 
 

@@ -30,9 +30,9 @@ from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import read_json, write_json
 from kgreedy.base.machine import machine
+from kgreedy.serving.signatures import EXIT_PLAN_FILE
 
 BATCH = 64
-EXIT_PLAN_FILE = "early_exit.json"  # kgreedy.serving.export.EXIT_PLAN_FILE (no TF here)
 
 
 def parse_args(argv):
@@ -144,7 +144,7 @@ def main(argv=None):
                           r[1] for r in results),
                       "accuracy": float((outputs["class_ids"] == labels).mean())}
         if "exit_stage" in outputs:
-            heads = len(read_json(os.path.join(exports[kind][0], "assets.extra",
+            heads = len(read_json(os.path.join(exports[kind][0],
                                                EXIT_PLAN_FILE))["thresholds"])
             rows[kind]["exits"] = (np.bincount(outputs["exit_stage"], minlength=heads + 1)[1:]
                                    / len(labels)).tolist()

@@ -21,10 +21,10 @@ the examples the thresholds were fitted to, it fits them on the even-numbered
 evaluation examples and reports accuracy and compute on the odd-numbered ones.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from kgreedy.base.errors import KgreedyError
+from kgreedy.model.ensemble import head_predictions
 from kgreedy.model.flops import exit_flops
 from kgreedy.serving.calibration import calibrate, evaluate
 
@@ -106,25 +106,6 @@ def early_exit_logits(net, images, thresholds, stage=None):
             tf.scatter_nd(index, stages, count))
 
 
-def head_predictions(net, dataset, stage=None):
-    """(confidences, correct), each [examples, stage]: every head 1..stage's maximum
-    softmax probability and whether its class is the label, on `dataset`'s
-    (images, labels) batches in their order."""
-    stage = stage or net.num_stages
-    logits_of = tf.function(lambda images: [tf.cast(z, tf.float32) for z in
-                                            net.all_head_logits(images, stage)])
-    confidences, correct = [], []
-    for images, labels in dataset:
-        probabilities = np.stack([tf.nn.softmax(z).numpy() for z in logits_of(images)], 1)
-        confidences.append(probabilities.max(-1))
-        correct.append(probabilities.argmax(-1) == np.asarray(labels)[:, None])
-    if not confidences:
-        raise KgreedyError("export.heads", "'early_exit' calibrates its thresholds on the "
-                           "evaluation split, and this run has no evaluation examples",
-                           "early_exit")
-    return np.concatenate(confidences), np.concatenate(correct)
-
-
 def plan_exits(net, dataset, stage=None, max_accuracy_drop=0.5):
     """The thresholds to export, and what they give, for summary.json.
 
@@ -145,7 +126,8 @@ def plan_exits(net, dataset, stage=None, max_accuracy_drop=0.5):
         raise KgreedyError("export.heads", "'early_exit' needs at least 2 stages: one "
                            f"head has nothing to exit early to; received stage {stage}",
                            "early_exit")
-    confidences, correct = head_predictions(net, dataset, stage)
+    confidences, classes, labels = head_predictions(net, dataset, stage)
+    correct = classes[:, :-1] == labels[:, None]  # the ensemble's column left out
     if len(confidences) < 2:
         raise KgreedyError("export.heads", "'early_exit' needs at least 2 evaluation "
                            "examples (one to fit the thresholds, one to score them)",
@@ -160,15 +142,28 @@ def plan_exits(net, dataset, stage=None, max_accuracy_drop=0.5):
                 "accuracy": setting.accuracy, "last_head_accuracy": last_setting.accuracy,
                 "mean_mflops": setting.mean_cost, "exits": list(setting.exits)}
 
-    on_held = [evaluate(confidences[held], correct[held], costs, s.thresholds)
-               for s in (chosen, last)]
+    def held_out(setting):
+        return evaluate(confidences[held], correct[held], costs, setting.thresholds)
+
+    points = []
+    for setting in curve:
+        scored = held_out(setting)
+        points.append({"thresholds": list(setting.thresholds), "accuracy": scored.accuracy,
+                       "mean_mflops": scored.mean_cost})
     return {"thresholds": [*chosen.thresholds, 1.0],
             "max_accuracy_drop": float(max_accuracy_drop),
             "full_mflops": costs[-1], "exit_mflops": costs,
             "calibration": figures(chosen, last, fit),
-            "held_out": figures(*on_held, held),
-            "curve": [{"thresholds": list(s.thresholds), "accuracy": e.accuracy,
-                       "mean_mflops": e.mean_cost}
-                      for s in curve
-                      for e in [evaluate(confidences[held], correct[held], costs,
-                                         s.thresholds)]]}
+            "held_out": figures(held_out(chosen), held_out(last), held),
+            "curve": points}
+
+
+def describe_plan(plan):
+    """The line a run and `kgreedy.export` print for `plan_exits`'s result: the
+    thresholds and what they give on the held-out examples."""
+    held = plan["held_out"]
+    return (f"early exits at {', '.join(f'{t:.3g}' for t in plan['thresholds'][:-1])}: "
+            f"accuracy {held['accuracy']:.4f} against the last head's "
+            f"{held['last_head_accuracy']:.4f}, {held['mean_mflops']:.3g} of "
+            f"{plan['full_mflops']:.3g} MFLOPs per image on {held['examples']} "
+            "held-out eval examples")

@@ -44,12 +44,13 @@ from kgreedy.base.files import umask_mode, write_json
 from kgreedy.config.recipe import DataConfig
 from kgreedy.config.vocabulary import EXPORT_HEADS
 from kgreedy.serving import versions, warmup_file
-from kgreedy.serving.early_exit import check_thresholds, early_exit_logits, plan_exits
+from kgreedy.serving.signatures import EXIT_PLAN_FILE
+from kgreedy.serving.early_exit import (check_thresholds, describe_plan,
+                                        early_exit_logits, plan_exits)
 from kgreedy.training.actions import Action
 from kgreedy.training.preemption import Interrupted
 
 DEFAULT_MAX_PIXELS = DataConfig().max_pixels  # the recipe's data.max_pixels default
-EXIT_PLAN_FILE = "early_exit.json"  # in assets.extra: the thresholds and their figures
 
 
 # ---------------------------------------------------------------- versions ----
@@ -298,7 +299,7 @@ def export_saved_model(net, spec, export_root, stage=None, version=None,
         warmup_file.write_warmup_requests(tmp, os.path.basename(export_root),
                                           spec.image_shape)
         if exit_plan is not None:
-            write_json(os.path.join(tmp, "assets.extra", EXIT_PLAN_FILE), exit_plan)
+            write_json(os.path.join(tmp, EXIT_PLAN_FILE), exit_plan)
         # Another export may have taken the version meanwhile. rename() would
         # replace an empty directory, so check again just before it; a non-empty
         # one makes rename() fail instead of overwriting.
@@ -376,11 +377,5 @@ class Exporter(Action):
         final["export_heads"] = self.heads
         if plan is not None:
             final["early_exit"] = plan
-            held = plan["held_out"]
-            trainer.progress.message(
-                f"early exits at {', '.join(f'{t:.3g}' for t in plan['thresholds'][:-1])}: "
-                f"accuracy {held['accuracy']:.4f} against the last head's "
-                f"{held['last_head_accuracy']:.4f}, {held['mean_mflops']:.3g} of "
-                f"{plan['full_mflops']:.3g} MFLOPs per image on {held['examples']} "
-                "held-out eval examples")
+            trainer.progress.message(describe_plan(plan))
         trainer.progress.message(f"exported {final['export_path']}")

@@ -25,6 +25,8 @@ INPUTS = {"serving_default": "images", "serve_encoded": "image_bytes"}
 OUTPUTS = {"probabilities": "DT_FLOAT", "class_ids": "DT_INT64", "class_names": "DT_STRING"}
 # An early-exit export's signatures add the head each answer came from (1-based).
 EXIT_OUTPUTS = {"exit_stage": "DT_INT64"}
+# ... and its version holds the thresholds and their figures (`plan_exits`) here.
+EXIT_PLAN_FILE = os.path.join("assets.extra", "early_exit.json")
 PREDICT_METHOD = "tensorflow/serving/predict"
 _FILES = ("saved_model.pb", "saved_model.pbtxt")
 

@@ -257,10 +257,10 @@ def _activations(net, mode, stage, cached, spec, dtype=4):
     stopped gradient, and the traced step prunes the unused input gradient; its
     backward holds the gradient into it only (measured on the quickstart's stages 2
     and 3, which the three-tensor rule put 23 % and 9 % over). Under mixed precision
-    Keras' BN computes in
-    float32: it keeps a float32 copy of its input, and its backward runs in float32.
-    A frozen prefix runs forward only, one layer's input and output at a time,
-    before the trained part starts: the larger of the two is the peak.
+    Keras' BN computes in float32: it keeps a float32 copy of its input, and its
+    backward runs in float32. A frozen prefix runs forward only, one layer's input
+    and output at a time, before the trained part starts: the larger of the two is
+    the peak.
     """
     modules, heads = net.modules, net.heads
     if mode == "decoupled":  # module j's tensors are freed before module j+1 runs
@@ -278,9 +278,9 @@ def _activations(net, mode, stage, cached, spec, dtype=4):
         # Cached features are the input batch itself, counted already.
         kept = dtype * ((0 if cached else math.prod(shape)) + sum(o for _, o, _ in layers))
         kept += sum((4 - dtype) * o for _, o, norm in layers if norm)
-        peak = max(peak, kept + max(((4 if norm else dtype)
-                                     * (2 * o if n == 0 else i + o + max(i, o))
-                                     for n, (i, o, norm) in enumerate(layers)), default=0))
+        backward = [(4 if norm else dtype) * (2 * o if first else i + o + max(i, o))
+                    for first, (i, o, norm) in zip([True, *[False] * len(layers)], layers)]
+        peak = max(peak, kept + max(backward, default=0))
     if mode == "greedy" and not cached:
         prefix = [dtype * (i + o) for m in modules[:stage - 1]
                   for i, o in weighted_layers(m)]
