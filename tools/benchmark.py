@@ -2,8 +2,8 @@
 "Benchmark JSON").
 
     python tools/benchmark.py RECIPE [--stages 1,3] [--batch-size N] [--steps N] [--repeats N]
-        [--warmup N] [--precisions LIST] [--memory [--remat MODES] [--buffer-size N]]
-        [--set KEY=VALUE ...] [--json OUT]
+        [--warmup N] [--precisions LIST] [--torch]
+        [--memory [--remat MODES] [--buffer-size N]] [--set KEY=VALUE ...] [--json OUT]
 
     python tools/benchmark.py recipes/cifar10_k2.json --set data.data_dir=../shared/tfds \
         --json out.json
@@ -23,6 +23,13 @@ which is also what the per-stage table and the existing JSON keys then mean. Eac
 resolves `auto` on its own machine, as a run would. The report gains a `precision`
 table and a `precisions` JSON object (images/s and the ratio over the first value's).
 Without the flag, everything runs in the recipe's own precision.
+
+`--torch` adds the PyTorch reference of each selected stage (tools/benchmark_torch.py:
+the same frozen prefix, block and head, SGD and L2, float32, in PyTorch's own layout),
+timed the same way, and kgreedy's ratio over it (the `torch` JSON object and table
+lines). Without PyTorch installed (`pip install -e ".[bench]"`) the lines say why and
+the rest runs. Cap both frameworks' oneDNN the same way with the environment (e.g.
+`ONEDNN_MAX_CPU_ISA=AVX2`, which the children inherit; the JSON records it).
 
 `--memory` measures peak memory and images/s of end to end, plain and under
 `keras.RematScope`, each stage and decoupled training instead (tools/benchmark_memory.py).
@@ -52,12 +59,14 @@ import time
 # its parent's RSS (Linux carries the high-water mark across fork and exec).
 import benchmark_child
 import benchmark_memory
+import benchmark_torch
+from benchmark_compare import (fmt, parse_precisions, precision_section, print_precisions,
+                               print_torch, ratio, torch_section)
 from benchmark_child import CONV_PROBE, MATMUL_PROBE, READY
 from kgreedy import cli
 from kgreedy.base.errors import KgreedyError
 from kgreedy.base.files import write_json
 from kgreedy.config.recipe import load_recipe
-from kgreedy.config.vocabulary import PRECISIONS
 
 FLOPS_NOTE = ("needed work per image: forward of the frozen modules 1..j-1 + 3x the "
               "forward of module j and head j (forward+backward); end to end: 3x the "
@@ -95,10 +104,16 @@ def parse_args(argv):
     parser.add_argument("--precisions", metavar="LIST",
                         help="compare comma-separated train.mixed_precision values side by "
                              "side, e.g. none,auto (default: the recipe's own only)")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time each stage's PyTorch reference (tools/"
+                             "benchmark_torch.py; needs the [bench] extra)")
     benchmark_memory.add_arguments(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     benchmark_memory.check_arguments(args)
+    if args.torch and args.memory:
+        raise KgreedyError("--torch", "times the stage step; it does not go with --memory",
+                           "--torch --memory")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise KgreedyError("--json", "its directory does not exist", args.json)
     return args
@@ -114,17 +129,6 @@ def parse_stages(text, num_stages):
         raise KgreedyError("--stages", f"expected comma-separated stages in 1..{num_stages}",
                            text)
     return sorted({int(p) for p in parts})
-
-
-def parse_precisions(text):
-    """`none,auto` -> ['none', 'auto'], in the order given; None without the flag."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) < 2 or len(set(parts)) < len(parts) or not set(parts) <= set(PRECISIONS):
-        raise KgreedyError("--precisions", "expected two or more distinct, comma-separated "
-                           f"values of {', '.join(PRECISIONS)}", text)
-    return parts
 
 
 # ------------------------------------------------------ parent: children ----
@@ -145,7 +149,9 @@ class Child:
         self.stderr = open(os.path.join(self.tmp.name, "stderr"), "w+", encoding="utf-8")
         log(f"{label}: preparing")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(benchmark_child.__file__), json.dumps(spec)],
+            [sys.executable, os.path.abspath((benchmark_torch if job[0] == "torch"
+                                              else benchmark_child).__file__),
+             json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.error = None
 
@@ -229,27 +235,24 @@ def run_jobs(jobs, base, errors=None):
     return results
 
 
-def plan(stages, precisions=None, remat=None):
+def plan(stages, precisions=None, remat=None, torch=False):
     """The jobs in run order: the probe, each stage's measurements, then the whole net:
     end to end (Keras fit, and kgreedy's loop) and decoupled; with `precisions`, each
-    stage's kgreedy step and the fit again per precision after the first; with `remat`
-    (`--memory`'s modes), the memory rows instead."""
+    stage's kgreedy step and the fit again per precision after the first; with `torch`,
+    each stage's PyTorch reference; with `remat` (`--memory`'s modes), the memory rows
+    instead."""
     if remat is not None:
         return [("probe", None), *benchmark_memory.jobs(stages, remat)]
     others = (precisions or [])[1:]
     jobs = [("probe", None)]
     for j in stages:
         jobs += [(k, j) for k in KINDS if k != "cached" or j >= 2]
-        jobs += [("kgreedy", j, p) for p in others]
+        jobs += [("kgreedy", j, p) for p in others] + ([("torch", j)] if torch else [])
     return jobs + [("end_to_end", None), *[("end_to_end", None, p) for p in others],
                    ("end_to_end_loop", None), ("decoupled", None)]
 
 
 # -------------------------------------------------------- parent: report ----
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
 
 def stage_row(j, probe, runs, e2e_peak):
     """One stage's figures: docs/DESIGN.md's "Benchmark JSON" keys first, then extras."""
@@ -332,49 +335,6 @@ def assemble(recipe, args, stages, runs):
     }
 
 
-def precision_section(stages, precisions, runs):
-    """The `precisions` object: each stage's kgreedy step and the end-to-end fit in
-    each precision, against the first (whose figures are the plain (kind, stage) runs)."""
-    first, rows, resolved, notes = precisions[0], [], {}, {}
-    for what, kind, j in [*((f"stage {j}", "kgreedy", j) for j in stages),
-                          ("end_to_end", "end_to_end", None)]:
-        measured = [runs.get((kind, j) if p == first else (kind, j, p)) or {}
-                    for p in precisions]
-        first_ips = measured[0].get("images_per_second")
-        for p, run in zip(precisions, measured):
-            ips = run.get("images_per_second")
-            if run:
-                resolved.setdefault(p, run.get("precision"))
-                notes.setdefault(p, run.get("precision_note"))
-            rows.append({"what": what, "stage": j, "precision": p,
-                         "resolved": run.get("precision"), "images_per_second": ips,
-                         "peak_above_baseline_mb": run.get("peak_above_baseline_mb"),
-                         "over_first": ratio(ips, first_ips), "run": run or None})
-    return {"compared": precisions, "resolved": {p: resolved.get(p) for p in precisions},
-            "notes": {p: notes.get(p) for p in precisions}, "rows": rows}
-
-
-def print_precisions(section):
-    """The `precision` table: one row per (stage or end-to-end fit, precision)."""
-    print("precision: images/s of each stage's kgreedy step and of end-to-end fit per "
-          f"train.mixed_precision; ratio: over {section['compared'][0]}'s")
-    print(f"{'what':<10} {'precision':<15} {'ran as':<15} {'images/s':>9} {'ratio':>6} "
-          f"{'peak MB':>8}")
-    for r in section["rows"]:
-        over = r["over_first"]
-        print(f"{'end-to-end' if r['stage'] is None else r['what']:<10} "
-              f"{r['precision']:<15} {r['resolved'] or '-':<15} "
-              f"{fmt(r['images_per_second']):>9} "
-              f"{'-' if over is None else f'{over:.2f}x':>6} "
-              f"{fmt(r['peak_above_baseline_mb'], ',.0f'):>8}")
-    for note in filter(None, section["notes"].values()):
-        print(f"precision: {note}")
-
-
-def fmt(value, spec=",.1f"):
-    return "-" if value is None else format(value, spec)
-
-
 def print_report(report):
     e2e, m = report["end_to_end"], report["machine"]
     print(f"recipe {report['recipe']}: batch {report['batch_size']}, images/s = median of "
@@ -411,6 +371,8 @@ def print_report(report):
               f"({fmt(row['peak_over_end_to_end'], '.2f')}x end-to-end fit's)")
     if "precisions" in report:
         print_precisions(report["precisions"])
+    if "torch" in report:
+        print_torch(report["torch"])
     if "memory" in report:
         benchmark_memory.print_section(report["memory"])
     n, h, w, cin, cout = CONV_PROBE
@@ -427,17 +389,25 @@ def main(argv=None):
     overrides = args.set + ([f"train.batch_size={args.batch_size}"] if args.batch_size else [])
     recipe = load_recipe(args.recipe, overrides)
     stages = parse_stages(args.stages, recipe.num_stages)
+    no_torch = args.torch and benchmark_torch.missing()
+    if no_torch:
+        log(f"torch: not measured: {no_torch}")
+    elif args.torch:
+        benchmark_torch.check_recipe(recipe)  # before any child starts
     buffer_size = benchmark_memory.buffer_size(args, recipe.train.batch_size)
     base = {"recipe": recipe.to_dict(), "steps": args.steps, "repeats": args.repeats,
             "warmup": args.warmup, "buffer_size": buffer_size,
             **({"precision": precisions[0]} if precisions else {})}
     errors = {}  # a failed child's last line, by job
-    runs = run_jobs(plan(stages, precisions, args.remat if args.memory else None), base, errors)
+    runs = run_jobs(plan(stages, precisions, args.remat if args.memory else None,
+                         args.torch and not no_torch), base, errors)
     if runs[("probe", None)] is None:
         return cli.EXIT_FAILURE
     report = assemble(recipe, args, stages, runs)
     if precisions:
         report["precisions"] = precision_section(stages, precisions, runs)
+    if args.torch:
+        report["torch"] = torch_section(stages, runs, no_torch or None)
     if args.memory:
         report["memory"] = benchmark_memory.section(runs, stages, args.remat, buffer_size, errors)
     print_report(report)

@@ -1,8 +1,9 @@
-"""`tools/benchmark.py` (docs/DESIGN.md, "Benchmark JSON"): a tiny run on the quickstart recipe writes
-every figure the contract names, `--precisions` compares precisions in one run,
-`--memory` measures every way of training side by side, and a bad flag fails with one
-line and exit status 2."""
+"""`tools/benchmark.py` (docs/DESIGN.md, "Benchmark JSON"): a tiny run on the quickstart
+recipe writes every figure the contract names, `--precisions` compares precisions and
+`--torch` adds the PyTorch reference in the same run, `--memory` measures every way of
+training side by side, and a bad flag fails with one line and exit status 2."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ def test_quickstart_report(tmp_path):
     # Stages 1 and 3: the first (no frozen prefix) and one with a prefix; stage 2
     # would add five children and check nothing new.
     proc = run_tool(QUICKSTART, "--stages", "1,3", "--steps", 1, "--repeats", 1,
-                    "--batch-size", 16, "--precisions", "none,mixed_bfloat16", "--json", out)
+                    "--batch-size", 16, "--precisions", "none,mixed_bfloat16", "--torch", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
 
@@ -85,6 +86,28 @@ def test_quickstart_report(tmp_path):
         assert any(line.startswith(start) for line in lines), start
     assert "benchmark: [" in proc.stderr  # progress lines
     check_precisions(report, proc.stdout)
+    check_torch(report, proc.stdout)
+
+
+def check_torch(report, stdout):
+    """`--torch`: the PyTorch reference per stage with kgreedy's ratio over it, or,
+    where PyTorch is not installed (the test extra leaves it out), the reason."""
+    section = report["torch"]
+    lines = [line for line in stdout.splitlines() if line.startswith("torch: ")]
+    if importlib.util.find_spec("torch") is None:
+        assert section["skipped"].startswith("PyTorch is not installed")
+        assert section["rows"] == [] and lines == [f"torch: not measured: {section['skipped']}"]
+        return
+    assert section["skipped"] is None and section["version"] and section["threads"] >= 1
+    assert [r["stage"] for r in section["rows"]] == [1, 3]
+    for row, stage in zip(section["rows"], report["stages"]):
+        assert row["torch_images_per_second"] > 0 and row["kgreedy_precision"] == "none"
+        assert row["kgreedy_images_per_second"] == stage["kgreedy_images_per_second"]
+        assert row["kgreedy_over_torch"] == (row["kgreedy_images_per_second"]
+                                             / row["torch_images_per_second"])
+        assert row["run"]["torch_threads"] == section["threads"]
+    assert len(lines) == 3 and lines[1].startswith("torch: stage 1: ")
+    assert f"kgreedy/torch {section['rows'][1]['kgreedy_over_torch']:.2f}" in lines[2]
 
 
 def check_precisions(report, stdout):
