@@ -4,6 +4,7 @@
 import math
 
 import keras
+import tensorflow as tf
 
 from kgreedy.config.designs import HeadDesign
 from kgreedy.config.vocabulary import HEAD_TYPES
@@ -20,7 +21,27 @@ def average_pool(size, name="pool"):
     """
     if size == 1 or size == (1, 1):
         return keras.layers.GlobalAveragePooling2D(keepdims=True, name=name)
-    return keras.layers.AdaptiveAveragePooling2D(size, name=name)
+    return AveragePoolTo(size, name=name)
+
+
+class AveragePoolTo(keras.layers.AdaptiveAveragePooling2D):
+    """Keras' adaptive average pooling, as one average pool where the map's sides
+    are multiples of the output's.
+
+    Keras 3.15's adaptive pooling gathers its windows with slices, transposes and a
+    segment sum, several times the cost of the pool itself on a CPU; where the
+    windows tile the map exactly they are one pool's windows, and the averages are
+    the same.
+    """
+
+    def call(self, inputs):
+        h, w = inputs.shape[1:3]
+        out_h, out_w = self.output_size
+        if (self.data_format == "channels_last" and h and w and h % out_h == 0
+                and w % out_w == 0):
+            window = (h // out_h, w // out_w)
+            return tf.nn.avg_pool2d(inputs, window, window, "VALID")
+        return super().call(inputs)
 
 
 def reduced_side(side, reduction, pool_size):

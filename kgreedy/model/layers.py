@@ -10,15 +10,67 @@ BN_MOMENTUM = 0.9  # Keras' name for PyTorch's momentum 0.1
 
 
 def batch_norm_layer(name="bn", synchronized=False):
-    """BatchNormalization with PyTorch's defaults, as in the paper's code.
+    """`BatchNorm` with PyTorch's defaults, as in the paper's code.
 
     PyTorch's momentum 0.1 is Keras' momentum 0.9 (Keras' 0.99 default adapts the
     moving statistics ten times slower, which hurts short greedy stages).
     `synchronized` computes batch statistics over all replicas of a
     tf.distribute strategy instead of per replica.
     """
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5,
-                                           synchronized=synchronized, name=name)
+    return BatchNorm(momentum=BN_MOMENTUM, epsilon=1e-5, synchronized=synchronized,
+                     name=name)
+
+
+@keras.saving.register_keras_serializable(package="kgreedy")
+class BatchNorm(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, computed by TensorFlow's fused kernel where it can be.
+
+    Keras 3 normalises with separate ops (moments, multiplies, sums, and as many
+    again for the gradient), which TensorFlow's CPU build runs as Eigen kernels
+    compiled for SSE; the fused kernel is oneDNN's, which uses the CPU's AVX2 or
+    AVX-512 (docs/performance.md, "Speed on AVX2 CPUs"). The weights, the moving
+    statistics' update (Keras' momentum, the biased batch variance) and the outputs
+    are Keras' own up to float rounding. Statistics are computed in float32, as
+    Keras does. Inputs other than 4-D channels-last, a mask, renorm, synchronised
+    statistics, a layer without scale or center, or `fused=False` take Keras' path.
+
+    Args:
+        fused: use the fused kernel where it applies.
+        **kwargs: `keras.layers.BatchNormalization` arguments.
+    """
+
+    def __init__(self, fused=True, **kwargs):
+        super().__init__(**kwargs)
+        self.fused = bool(fused)
+
+    def _fuses(self, inputs, mask):
+        return (self.fused and mask is None and not self.synchronized and not self.renorm
+                and self.scale and self.center and len(inputs.shape) == 4
+                and self.axis in (-1, 3))
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fuses(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)
+        if training and self.trainable:
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+            # The kernel returns the unbiased variance; Keras' moving variance
+            # averages the biased one.
+            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            variance = variance * tf.maximum(count - 1.0, 0.0) / count
+            self.moving_mean.assign(self.moving_mean * self.momentum
+                                    + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum
+                                        + variance * (1.0 - self.momentum))
+        else:
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, mean=self.moving_mean,
+                variance=self.moving_variance, epsilon=self.epsilon, is_training=False)
+        return tf.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "fused": self.fused}
 
 
 @keras.saving.register_keras_serializable(package="kgreedy")

@@ -33,6 +33,7 @@ from kgreedy.base.errors import KgreedyError
 from kgreedy.base.machine import available_bytes, format_bytes
 from kgreedy.data.datasets import counted, memory_bytes
 from kgreedy.model.from_recipe import from_recipe
+from kgreedy.model.layers import BatchNorm
 from kgreedy.model.network import count_params
 from kgreedy.training.cache import feature_bytes, use_cache
 from kgreedy.training.decoupled import buffer_dtype
@@ -249,18 +250,20 @@ def _activations(net, mode, stage, cached, spec, dtype=4):
 
     What the backward pass keeps: the trained part's input and the output of each
     of its weighted layers (a conv's input is the output before it, a BN's output
-    stands in for the ReLU's after it), plus, while one layer's backward runs, the
-    gradients into and out of it and one temporary of the larger (BN's backward and
-    the head's pooling make one: measured on CIFAR-10 ResNet-32 and the budget
-    network, tools/memory_estimate.py). The trained part's first weighted layer (in
-    build order) has no gradient out: its input is frozen features, an image or a
-    stopped gradient, and the traced step prunes the unused input gradient; its
-    backward holds the gradient into it only (measured on the quickstart's stages 2
-    and 3, which the three-tensor rule put 23 % and 9 % over). Under mixed precision
-    Keras' BN computes in float32: it keeps a float32 copy of its input, and its
-    backward runs in float32. A frozen prefix runs forward only, one layer's input
-    and output at a time, before the trained part starts: the larger of the two is
-    the peak.
+    stands in for the ReLU's after it; under mixed precision a BN, which computes in
+    float32, also keeps a float32 copy of its input). The backward runs the layers
+    in reverse: while layer L's runs, what layers before L keep is still alive, and
+    L holds the gradients into and out of it, plus, for Keras' own BN, a temporary
+    of the larger (kgreedy's fused BN makes none; measured with
+    tools/memory_estimate.py on the quickstart, CIFAR-10 ResNet-32 and the budget
+    network, where counting every kept tensor beside the largest backward put the
+    quickstart's stage 1 30 % over). The peak is the largest of these and of the
+    forward's end. The trained part's first weighted layer (in build order) has no
+    gradient out: its input is frozen features, an image or a stopped gradient, and
+    the traced step prunes the unused input gradient; its backward holds the
+    gradient into it and one of its size. BN's backward runs in float32. A frozen
+    prefix runs forward only, one layer's input and output at a time, before the
+    trained part starts: the larger of the two is the peak.
     """
     modules, heads = net.modules, net.heads
     if mode == "decoupled":  # module j's tensors are freed before module j+1 runs
@@ -276,16 +279,26 @@ def _activations(net, mode, stage, cached, spec, dtype=4):
     for part, shape in zip(parts, inputs):
         layers = [leaf for layer in part for leaf in _weighted_leaves(layer)]
         # Cached features are the input batch itself, counted already.
-        kept = dtype * ((0 if cached else math.prod(shape)) + sum(o for _, o, _ in layers))
-        kept += sum((4 - dtype) * o for _, o, norm in layers if norm)
-        backward = [(4 if norm else dtype) * (2 * o if first else i + o + max(i, o))
-                    for first, (i, o, norm) in zip([True, *[False] * len(layers)], layers)]
-        peak = max(peak, kept + max(backward, default=0))
+        peak = max(peak, _backward_peak(layers, dtype * (0 if cached else math.prod(shape)),
+                                        dtype))
     if mode == "greedy" and not cached:
         prefix = [dtype * (i + o) for m in modules[:stage - 1]
                   for i, o in weighted_layers(m)]
         peak = max([peak, *prefix])
     return peak
+
+
+def _backward_peak(layers, alive, dtype, norm_dtype=4, first=True):
+    """The largest of `alive` plus what `_activations` says layer L's backward holds
+    with the layers before it, over `layers` (`_weighted_leaves`), and of the
+    forward's end; `first`: the first layer sends no gradient back."""
+    peak = 0
+    for j, (i, o, norm, fused) in enumerate(layers):
+        temporary = max(i, o) if norm and not fused else 0
+        grads = o + (o if first and j == 0 else i) + temporary
+        peak = max(peak, alive + (norm_dtype if norm else dtype) * grads)
+        alive += dtype * o + ((norm_dtype - dtype) * o if norm else 0)
+    return max(peak, alive)
 
 
 def _evaluation(net, mode, stage, cached):
@@ -304,16 +317,15 @@ def _rematerialised(net, spec):
     """`_activations` end to end with each module rematerialised whole: the forward
     keeps only every module's input (the image and modules 1..K-1's outputs); the
     backward runs module by module, each recomputed, keeping what its own backward
-    pass keeps while it runs. The last head is trained as usual."""
+    pass keeps while it runs (`_backward_peak`). The last head is trained as usual."""
     inputs = [spec.image_shape, *net.stage_shapes[:-1]]
     boundaries = sum(math.prod(shape) for shape in inputs)
     peak = 0
     for j, module in enumerate(net.modules):
         part = [module, *((net.heads[-1], *_parts(net, len(net.modules)))
                           if j == len(net.modules) - 1 else ())]
-        sizes = [size for layer in part for size in weighted_layers(layer)]
-        peak = max(peak, sum(out for _, out in sizes)
-                   + max((i + o for i, o in sizes), default=0))
+        sizes = [size for layer in part for size in _weighted_leaves(layer)]
+        peak = max(peak, _backward_peak(sizes, 0, 1, 1, first=j == 0))
     return boundaries + peak
 
 
@@ -321,12 +333,13 @@ def weighted_layers(layer):
     """(input, output) elements per example of each innermost layer with weights in
     `layer`, from the shape it was built on; a layer built on several inputs, or
     not built, is left out."""
-    return [(i, o) for i, o, _ in _weighted_leaves(layer)]
+    return [(i, o) for i, o, _, _ in _weighted_leaves(layer)]
 
 
 def _weighted_leaves(layer):
-    """`weighted_layers` with a third item: whether the layer is a normalization
-    (Keras' BatchNormalization computes in float32 under mixed precision)."""
+    """`weighted_layers` with two more items: whether the layer is a normalization
+    (Keras' BatchNormalization computes in float32 under mixed precision), and
+    whether it is kgreedy's fused BatchNorm (whose backward makes no temporary)."""
     sizes = []
     # Keras' own walk over nested layers and models (no public equivalent).
     for leaf in layer._flatten_layers(include_self=True, recursive=True):
@@ -339,8 +352,10 @@ def _weighted_leaves(layer):
             out = leaf.compute_output_shape(shape)
         except Exception:  # noqa: BLE001 - any layer's own shape rule: assume same size
             out = shape
+        fused = (isinstance(leaf, BatchNorm) and leaf.fused and not leaf.synchronized
+                 and len(shape) == 4)
         sizes.append((_elements(shape), _elements(out),
-                      isinstance(leaf, keras.layers.BatchNormalization)))
+                      isinstance(leaf, keras.layers.BatchNormalization), fused))
     return sizes
 
 

@@ -68,22 +68,24 @@ def test_estimate_matches_a_hand_count():
     assert memory.GRADIENT_COPIES == 4
     assert (s1.optimizer, s1.gradients) == (4 * trainable1, 16 * trainable1)
     assert (s2.optimizer, s2.gradients) == (4 * trainable2, 16 * trainable2)
-    # Activations per example, in elements: the stage's input, every weighted
-    # layer's output, and, for one layer's backward, its input and output gradients
-    # and a temporary of the larger.
-    # Stage 1: image 64; conv 8x8x4 = 256, BN 256; head conv 256, BN 256, pooled
-    # BN 2x2x4 = 16, dense 10; backward: a BN's 256 + 256 + 256.
-    stage1 = 64 + (256 + 256) + (256 + 256 + 16 + 10) + 768
-    # Stage 2: block 1's output 256 (psi'd to 4x4x16); conv 4x4x8 = 128, BN 128;
-    # head conv 128, BN 128, pooled BN 2x2x8 = 32, dense 10; backward: a BN's 128 +
-    # 128 + 128 (the block's conv, first, has no gradient out: 128 + 128). The frozen
-    # block 1's peak (BN: 512) comes before.
-    stage2 = 256 + (128 + 128) + (128 + 128 + 32 + 10) + 384
+    # Activations per example, in elements. The backward runs the layers in reverse:
+    # while one runs, what the layers before it (in build order) keep is alive (the
+    # stage's input and their outputs), plus its gradients in and out (a fused BN
+    # makes no temporary). Build order: block conv, block BN, head BN, head conv,
+    # pooled BN, dense.
+    # Stage 1: image 64; the head conv's backward is the peak: the image, the block
+    # conv's 8x8x4 = 256, the block BN's 256 and the head BN's 256, then the head
+    # conv's gradients 256 + 256.
+    stage1 = 64 + 256 + 256 + 256 + (256 + 256)
+    # Stage 2: block 1's output 256 (psi'd to 4x4x16), then 4x4x8 = 128 per layer;
+    # the head conv's backward again: the input, three outputs of 128, gradients
+    # 128 + 128. The frozen block 1's peak (BN: 512) comes before.
+    stage2 = 256 + 3 * 128 + (128 + 128)
     image = 4 * 64  # the float32 batch from the pipeline
     # The batch in the step and the five tf.data holds ahead (PIPELINE_BATCHES).
     batches = 1 + memory.PIPELINE_BATCHES
-    assert s1.activations == 32 * (batches * image + 4 * stage1) == 290_048
-    assert s2.activations == 32 * (batches * image + 4 * stage2) == 201_984
+    assert s1.activations == 32 * (batches * image + 4 * stage1) == 221_184
+    assert s2.activations == 32 * (batches * image + 4 * stage2) == 163_840
     assert s1.feature_cache == s1.replay_buffers == 0
     # Evaluation (batch 32, forward only): the image, then the largest layer's input
     # and output (a BN's 256 + 256); less than training's, so not in the total.
@@ -91,10 +93,10 @@ def test_estimate_matches_a_hand_count():
     # The data: all 1,797 digits as float32 arrays.
     assert s1.data == 1797 * 64 * 4 == 460_032
     # And TensorFlow's own small tensors, 1 MiB (RUNTIME_BYTES).
-    assert (s1.total == 4 * params + 20 * trainable1 + 290_048 + 460_032 + 2 ** 20
-            == 1_816_344)
-    assert s1.describe() == ("stage 1 1.73 MB (weights 9.97 KB, optimizer 1.46 KB, "
-                             "gradients 5.84 KB, activations 283 KB at batch 32, "
+    assert (s1.total == 4 * params + 20 * trainable1 + 221_184 + 460_032 + 2 ** 20
+            == 1_747_480)
+    assert s1.describe() == ("stage 1 1.67 MB (weights 9.97 KB, optimizer 1.46 KB, "
+                             "gradients 5.84 KB, activations 216 KB at batch 32, "
                              "data 449 KB, runtime 1.00 MB)")
 
 
@@ -190,11 +192,12 @@ def test_an_oversize_model_is_refused_before_data_or_run_directory(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     # The weights alone (97 GB) cannot fit: no batch size helps, so the line names the
-    # model, not the batch size behind the largest part (763 GB of activations). The
-    # largest stage is 1: block 1's and head 1's 10-million-channel maps at batch 64
-    # (stage 2 trains a block that takes them in but sends no gradient back: 831 GB).
-    assert lines[0].startswith("kgreedy: error: model: stage 1 needs about "), lines
-    assert "weights 97.0 GB" in lines[0] and "activations 763 GB at batch 64" in lines[0]
+    # model, not the batch size behind the largest part. The largest stage is 2: it
+    # trains a block with 10-million-channel inputs (its gradients and momentum, 429
+    # GB), where stage 1 keeps block 1's 10-million-channel map at batch 64 (a fused
+    # BN keeps no copy of it).
+    assert lines[0].startswith("kgreedy: error: model: stage 2 needs about 831 GB"), lines
+    assert "weights 97.0 GB" in lines[0] and "activations 305 GB at batch 64" in lines[0]
     assert "more than the 16.0 GB of memory available" in lines[0]
     assert lines[0].endswith("use a narrower model (model.blocks[*].width, aux.width) or "
                              "fewer stages")
@@ -217,8 +220,8 @@ def test_the_dry_run_prints_each_stage_then_refuses(tmp_path, capsys, machine):
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert "deployed model (trunk + stage 3 head)" in captured.out  # the table first
-    assert "memory: largest stage 1, " in captured.out
-    assert captured.err.startswith("kgreedy: error: model: stage 1 needs")
+    assert "memory: largest stage 2, " in captured.out
+    assert captured.err.startswith("kgreedy: error: model: stage 2 needs")
 
 
 def test_unknown_memory_never_refuses(capsys, machine):
