@@ -218,6 +218,21 @@ COMMANDS = {
         covered("test_early_exit_export.py::test_a_run_calibrates_records_and_exports_its_exits",
                 "benchmark_exits.py", '"--plain"', '"--exits"', '"--latency-images"',
                 '"--json"'),
+    "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python tools/benchmark.py "
+    "recipes/cifar10_k2.json --stages 1,4 --set train.mixed_precision=none "
+    "--set data.data_dir=../shared/tfds --torch --json docs/benchmark_torch_avx2.json":
+        covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--torch"',
+                '"--stages"'),
+    "python tools/benchmark.py recipes/cifar10_k2.json --stages 1,4 "
+    "--set train.mixed_precision=none --set data.data_dir=../shared/tfds --torch "
+    "--json docs/benchmark_torch_avx512.json":
+        covered("test_benchmark.py::test_quickstart_report", "benchmark.py", '"--torch"',
+                '"--stages"'),
+    "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python tools/profile_ops.py "
+    "recipes/cifar10_k2.json --stages 1,4 --set train.mixed_precision=none "
+    "--json profile.json":
+        covered("test_profile_ops.py::test_stage_profiles_by_category", "profile_ops.py",
+                '"--stages"', '"--frameworks"', '"--json"'),
     "python tools/benchmark_folder.py --make 2000 --json docs/benchmark_folder.json":
         covered("test_benchmark_folder.py::test_pipeline_epochs_are_timed_side_by_side",
                 "benchmark_folder.py", '"--make"', '"--json"'),
@@ -408,6 +423,7 @@ PENDING = {}
 COMMAND_START = re.compile(r"(\$ )?([A-Z_][A-Z0-9_]*=\S+ )*(python3? |pip )")
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(=[A-Z][A-Z0-9_]*)?(\.[a-z]+)?(\.\.\.)?")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^'\"\s]*")
 
 
 def normalise(text):
@@ -485,7 +501,10 @@ def is_synopsis(command):
     """A usage synopsis: optional `[--flag ...]` parts or UPPERCASE placeholders."""
     if re.search(r"\[-", command):
         return True
-    words = [w.strip("[]").removesuffix("...") for w in command.split()]
+    words = command.split()
+    while words and ENV_ASSIGNMENT.fullmatch(words[0]):
+        words = words[1:]  # ONEDNN_MAX_CPU_ISA=AVX2 python ...: the environment, not a word
+    words = [w.strip("[]").removesuffix("...") for w in words]
     return any(PLACEHOLDER.fullmatch(w) for w in words if w and not w.startswith("-"))
 
 
@@ -532,6 +551,9 @@ def test_extraction_finds_fenced_continued_inline_and_prompted_commands():
     assert is_synopsis("python tools/benchmark.py RECIPE --json out.json")
     assert not is_synopsis('python -m pip install -e ".[test]" && python -m pytest -q')
     assert not is_synopsis("TF_CONFIG='{\"a\": 1}' python -m kgreedy.train r.json")
+    # An environment prefix is not a placeholder; an UPPERCASE word after it is.
+    assert not is_synopsis("ONEDNN_MAX_CPU_ISA=AVX2 python tools/benchmark.py r.json")
+    assert is_synopsis("ONEDNN_MAX_CPU_ISA=AVX2 python tools/benchmark.py RECIPE")
 
 
 # --------------------------------------------------------- the mapping ----
