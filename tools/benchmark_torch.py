@@ -56,6 +56,9 @@ def check_recipe(recipe):
     if any((design.reduction or 1) != 1 for design in head_designs(recipe)):
         raise KgreedyError("--torch", "the PyTorch reference builds heads without "
                            "aux.reduction", recipe.aux.reduction)
+    if recipe.train.optimizer.name != "sgd":
+        raise KgreedyError("--torch", "the PyTorch reference trains with SGD only",
+                           recipe.train.optimizer.name)
     # `auto` may resolve to float32 (no AVX512-BF16/AMX); the section says what ran.
     if recipe.train.mixed_precision not in ("none", "auto"):
         raise KgreedyError("--torch", "the PyTorch reference runs float32 only; pass "
@@ -167,8 +170,6 @@ def copy_from_keras(prefix, block, head, net, stage):
 def make_step(torch, recipe, prefix, block, head):
     """One training step of the stage, as kgreedy's: returns step(x, y) -> loss."""
     config = recipe.train.optimizer
-    if config.name != "sgd":
-        raise KgreedyError("--torch", "the PyTorch reference uses SGD only", config.name)
     decay = config.weight_decay if config.weight_decay_type == "l2" else 0.0
     optimizer = torch.optim.SGD([*block.parameters(), *head.parameters()],
                                 lr=config.learning_rate, momentum=config.momentum,

@@ -93,6 +93,8 @@ def test_without_pytorch_it_says_how_to_install(tools, monkeypatch):
     ({"train": {**RAW["train"], "mixed_precision": "mixed_bfloat16"}}, "float32 only"),
     ({"aux": {**RAW["aux"], "head": "mlp_sr"}}, "conv and linear heads only"),
     ({"aux": {**RAW["aux"], "reduction": 2}}, "without aux.reduction"),
+    ({"train": {**RAW["train"], "optimizer": {"name": "adamw", "learning_rate": 0.001}}},
+     "SGD only"),
 ])
 def test_it_refuses_what_it_does_not_build(tools, overrides, needle):
     with pytest.raises(KgreedyError, match=needle):
