@@ -54,7 +54,8 @@ RULES = {
         ("psi and layout copies", r"(/psi\w*/|SpaceToDepth|DepthToSpace|Transpose|ToTf)"),
         ("activation", r":(Relu|ReluGrad)$"),
         ("dense and loss", r"(/dense\w*/|MatMul|Softmax|BiasAdd)"),
-        ("optimizer update and L2", r"(/sgd/|/optimizer/|:Square$|Assign\w*Variable|ResourceApply)"),
+        ("optimizer update and L2",
+         r"(/sgd/|/optimizer/|:Square$|Assign\w*Variable|ResourceApply)"),
     ],
     "torch": [
         ("conv backward", r"convolution_backward"),
