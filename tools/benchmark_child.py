@@ -189,10 +189,17 @@ def probe(tf, recipe, spec):
 
 def measure_stage_loop(tf, recipe, spec):
     """kgreedy's StageLoop step on an in-memory batch, cached features or the real pipeline."""
+    run_steps, sync = stage_loop_steps(tf, recipe, spec)
+    return timed(run_steps, sync, spec, recipe.train.steps_per_execution)
+
+
+def stage_loop_steps(tf, recipe, spec):
+    """(run_steps(n), sync()) of `measure_stage_loop`'s StageLoop (also
+    tools/profile_ops.py's); `spec["kind"]` defaults to kgreedy's in-memory batch."""
     from kgreedy import data
     from kgreedy.training.stage import StageLoop
 
-    strategy, j, kind = tf.distribute.get_strategy(), spec["stage"], spec["kind"]
+    strategy, j, kind = tf.distribute.get_strategy(), spec["stage"], spec.get("kind", "kgreedy")
     shape, num_classes = shape_of(recipe, spec)
     if kind == "pipeline":
         datasets = data.load(recipe.data, data.describe(recipe.data),
@@ -208,9 +215,8 @@ def measure_stage_loop(tf, recipe, spec):
     extra = {"cached_features": True} if kind == "cached" else {}
     loop = StageLoop(net, j, recipe.train, strategy, steps_per_epoch=spec["steps"], **extra)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    return timed(lambda n: loop._train_steps(iterator, tf.constant(n)),
-                 lambda: float(loop.train_sums["count"].read_value()), spec,
-                 recipe.train.steps_per_execution)
+    return (lambda n: loop._train_steps(iterator, tf.constant(n)),
+            lambda: float(loop.train_sums["count"].read_value()))
 
 
 def measure_minimal(tf, recipe, spec):
@@ -343,6 +349,16 @@ def measure_whole_net(tf, recipe, spec):
                                              if v is not None) / 2 ** 20}
 
 
+def figures(seconds, images, baseline):
+    """What every child reports of its timed repeats (`images` each) and its memory
+    above the `baseline` RSS, read now."""
+    peak = rss_mb()
+    return {"images_per_second": statistics.median([images / s for s in seconds]),
+            "repeat_seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
+            "peak_above_baseline_mb": peak - baseline,
+            "warmup_peak_above_baseline_mb": WARM_PEAK[0] - baseline if WARM_PEAK else None}
+
+
 def with_precision(raw, precision=None):
     """The recipe of `raw` (a dict) in `precision` (default: its own), `auto` resolved
     for this machine, as a run would resolve it.
@@ -405,12 +421,9 @@ def child_main(spec):
     gpu_peak = None
     if tf.config.list_physical_devices("GPU"):
         gpu_peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
-    peak, images = rss_mb(), recipe.train.batch_size * spec["steps"]
     write_json(spec["result"], {
-        "images_per_second": statistics.median([images / s for s in seconds]),
-        "repeat_seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
-        "peak_above_baseline_mb": peak - baseline, "gpu_peak_mb": gpu_peak,
-        "warmup_peak_above_baseline_mb": WARM_PEAK[0] - baseline if WARM_PEAK else None,
+        **figures(seconds, recipe.train.batch_size * spec["steps"], baseline),
+        "gpu_peak_mb": gpu_peak,
         "precision": recipe.train.mixed_precision, "precision_note": note,
         "keras_policy": keras.mixed_precision.global_policy().name,
         **{key: value() if callable(value) else value for key, value in extra.items()}})

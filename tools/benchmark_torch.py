@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 
 # No TensorFlow here: the child's baseline RSS is PyTorch's alone.
@@ -188,19 +187,17 @@ def make_step(torch, recipe, prefix, block, head):
     return step
 
 
-def measure(spec):
-    """The child: one stage's images/s and peak memory, written to spec['result']."""
-    import torch
-
-    baseline = benchmark_child.rss_mb()
+def stage_steps(torch, spec):
+    """(run_steps(n), last_loss()) of the reference stage a spec names (its recipe,
+    `stage`, `image_shape`, `num_classes`), on one synthetic batch: standard-normal
+    images, as the TensorFlow rows' (their net standardises with mean 0 / std 1,
+    which the reference leaves out)."""
     recipe = recipe_from_dict(spec["recipe"])
     check_recipe(recipe)
     torch.manual_seed(recipe.seed)
     shape, num_classes = tuple(spec["image_shape"]), spec["num_classes"]
     prefix, block, head = build_stage(torch, recipe, shape, num_classes, spec["stage"])
     batch = recipe.train.batch_size
-    # Standard-normal images, as the TensorFlow rows (their net standardises with
-    # mean 0 / std 1, which the reference leaves out).
     x = torch.randn(batch, shape[2], shape[0], shape[1])
     y = torch.randint(0, num_classes, (batch,))
     step, last = make_step(torch, recipe, prefix, block, head), [None]
@@ -209,16 +206,22 @@ def measure(spec):
         for _ in range(n):
             last[0] = step(x, y)
 
-    seconds = benchmark_child.timed(run_steps, lambda: float(last[0]), spec, 1)
-    peak = benchmark_child.rss_mb()
-    if not math.isfinite(float(last[0])):
-        raise SystemExit(f"benchmark: the PyTorch loss is {float(last[0])}")
-    images = batch * spec["steps"]
+    return run_steps, lambda: float(last[0])
+
+
+def measure(spec):
+    """The child: one stage's images/s and peak memory, written to spec['result']."""
+    import torch
+
+    baseline = benchmark_child.rss_mb()
+    run_steps, last_loss = stage_steps(torch, spec)
+    seconds = benchmark_child.timed(run_steps, last_loss, spec, 1)
+    result = benchmark_child.figures(
+        seconds, recipe_from_dict(spec["recipe"]).train.batch_size * spec["steps"], baseline)
+    if not math.isfinite(last_loss()):
+        raise SystemExit(f"benchmark: the PyTorch loss is {last_loss()}")
     write_json(spec["result"], {
-        "images_per_second": statistics.median([images / s for s in seconds]),
-        "repeat_seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
-        "peak_above_baseline_mb": peak - baseline, "gpu_peak_mb": None,
-        "warmup_peak_above_baseline_mb": benchmark_child.WARM_PEAK[0] - baseline,
+        **result, "gpu_peak_mb": None,
         "precision": "none", "precision_note": None, "keras_policy": None,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -104,20 +104,12 @@ def profile_tensorflow(spec, logdir):
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    recipe = recipe_from_dict(spec["recipe"])
-    shape, num_classes = tuple(spec["image_shape"]), spec["num_classes"]
-    net = benchmark_child.build_net(recipe, shape, num_classes)
-    from kgreedy.training.stage import StageLoop
-
-    strategy, steps = tf.distribute.get_strategy(), spec["steps"]
-    x, y = benchmark_child.synthetic(tf, recipe, shape, num_classes)
-    iterator = iter(strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensors((x, y)).repeat()))
-    loop = StageLoop(net, spec["stage"], recipe.train, strategy, steps_per_epoch=steps)
+    run_steps, sync = benchmark_child.stage_loop_steps(tf, recipe_from_dict(spec["recipe"]),
+                                                      spec)
 
     def run():
-        loop._train_steps(iterator, tf.constant(steps))
-        float(loop.train_sums["count"].read_value())
+        run_steps(spec["steps"])
+        sync()
 
     run()
     tf.profiler.experimental.start(logdir)
@@ -145,22 +137,11 @@ def profile_torch(spec):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    recipe = recipe_from_dict(spec["recipe"])
-    benchmark_torch.check_recipe(recipe)
-    shape, num_classes, steps = tuple(spec["image_shape"]), spec["num_classes"], spec["steps"]
-    torch.manual_seed(recipe.seed)
-    prefix, block, head = benchmark_torch.build_stage(torch, recipe, shape, num_classes,
-                                                      spec["stage"])
-    step = benchmark_torch.make_step(torch, recipe, prefix, block, head)
-    batch = recipe.train.batch_size
-    x = torch.randn(batch, shape[2], shape[0], shape[1])
-    y = torch.randint(0, num_classes, (batch,))
-    for _ in range(steps):
-        step(x, y)
+    run_steps, _ = benchmark_torch.stage_steps(torch, spec)
+    run_steps(spec["steps"])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        for _ in range(steps):
-            step(x, y)
+        run_steps(spec["steps"])
         wall = time.perf_counter() - start
     return ({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}, wall * 1e3)
 
