@@ -389,11 +389,11 @@ def main(argv=None):
     overrides = args.set + ([f"train.batch_size={args.batch_size}"] if args.batch_size else [])
     recipe = load_recipe(args.recipe, overrides)
     stages = parse_stages(args.stages, recipe.num_stages)
+    if args.torch:
+        benchmark_torch.check_recipe(recipe)  # before any child starts
     no_torch = args.torch and benchmark_torch.missing()
     if no_torch:
         log(f"torch: not measured: {no_torch}")
-    elif args.torch:
-        benchmark_torch.check_recipe(recipe)  # before any child starts
     buffer_size = benchmark_memory.buffer_size(args, recipe.train.batch_size)
     base = {"recipe": recipe.to_dict(), "steps": args.steps, "repeats": args.repeats,
             "warmup": args.warmup, "buffer_size": buffer_size,

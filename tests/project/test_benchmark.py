@@ -237,13 +237,24 @@ def test_memory_report(tmp_path):
                                         (["--memory", "--remat", "full,full"], "--remat"),
                                         (["--memory", "--buffer-size", "8"], "--buffer-size"),
                                         (["--memory", "--precisions", "none,auto"],
-                                         "--precisions")])
+                                         "--precisions"),
+                                        (["--memory", "--torch"], "--torch")])
 def test_bad_memory_flags_are_one_line_and_exit_2(args, flag):
     proc = run_tool(QUICKSTART, *args, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr  # no progress line: no child started
     assert lines[0].startswith("kgreedy: error: ") and flag in lines[0]
+
+
+def test_torch_on_a_recipe_it_cannot_mirror_is_one_line_and_exit_2():
+    """Refused before any child starts, with PyTorch installed or not."""
+    proc = run_tool(ROOT / "recipes" / "resnet32_cifar10_k4.json", "--torch", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0] == ("kgreedy: error: --torch: the PyTorch reference builds plain-block "
+                        "recipes (model.blocks) only; received 'resnet32'")
 
 
 def test_child_resolves_auto_as_a_run_would(monkeypatch):
